@@ -1,0 +1,40 @@
+"""Errors that reach the user as one line.
+
+Every error alignscope raises on purpose derives from :class:`AlignscopeError`
+and carries a message that says what was wrong and what to do. The command
+line prints that message on one line and exits with :attr:`exit_code`:
+2 for usage errors (bad arguments), 1 for runtime failures.
+"""
+from __future__ import annotations
+
+
+class AlignscopeError(Exception):
+    """A failure whose message is meant for the user, without a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(AlignscopeError, ValueError):
+    """The caller asked for something that cannot be done (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelError(UsageError):
+    """Unknown model, unavailable weights or a checkpoint that does not fit."""
+
+
+class LayerError(UsageError):
+    """A requested layer does not exist or has no spatial output."""
+
+
+class TransformSpecError(UsageError):
+    """A ``--transform`` spec that does not parse."""
+
+
+class ImageError(UsageError):
+    """No readable images where images were asked for."""
+
+
+class ReportExistsError(UsageError):
+    """An earlier report would be overwritten without ``force``."""

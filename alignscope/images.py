@@ -1,0 +1,184 @@
+"""Image inputs: the bundled photos, user folders/files/globs, and streaming batches.
+
+Images are read one batch at a time. Every image is converted to 8-bit RGB
+(grayscale, palette, RGBA composited over black, 16-bit scaled), rotated by
+its EXIF orientation, and prepared by timm's evaluation transform for the
+model's :class:`~alignscope.models.DataConfig`: shorter side resized to
+``input / crop_pct``, centre crop, normalisation with ``mean``/``std``.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+from .models import DataConfig
+
+log = logging.getLogger("alignscope")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+ImageSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], torch.Tensor, None]
+
+
+def bundled_photos() -> list[Path]:
+    """The default photos shipped inside the package (see data/photos/SOURCES.md)."""
+    folder = resources.files("alignscope") / "data" / "photos"
+    return sorted(Path(str(p)) for p in folder.iterdir() if str(p).lower().endswith(IMAGE_SUFFIXES))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def discover_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    max_images: int | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Resolve a folder (recursive), file, glob or list of these to sorted image paths.
+
+    ``None`` means the bundled photos. With ``max_images`` smaller than what was
+    found, a seeded sample is drawn and returned in sorted order, so the same
+    arguments always give the same images.
+    """
+    if source is None:
+        found = bundled_photos()
+    else:
+        items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        found_set: set[Path] = set()
+        for item in items:
+            path = Path(item)
+            if path.is_dir():
+                found_set.update(p for p in path.rglob("*") if _is_image(p))
+            elif path.is_file():
+                found_set.add(path)
+            elif any(ch in str(item) for ch in "*?["):
+                found_set.update(Path(p) for p in glob.glob(str(item), recursive=True) if _is_image(Path(p)))
+            else:
+                raise ImageError(f"no such image file, folder or glob: {item}; pass --images DIR|FILE|GLOB")
+        found = sorted(found_set)
+    if not found:
+        raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {source}; pass --images DIR|FILE|GLOB")
+    if max_images is not None:
+        if max_images < 1:
+            raise ImageError(f"--max-images must be at least 1, got {max_images}")
+        if max_images < len(found):
+            found = sorted(random.Random(seed).sample(found, max_images))
+    return found
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB image, EXIF orientation applied.
+
+    Raises OSError/ValueError subclasses for unreadable or corrupt files.
+    """
+    with Image.open(path) as img:
+        img.load()  # forces decoding, so truncated files fail here
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            array = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+            array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            img = Image.fromarray(array, mode="L")
+        if img.mode == "P":
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, rgba)
+        return img.convert("RGB")
+
+
+def build_preprocess(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's evaluation transform for ``cfg``: PIL RGB image -> normalized (3, H, W) tensor."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=cfg.input_size,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+        crop_pct=cfg.crop_pct,
+        crop_mode=cfg.crop_mode,
+        is_training=False,
+    )
+
+
+@dataclass
+class ImageBatch:
+    """Normalized images (B, 3, H, W) and the names they came from."""
+
+    pixels: torch.Tensor
+    names: list[str]
+
+
+@dataclass
+class ImageStream:
+    """Batches of prepared images, read lazily; unreadable files are skipped and counted.
+
+    Either ``paths`` (read and prepared with ``cfg``) or ``tensor`` (already
+    prepared, N x 3 x H x W) is given.
+    """
+
+    cfg: DataConfig
+    batch_size: int
+    paths: list[Path] | None = None
+    tensor: torch.Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    used: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.paths is not None else int(self.tensor.shape[0])  # type: ignore[union-attr]
+
+    def __iter__(self) -> Iterator[ImageBatch]:
+        self.skipped.clear()
+        self.used.clear()
+        if self.tensor is not None:
+            for start in range(0, self.tensor.shape[0], self.batch_size):
+                chunk = self.tensor[start : start + self.batch_size]
+                names = [f"tensor[{i}]" for i in range(start, start + chunk.shape[0])]
+                self.used.extend(names)
+                yield ImageBatch(chunk, names)
+            return
+        preprocess = build_preprocess(self.cfg)
+        pixels: list[torch.Tensor] = []
+        names: list[str] = []
+        for path in self.paths or []:
+            try:
+                pixels.append(preprocess(read_rgb(path)))
+            except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.skipped.append((str(path), reason))
+                log.warning("skipping unreadable image %s: %s", path, reason)
+                continue
+            names.append(str(path))
+            if len(pixels) == self.batch_size:
+                self.used.extend(names)
+                yield ImageBatch(torch.stack(pixels), names)
+                pixels, names = [], []
+        if pixels:
+            self.used.extend(names)
+            yield ImageBatch(torch.stack(pixels), names)
+
+
+def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_images: int | None = None, seed: int = 0) -> ImageStream:
+    """An :class:`ImageStream` for a path, list of paths, glob, ``None`` (bundled photos) or tensor."""
+    if batch_size < 1:
+        raise ImageError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(source, torch.Tensor):
+        expected = tuple(cfg.input_size)
+        if source.ndim != 4 or tuple(source.shape[1:]) != expected:
+            raise ImageError(f"image tensor must be N x {' x '.join(map(str, expected))}, got {tuple(source.shape)}")
+        tensor = source if max_images is None else source[:max_images]
+        return ImageStream(cfg=cfg, batch_size=batch_size, tensor=tensor.float())
+    return ImageStream(cfg=cfg, batch_size=batch_size, paths=discover_images(source, max_images, seed))
