@@ -1,0 +1,285 @@
+"""The alignment engine: image/transformed-image pairs through a model, layer by layer.
+
+For an image batch x, a transform g and a layer with output F(.):
+a = F(x), b = F(g x), b' = g^-1 b (aligned), M = valid cells. Per image the
+distances ||M (a - b')||, ||M (a - b)||, ||M (a - F(g^-1 g x))|| (floor) and
+||M (a - a_other)|| (chance) are reduced to statistics; see
+:mod:`alignscope.metrics`.
+
+Chance pairs image i with image i-1 of the same batch (the first with the
+last); a final batch of one image is paired with the previous batch's last
+image. So every image has a partner and the pairing is fixed by the image
+order and the batch size.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .errors import ImageError, UsageError
+from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
+from .images import ImageSource, image_stream
+from .metrics import AlignmentStatistic, pair_distances
+from .models import DataConfig, data_config_for_module, load_model
+from .transforms import Transform, as_transforms
+from .warping import disk_mask, is_exact, valid_mask, warp, inverse_warp
+
+MASK_MODES = ("auto", "disk", "none")
+ProgressCallback = Callable[[int, int], None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return dev
+
+
+def uses_disk(transform: Transform, mask: str) -> bool:
+    """Disk masking for ``mask='disk'``, or for ``'auto'`` when g has a rotation or shear part."""
+    return mask == "disk" or (mask == "auto" and transform.has_rotation_or_shear)
+
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    cfg: DataConfig
+    layers: list[LayerInfo]
+    skipped_layers: list[LayerInfo]
+    transforms: list[Transform]
+
+
+def _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, device) -> _Setup:
+    if isinstance(model, nn.Module):
+        if input_size is None:
+            raise UsageError("analyzing an nn.Module needs input_size=(C, H, W) (and usually mean, std)")
+        cfg = data_config_for_module(model, input_size, mean or (0.485, 0.456, 0.406), std or (0.229, 0.224, 0.225))
+        module = model.eval()
+    else:
+        module, cfg = load_model(str(model), weights=weights, pretrained=pretrained)
+        if input_size is not None:
+            cfg = data_config_for_module(module, input_size, cfg.mean, cfg.std, name=cfg.model_name, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    module = module.to(device)
+    probed = probe_layers(module, cfg.input_size, device)
+    chosen, skipped = select_layers(probed, layers)
+    deepest = max(layer.stride or 1 for layer in chosen)
+    return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest))
+
+
+def analyze(
+    model: str | nn.Module = "tf_efficientnet_lite0",
+    transforms: Sequence[str | Transform] | str | None = None,
+    images: ImageSource = None,
+    layers: str | Sequence[str] | None = None,
+    batch_size: int = 16,
+    mask: str = "auto",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    per_image: bool = False,
+    max_images: int | None = None,
+    weights: str | None = "auto",
+    pretrained: bool = True,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    progress: ProgressCallback | None = None,
+) -> "AlignmentReport":
+    """Measure, per layer and transform, how well g^-1 aligns F(g x) with F(x).
+
+    ``model``: a timm name (weights as in :func:`~alignscope.models.load_model`)
+    or an ``nn.Module`` with ``input_size`` (C, H, W), ``mean`` and ``std``.
+    ``images``: a folder, file, glob, list of paths, ``None`` for the bundled
+    photos, or an already normalized float tensor N x 3 x H x W.
+    ``transforms``: specs (see :mod:`alignscope.transforms`), Transform
+    objects, or ``None`` for the default set. ``mask``: ``auto`` | ``disk`` | ``none``.
+    """
+    from .report import AlignmentReport
+
+    if mask not in MASK_MODES:
+        raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
+    if batch_size < 2:
+        raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    setup = _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, dev)
+    stream = image_stream(images, setup.cfg, batch_size, max_images, seed)
+    if len(stream) < 2:
+        raise ImageError(f"need at least 2 images (chance compares different images), got {len(stream)}")
+    setup_seconds = time.perf_counter() - started
+
+    stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic() for layer in setup.layers for t in setup.transforms}
+    rows: list[dict] = []
+    fill = [-m / s for m, s in zip(setup.cfg.mean, setup.cfg.std)]  # black, after normalization
+    height, width = setup.cfg.input_size[1:]
+    masks: dict[tuple[str, str, bool], torch.Tensor] = {}
+    image_disk = disk_mask(height, width, device=dev)
+    previous_last: dict[tuple[bool, str], torch.Tensor] = {}
+    done = 0
+    loop_started = time.perf_counter()
+    with torch.inference_mode(), FeatureCapture(setup.model, setup.layers) as capture:
+        for batch in stream:
+            x = batch.pixels.to(dev, non_blocking=True)
+            n = x.shape[0]
+            references: dict[bool, dict[str, torch.Tensor]] = {}
+            partners: dict[bool, dict[str, torch.Tensor]] = {}
+            for transform in setup.transforms:
+                disk = uses_disk(transform, mask)
+                x0 = x if not disk else keep_disk(x, image_disk, fill)
+                if disk not in references:
+                    references[disk] = capture(x0)
+                    partners[disk] = {name: _partner(a, previous_last.get((disk, name))) for name, a in references[disk].items()}
+                reference = references[disk]
+                image_exact = is_exact(transform, x.shape, 1.0)
+                if transform.is_identity:
+                    moved, roundtrip = reference, None
+                else:
+                    xt = warp(x0, transform, 1.0, fill)
+                    if image_exact:
+                        moved, roundtrip = capture(xt), None
+                    else:
+                        both = capture(torch.cat([xt, inverse_warp(xt, transform, 1.0, fill)]))
+                        moved = {k: v[:n] for k, v in both.items()}
+                        roundtrip = {k: v[n:] for k, v in both.items()}
+                for layer in setup.layers:
+                    a, b = reference[layer.name], moved[layer.name]
+                    stride = float(layer.stride or 1)
+                    key = (layer.name, transform.spec, disk)
+                    if key not in masks:
+                        masks[key] = valid_mask(transform, a.shape[-2], a.shape[-1], stride, disk, dev)
+                    values = pair_distances(
+                        reference=a,
+                        aligned=inverse_warp(b, transform, stride),
+                        unaligned=b,
+                        other=partners[disk][layer.name],
+                        mask=masks[key],
+                        roundtrip=None if roundtrip is None else roundtrip[layer.name],
+                    )
+                    stats[(layer.name, transform.spec, transform.sweep)].update(values)
+                    if per_image:
+                        rows.extend(_image_rows(setup, layer, transform, batch.names, values))
+            for disk, reference in references.items():
+                for name, a in reference.items():
+                    previous_last[(disk, name)] = a[-1:].clone()
+            done += n
+            if progress is not None:
+                progress(done, len(stream))
+    if done < 2:
+        raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
+    loop_seconds = time.perf_counter() - loop_started
+    table = _summary_table(setup, stats, masks, mask)
+    meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
+    per_image_table = pd.DataFrame(rows) if per_image else None
+    return AlignmentReport(table=table, per_image=per_image_table, meta=meta)
+
+
+def keep_disk(x: torch.Tensor, disk: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+    """Keep the centred disk of each image and paint the rest black (``fill`` after normalization)."""
+    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    return fill_t + (x - fill_t) * disk
+
+
+def _partner(a: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    if a.shape[0] >= 2:
+        return torch.roll(a, shifts=1, dims=0)
+    if previous is None:
+        raise ImageError("a batch of one image has no partner for the chance distance; use a batch size of at least 2")
+    return previous
+
+
+def _image_rows(setup: _Setup, layer: LayerInfo, transform: Transform, names: list[str], values: dict[str, torch.Tensor]) -> list[dict]:
+    arrays = {k: v.cpu().numpy() for k, v in values.items()}
+    return [
+        {"model": setup.cfg.model_name, "layer": layer.name, "transform": transform.spec, "sweep": transform.sweep, "image": name}
+        | {k: float(arrays[k][i]) for k in arrays}
+        for i, name in enumerate(names)
+    ]
+
+
+def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str) -> pd.DataFrame:
+    height, width = setup.cfg.input_size[1:]
+    records = []
+    for depth, layer in enumerate(setup.layers, start=1):
+        for transform in setup.transforms:
+            disk = uses_disk(transform, mask_mode)
+            result = stats[(layer.name, transform.spec, transform.sweep)].compute()
+            stride = float(layer.stride or 1)
+            exact = transform.exact_on(height, width, 1.0) and transform.exact_on(layer.shape[1], layer.shape[2], stride)
+            valid = masks.get((layer.name, transform.spec, disk))
+            records.append(
+                {
+                    "model": setup.cfg.model_name,
+                    "layer": layer.name,
+                    "depth": depth,
+                    "module": layer.module_type,
+                    "channels": layer.shape[0],
+                    "height": layer.shape[1],
+                    "width": layer.shape[2],
+                    "stride": stride,
+                    "transform": transform.spec,
+                    "exact": bool(exact),
+                    "n_images": int(result["aligned_error_n"]),
+                    "aligned_error": result["aligned_error"],
+                    "aligned_error_std": result["aligned_error_std"],
+                    "aligned_error_ci_low": result["aligned_error_ci_low"],
+                    "aligned_error_ci_high": result["aligned_error_ci_high"],
+                    "unaligned_error": result["unaligned_error"],
+                    "floor_error": result["floor_error"],
+                    "aligned_cosine": result["aligned_cosine"],
+                    "unaligned_error_ci_low": result["unaligned_error_ci_low"],
+                    "unaligned_error_ci_high": result["unaligned_error_ci_high"],
+                    "floor_error_ci_low": result["floor_error_ci_low"],
+                    "floor_error_ci_high": result["floor_error_ci_high"],
+                    "chance_distance": result["chance_distance"],
+                    "valid_fraction": float(valid.mean()) if valid is not None else float("nan"),
+                    "mask": "disk" if disk else "none",
+                    "sweep": transform.sweep,
+                    "magnitude": transform.magnitude,
+                    "pretrained": setup.cfg.pretrained,
+                }
+            )
+    return pd.DataFrame.from_records(records)
+
+
+def _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds) -> dict:
+    import timm
+
+    from ._version import __version__
+
+    return {
+        "alignscope_version": __version__,
+        "model": setup.cfg.model_name,
+        "weights": setup.cfg.weights,
+        "pretrained": setup.cfg.pretrained,
+        "data_config": {k: v for k, v in setup.cfg.as_dict().items() if k not in ("extra",)},
+        "layers": [layer.name for layer in setup.layers],
+        "layers_skipped": [{"layer": layer.name, "reason": layer.reason} for layer in setup.skipped_layers],
+        "transforms": [t.spec for t in setup.transforms],
+        "mask": mask,
+        "batch_size": batch_size,
+        "seed": seed,
+        "max_images": max_images,
+        "images_source": "bundled photos" if images is None else ("tensor" if isinstance(images, torch.Tensor) else str(images)),
+        "images_used": list(stream.used),
+        "images_skipped": [{"path": p, "reason": r} for p, r in stream.skipped],
+        "device": str(dev),
+        "timings_seconds": {"setup": round(setup_seconds, 3), "analysis": round(loop_seconds, 3)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+        },
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+    }

@@ -1,0 +1,117 @@
+"""Per-image alignment distances and streaming statistics over images.
+
+Distances are Euclidean norms over the valid cells of a layer (all channels
+count equally), accumulated in float64. :class:`AlignmentStatistic` follows
+the torchmetrics shape: ``update()`` with a batch, ``compute()`` for the
+result, ``merge()``/``sync()`` to reduce state across shards or processes.
+Its state is three float64 numbers per quantity (count, sum, sum of squares),
+so memory does not grow with the number of images.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+QUANTITIES = ("aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "chance_distance")
+
+
+def _masked_sq_norm(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-image sum over channels and valid cells of ``diff**2``; (B,) float64."""
+    return (diff.square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
+
+
+def pair_distances(
+    reference: torch.Tensor,
+    aligned: torch.Tensor,
+    unaligned: torch.Tensor,
+    other: torch.Tensor,
+    mask: torch.Tensor,
+    roundtrip: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-image distances for one layer and transform; each value is (B,) float64.
+
+    ``reference`` a = F(x); ``aligned`` b' = g^-1 F(g x); ``unaligned`` b = F(g x);
+    ``other`` the feature map of a different image (chance); ``roundtrip``
+    F(g^-1 g x) (``None`` for exact transforms: floor 0); ``mask`` (H, W).
+    Errors are divided by the chance distance; a chance distance of 0
+    (no valid cells, or identical images) gives NaN.
+    """
+    mask = mask.to(reference.dtype)
+    chance = _masked_sq_norm(reference - other, mask).sqrt()
+    aligned_d = _masked_sq_norm(reference - aligned, mask).sqrt()
+    unaligned_d = _masked_sq_norm(reference - unaligned, mask).sqrt()
+    floor_d = torch.zeros_like(chance) if roundtrip is None else _masked_sq_norm(reference - roundtrip, mask).sqrt()
+    dot = (reference * aligned * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
+    norms = (_masked_sq_norm(reference, mask) * _masked_sq_norm(aligned, mask)).sqrt()
+    safe_chance = torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
+    return {
+        "aligned": aligned_d,
+        "unaligned": unaligned_d,
+        "floor": floor_d,
+        "chance_distance": chance,
+        "aligned_error": aligned_d / safe_chance,
+        "unaligned_error": unaligned_d / safe_chance,
+        "floor_error": floor_d / safe_chance,
+        "aligned_cosine": torch.where(norms > 0, dot / norms, torch.full_like(dot, float("nan"))),
+    }
+
+
+def t_quantile_975(dof: int) -> float:
+    """Two-sided 95% Student-t quantile (Cornish-Fisher expansion; exact table for dof <= 4)."""
+    table = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105}
+    if dof in table:
+        return table[dof]
+    z, v = 1.959963984540054, float(dof)
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+        + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4)
+    )
+
+
+class AlignmentStatistic:
+    """Streaming mean, std and 95% confidence interval of per-image quantities.
+
+    Non-finite values (NaN from a zero chance distance) are left out and the
+    count says how many images did count.
+    """
+
+    def __init__(self, quantities: tuple[str, ...] = QUANTITIES) -> None:
+        self.quantities = quantities
+        # rows: quantities; columns: count, sum, sum of squares
+        self.state = torch.zeros(len(quantities), 3, dtype=torch.float64)
+
+    def update(self, values: Mapping[str, torch.Tensor]) -> None:
+        for row, name in enumerate(self.quantities):
+            v = values[name].detach().to("cpu", torch.float64).flatten()
+            v = v[torch.isfinite(v)]
+            self.state[row, 0] += v.numel()
+            self.state[row, 1] += v.sum()
+            self.state[row, 2] += v.square().sum()
+
+    def merge(self, other: "AlignmentStatistic") -> "AlignmentStatistic":
+        self.state += other.state
+        return self
+
+    def sync(self) -> None:
+        """Sum the state over all processes of an initialized ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.state, op=dist.ReduceOp.SUM)
+
+    def compute(self) -> dict[str, float]:
+        """``{q: mean, q_std: sample std, q_ci_low, q_ci_high, q_n}`` for each quantity."""
+        out: dict[str, float] = {}
+        for row, name in enumerate(self.quantities):
+            n, total, total_sq = (float(v) for v in self.state[row])
+            mean = total / n if n else math.nan
+            var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.nan
+            std = math.sqrt(var) if n > 1 else math.nan
+            half = t_quantile_975(int(n) - 1) * std / math.sqrt(n) if n > 1 else math.nan
+            out.update({name: mean, f"{name}_std": std, f"{name}_ci_low": mean - half, f"{name}_ci_high": mean + half, f"{name}_n": n})
+        return out
