@@ -1,0 +1,302 @@
+"""``alignscope`` command line: analyze, layers, models, plot, compare.
+
+Errors the library raises on purpose print as one line and exit 2 (usage)
+or 1 (runtime); ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from alignscope._version import __version__
+from alignscope.errors import AlignscopeError
+
+EPILOG_ANALYZE = """\b
+Examples:
+  alignscope analyze                                   # offline default: EfficientNet-Lite0, bundled photos
+  alignscope analyze --transform rot90 --transform translate32,0
+  alignscope analyze --model resnet50 --weights resnet50.safetensors --transform rotate30
+  alignscope analyze --transform rotate:-90:90:15 --layers 'blocks.*' --images photos/ --max-images 64
+  alignscope analyze --json --no-plots --out run1 > table.json
+"""
+
+TRANSFORM_HELP = (
+    "Transform spec, repeatable: rotate30, scale0.8, translate16,-8, roll16,-8, shear15, hflip, vflip, "
+    "rot90/180/270, identity; a+b composes (a first); rotate:-90:90:15 sweeps. Default: a set contrasting "
+    "translations (alignable) with rotations, scalings and a flip."
+)
+
+
+class _OneLineHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("alignscope")
+    if not any(isinstance(h, _OneLineHandler) for h in logger.handlers):
+        logger.addHandler(_OneLineHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="alignscope")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def app(debug: bool) -> None:
+    """Can a spatial warp align a CNN's feature maps of a transformed image with the original's?
+
+    alignscope feeds image / transformed-image pairs through a model, un-warps
+    the intermediate feature maps of the transformed image with the inverse
+    transform, and reports per layer how far they stay from the original's,
+    against controls: unaligned, chance (another image) and the floor
+    (resampling the image alone).
+    """
+    _setup_logging()
+
+
+def _progress(enabled: bool):
+    """A progress callback drawing a bar on stderr, or None."""
+    if not enabled:
+        return None, None
+    bar = click.progressbar(length=1, label="analyzing", file=sys.stderr, show_pos=True, show_eta=True)
+    state = {"started": False}
+
+    def update(done: int, total: int) -> None:
+        if not state["started"]:
+            bar.length = total
+            bar.__enter__()
+            state["started"] = True
+        bar.update(done - bar.pos)
+
+    def finish() -> None:
+        if state["started"]:
+            bar.__exit__(None, None, None)
+
+    return update, finish
+
+
+@app.command(epilog=EPILOG_ANALYZE)
+@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint (.pth/.pt/.safetensors) for the model.")
+@click.option("--no-pretrained", is_flag=True, help="Random initialisation (reports say so).")
+@click.option("--layers", multiple=True, help="Module names, globs ('blocks.*') or 'all'. Default: the model's stages.")
+@click.option("--transform", "transforms", multiple=True, help=TRANSFORM_HELP)
+@click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
+@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images (seeded sample, sorted).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True,
+              help="disk: keep the centred disk of each image and compare only inside it; auto: disk for rotations and shears.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for image sampling.")
+@click.option("--out", type=click.Path(file_okay=False), default="alignscope-report", show_default=True, help="Report folder.")
+@click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
+@click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
+@click.option("--per-image", is_flag=True, help="Also write per_image.csv with one row per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON records on stdout instead of text.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, seed,
+            out, force, no_plots, per_image, as_json, quiet, debug) -> None:
+    """Measure per layer how well the inverse warp aligns feature maps.
+
+    Writes OUT/alignment.csv, OUT/run.json and plots, prints a compact table
+    and one verdict per transform.
+    """
+    import alignscope
+    from alignscope.report import ReportExistsError, format_table
+
+    out_path = Path(out)
+    if out_path.exists() and out_path.is_dir() and any(out_path.iterdir()) and not force:
+        raise ReportExistsError(f"{out_path} already holds a report; pass --force to overwrite it or choose another --out")
+    update, finish = _progress(not quiet and sys.stderr.isatty())
+    try:
+        report = alignscope.analyze(
+            model=model,
+            transforms=list(transforms) or None,
+            images=images,
+            layers=list(layers) or None,
+            batch_size=batch_size,
+            mask=mask,
+            device=device,
+            seed=seed,
+            per_image=per_image,
+            max_images=max_images,
+            weights=weights or "auto",
+            pretrained=not no_pretrained,
+            progress=update,
+        )
+    finally:
+        if finish:
+            finish()
+    report.save(out_path, force=force, plots=not no_plots)
+    if as_json:
+        click.echo(report.table.to_json(orient="records"))
+        return
+    if quiet:
+        return
+    meta = report.meta
+    weights_note = "" if meta.get("pretrained", True) else "  [RANDOM WEIGHTS: not pretrained]"
+    click.echo(f"{meta['model']} · {len(meta['images_used'])} images · weights: {meta['weights']}{weights_note}")
+    click.echo(format_table(report.table))
+    click.echo("")
+    for line in report.verdicts():
+        click.echo(line)
+    click.echo(f"\nreport written to {out_path}/")
+
+
+@app.command()
+@click.argument("model", default="tf_efficientnet_lite0")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Also list modules without spatial output and duplicates.")
+def layers(model: str, fmt: str, show_all: bool) -> None:
+    """List MODEL's modules: output C x H x W, stride, default stage (no weights needed).
+
+    \b
+    Examples:
+      alignscope layers tf_efficientnet_lite0
+      alignscope layers resnet50 --format csv > layers.csv
+    """
+    import pandas as pd
+    import timm
+
+    from alignscope.hooks import probe_layers
+    from alignscope.models import load_model
+
+    net, cfg = load_model(model, pretrained=False)
+    probed = probe_layers(net, cfg.input_size)
+    rows = []
+    for index, layer in enumerate(probed):
+        if not show_all and (not layer.spatial or layer.reason):
+            continue
+        rows.append({
+            "index": index,
+            "name": layer.name,
+            "module": layer.module_type,
+            "output": "x".join(map(str, layer.shape)) if layer.shape else "",
+            "stride": layer.stride if layer.stride is not None else "",
+            "default": layer.default,
+            "note": layer.reason,
+        })
+    table = pd.DataFrame(rows)
+    if fmt == "csv":
+        click.echo(table.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        click.echo(table.to_json(orient="records"))
+    else:
+        click.echo(f"{model}: input {'x'.join(map(str, cfg.input_size))}, {len(table)} modules listed "
+                   f"(stride = input height / output height; default = stages from timm feature_info)")
+        click.echo(table.drop(columns=[] if show_all else ["note"]).to_string(index=False))
+
+
+@app.command()
+def models() -> None:
+    """List models whose pretrained weights are available offline on this machine."""
+    from alignscope.models import offline_model_table
+
+    rows = offline_model_table()
+    click.echo("Pretrained weights available offline now:")
+    for row in rows:
+        click.echo(f"  {row['model']:<28} {row['weights']}")
+    if not rows:
+        click.echo("  (none)")
+    click.echo(
+        "\nEvery timm CNN works: with internet, timm fetches its pretrained weights from the hub; offline, pass a\n"
+        "local checkpoint with --weights FILE, or --no-pretrained for random weights."
+    )
+
+
+@app.command()
+@click.argument("csv", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the PNGs (default: the CSV's folder).")
+@click.option("--force", is_flag=True, help="Overwrite existing PNGs.")
+def plot(csv: str, out: str | None, force: bool) -> None:
+    """Redraw the plots of a report from its alignment.csv."""
+    from alignscope.errors import ReportExistsError
+    from alignscope.plots import report_figures, save_figures
+    from alignscope.report import read_report_csv
+
+    table = read_report_csv(csv)
+    folder = Path(out) if out else Path(csv).parent
+    figures = report_figures(table)
+    clashes = [folder / f"{stem}.png" for stem in figures if (folder / f"{stem}.png").exists()]
+    if clashes and not force:
+        raise ReportExistsError(f"{clashes[0]} exists; pass --force to overwrite plots or choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in save_figures(figures, folder):
+        click.echo(str(path))
+
+
+@app.command()
+@click.argument("csvs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default="alignscope-compare", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing comparison folder.")
+def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
+    """Overlay several reports (models or runs) in one figure and one table.
+
+    \b
+    Example:
+      alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
+    """
+    import pandas as pd
+
+    from alignscope.plots import depth_figure, save_figures
+    from alignscope.report import format_table, publish_folder, read_report_csv
+
+    tables = []
+    for index, path in enumerate(csvs):
+        table = read_report_csv(path)
+        if len(csvs) > 1 and table["model"].nunique() == 1 and any(t["model"].iloc[0] == table["model"].iloc[0] for t in tables):
+            table["model"] = f"{table['model'].iloc[0]} ({Path(path).parent.name or index})"
+        tables.append(table)
+    combined = pd.concat(tables, ignore_index=True)
+
+    def write(folder: Path) -> None:
+        combined.to_csv(folder / "comparison.csv", index=False)
+        save_figures({"comparison_by_depth": depth_figure(combined)}, folder)
+
+    publish_folder(Path(out), write, force)
+    wide = combined.pivot_table(index=["transform", "depth"], columns="model", values="aligned_error", sort=False)
+    click.echo("aligned_error by transform and depth:")
+    click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"\ncomparison written to {out}/")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the click app, turning errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app.main(args=args, prog_name="alignscope", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AlignscopeError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # anything unexpected: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
