@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -125,7 +125,7 @@ class Transform:
 
     parts: tuple[Part, ...]
     sweep: str = ""
-    magnitude: float = float("nan")
+    magnitude: float = field(default=float("nan"), compare=False)
 
     @property
     def spec(self) -> str:
