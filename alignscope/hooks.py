@@ -123,7 +123,7 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
 
 
 def _mark_duplicates(layers: list[LayerInfo], outputs: dict[str, object]) -> None:
-    """Of modules returning the very same tensor, keep the one that ran last.
+    """Of modules returning the very same tensor, keep a default stage, else the one that ran last.
 
     A container returning its last child's output runs after it (the
     container is kept); an in-place activation runs after the module whose
@@ -136,7 +136,7 @@ def _mark_duplicates(layers: list[LayerInfo], outputs: dict[str, object]) -> Non
         if isinstance(output, torch.Tensor):
             by_identity.setdefault(id(output), []).append(layer)
     for group in by_identity.values():
-        keeper = max(group, key=lambda layer: layer.order)
+        keeper = max(group, key=lambda layer: (layer.default, layer.order))
         for layer in group:
             if layer is not keeper and layer.spatial:
                 layer.reason = f"same output tensor as {keeper.name}"
