@@ -42,14 +42,14 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             lines.append(f"{prefix}: no valid cells to compare")
         elif failing.empty:
             lines.append(
-                f"{prefix}: aligns at every layer (aligned_error <= {worst['aligned_error']:.3f}, "
-                f"worst at {worst['layer']}; floor up to {group['floor_error'].max():.3f})"
+                f"{prefix}: below half of chance at every layer after the inverse warp (worst "
+                f"{worst['aligned_error']:.3f} at {worst['layer']}; floor up to {group['floor_error'].max():.3f})"
             )
         else:
             names = ", ".join(failing["layer"])
             lines.append(
                 f"{prefix}: stays above half of chance after the inverse warp at {len(failing)}/{len(group)} layers "
-                f"({names}); worst {worst['aligned_error']:.3f} at {worst['layer']}"
+                f"({names}); worst {worst['aligned_error']:.3f} at {worst['layer']} (floor there {worst['floor_error']:.3f})"
             )
     return lines
 
