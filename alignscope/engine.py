@@ -28,6 +28,7 @@ from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, image_stream
 from .metrics import AlignmentStatistic, pair_distances
 from .models import DataConfig, data_config_for_module, load_model
+from .report import AlignmentReport
 from .transforms import Transform, as_transforms
 from .warping import disk_mask, is_exact, valid_mask, warp, inverse_warp
 
@@ -93,7 +94,7 @@ def analyze(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     progress: ProgressCallback | None = None,
-) -> "AlignmentReport":
+) -> AlignmentReport:
     """Measure, per layer and transform, how well g^-1 aligns F(g x) with F(x).
 
     ``model``: a timm name (weights as in :func:`~alignscope.models.load_model`)
@@ -103,8 +104,6 @@ def analyze(
     ``transforms``: specs (see :mod:`alignscope.transforms`), Transform
     objects, or ``None`` for the default set. ``mask``: ``auto`` | ``disk`` | ``none``.
     """
-    from .report import AlignmentReport
-
     if mask not in MASK_MODES:
         raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
     if batch_size < 2:

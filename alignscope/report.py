@@ -91,17 +91,23 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def check_destination(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse a destination that is a file, or a non-empty folder without ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ReportExistsError(f"{out} already holds a report; pass --force to overwrite it or choose another --out")
+    return out
+
+
 def publish_folder(out: Path, write: "callable", force: bool) -> Path:
     """Build a folder with ``write(tmp_dir)`` beside ``out``, then move it into place.
 
     An existing non-empty ``out`` is replaced only with ``force``; the old
     folder is removed only after the new one is in place.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ReportExistsError(f"{out} already holds a report; pass --force to overwrite it or choose another --out")
+    out = check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

@@ -5,7 +5,6 @@ or 1 (runtime); ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import traceback
@@ -109,11 +108,9 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
     and one verdict per transform.
     """
     import alignscope
-    from alignscope.report import ReportExistsError, format_table
+    from alignscope.report import check_destination, format_table
 
-    out_path = Path(out)
-    if out_path.exists() and out_path.is_dir() and any(out_path.iterdir()) and not force:
-        raise ReportExistsError(f"{out_path} already holds a report; pass --force to overwrite it or choose another --out")
+    out_path = check_destination(out, force)  # before the work, not after it
     update, finish = _progress(not quiet and sys.stderr.isatty())
     try:
         report = alignscope.analyze(
@@ -163,7 +160,6 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
       alignscope layers resnet50 --format csv > layers.csv
     """
     import pandas as pd
-    import timm
 
     from alignscope.hooks import probe_layers
     from alignscope.models import load_model
@@ -246,7 +242,7 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     import pandas as pd
 
     from alignscope.plots import depth_figure, save_figures
-    from alignscope.report import format_table, publish_folder, read_report_csv
+    from alignscope.report import publish_folder, read_report_csv
 
     tables = []
     for index, path in enumerate(csvs):
