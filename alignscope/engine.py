@@ -13,6 +13,7 @@ order and the batch size.
 """
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from .models import DataConfig, data_config_for_module, load_model
 from .report import AlignmentReport
 from .transforms import Transform, as_transforms
 from .warping import disk_mask, is_exact, valid_mask, warp, inverse_warp
+
+log = logging.getLogger("alignscope")
 
 MASK_MODES = ("auto", "disk", "none")
 ProgressCallback = Callable[[int, int], None]
@@ -177,9 +180,21 @@ def analyze(
         raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
     loop_seconds = time.perf_counter() - loop_started
     table = _summary_table(setup, stats, masks, mask)
+    _warn_left_out(table, done)
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
     per_image_table = pd.DataFrame(rows) if per_image else None
     return AlignmentReport(table=table, per_image=per_image_table, meta=meta)
+
+
+def _warn_left_out(table: pd.DataFrame, n_images: int) -> None:
+    """Say so when images were left out because their chance distance was 0."""
+    short = table[table["n_images"] < n_images]
+    if len(short):
+        worst = short.loc[short["n_images"].idxmin()]
+        log.warning(
+            "%d of %d (layer, transform) rows left images out for a zero chance distance (an image identical "
+            "to its partner, or no valid cells); fewest: %d of %d images at %s / %s. Remove duplicate images "
+            "or use a milder transform.", len(short), len(table), worst["n_images"], n_images, worst["layer"], worst["transform"])
 
 
 def keep_disk(x: torch.Tensor, disk: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:

@@ -172,7 +172,10 @@ class ImageStream:
 
 
 def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_images: int | None = None, seed: int = 0) -> ImageStream:
-    """An :class:`ImageStream` for a path, list of paths, glob, ``None`` (bundled photos) or tensor."""
+    """An :class:`ImageStream` for a path, list of paths, glob, ``None`` (bundled photos) or tensor.
+
+    Paths are read in a seeded random order (``seed``); a tensor in its own order.
+    """
     if batch_size < 1:
         raise ImageError(f"batch size must be at least 1, got {batch_size}")
     if isinstance(source, torch.Tensor):
@@ -181,4 +184,8 @@ def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_imag
             raise ImageError(f"image tensor must be N x {' x '.join(map(str, expected))}, got {tuple(source.shape)}")
         tensor = source if max_images is None else source[:max_images]
         return ImageStream(cfg=cfg, batch_size=batch_size, tensor=tensor.float())
-    return ImageStream(cfg=cfg, batch_size=batch_size, paths=discover_images(source, max_images, seed))
+    paths = discover_images(source, max_images, seed)
+    # Chance pairs neighbours within a batch: a seeded shuffle keeps files that sort together
+    # (video frames, copies) from being each other's "unrelated" image.
+    random.Random(seed).shuffle(paths)
+    return ImageStream(cfg=cfg, batch_size=batch_size, paths=paths)

@@ -79,3 +79,12 @@ def test_stream_is_lazy_in_batches():
     first = next(iterator)
     assert first.pixels.shape == (3, 3, 32, 32)
     assert len(stream.used) == 3  # only the first batch has been read
+
+
+def test_paths_are_read_in_a_seeded_shuffled_order(tmp_path):
+    for i in range(8):
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+    order = lambda seed: [p.name for p in image_stream(tmp_path, CFG, 2, seed=seed).paths]
+    assert order(0) == order(0)
+    assert sorted(order(0)) == sorted(order(1)) == [f"{i}.png" for i in range(8)]
+    assert order(0) != sorted(order(0)) or order(1) != sorted(order(1))

@@ -128,3 +128,11 @@ def test_results_do_not_depend_on_batch_size_except_chance_pairing(photo_tensor)
                            mean=MEAN, std=STD, batch_size=3, per_image=True).per_image
     assert b["aligned"].to_numpy() == pytest.approx(c["aligned"].to_numpy(), rel=1e-4)
     assert not math.isnan(a["aligned_error"].iloc[0])
+
+
+def test_identical_partner_images_are_left_out_and_reported(photo_tensor, caplog):
+    doubled = photo_tensor[:2].repeat_interleave(2, dim=0)  # a, a, b, b in one batch of 4
+    table = run(circular_net(), ["rot90"], doubled, layers=["3"])
+    # partners (image i-1): b, a, a, b -> the second a and the second b meet their copies
+    assert table["n_images"].iloc[0] == 2
+    assert any("zero chance distance" in r.message for r in caplog.records)
