@@ -4,12 +4,10 @@ For an image batch x, a transform g and a layer with output F(.):
 a = F(x), b = F(g x), b' = g^-1 b (aligned), M = valid cells. Per image the
 distances ||M (a - b')||, ||M (a - b)||, ||M (a - F(g^-1 g x))|| (floor) and
 ||M (a - a_other)|| (chance) are reduced to statistics; see
-:mod:`alignscope.metrics`.
-
-Chance pairs image i with image i-1 of the same batch (the first with the
-last); a final batch of one image is paired with the previous batch's last
-image. So every image has a partner and the pairing is fixed by the image
-order and the batch size.
+:mod:`alignscope.metrics` and, for how pairs and chance partners are formed,
+:mod:`alignscope.pairs`. Fitted alignments (a searched warp, channel maps)
+are calibrated on one split of the images and measured on the other; see
+:mod:`alignscope.fitting`.
 """
 from __future__ import annotations
 
@@ -25,17 +23,17 @@ import torch
 from torch import nn
 
 from .errors import ImageError, UsageError
+from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
-from .images import ImageSource, image_stream
-from .metrics import AlignmentStatistic, pair_distances
+from .images import ImageSource, ImageStream, image_stream, split_stream
+from .metrics import QUANTITIES, AlignmentStatistic, pair_distances
 from .models import DataConfig, data_config_for_module, load_model
+from .pairs import MASK_MODES, PairFeeder, keep_disk, uses_disk  # noqa: F401  (keep_disk, uses_disk re-exported)
 from .report import AlignmentReport
 from .transforms import Transform, as_transforms
-from .warping import disk_mask, is_exact, valid_mask, warp, inverse_warp
 
 log = logging.getLogger("alignscope")
 
-MASK_MODES = ("auto", "disk", "none")
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -47,11 +45,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
     return dev
-
-
-def uses_disk(transform: Transform, mask: str) -> bool:
-    """Disk masking for ``mask='disk'``, or for ``'auto'`` when g has a rotation or shear part."""
-    return mask == "disk" or (mask == "auto" and transform.has_rotation_or_shear)
 
 
 @dataclass
@@ -96,6 +89,11 @@ def analyze(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    optimal: str | Sequence[str] | None = None,
+    channel_map: str | Sequence[str] | None = None,
+    ridge: float | str = "auto",
+    search_steps: int = 60,
+    calibration_images: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> AlignmentReport:
     """Measure, per layer and transform, how well g^-1 aligns F(g x) with F(x).
@@ -106,11 +104,23 @@ def analyze(
     photos, or an already normalized float tensor N x 3 x H x W.
     ``transforms``: specs (see :mod:`alignscope.transforms`), Transform
     objects, or ``None`` for the default set. ``mask``: ``auto`` | ``disk`` | ``none``.
+
+    Fitted alignments (each adds a ``*_error`` column): ``optimal`` =
+    ``"family"`` and/or ``"affine"`` searches the best spatial warp
+    (``optimal_error``, ``optimal_affine_error``); ``channel_map`` =
+    ``"linear"`` and/or ``"permutation"`` re-mixes channels after g^-1
+    (``channel_mapped_error``, ``permuted_error``). They are fitted on
+    ``calibration_images`` images (default: half, at most 16) and every
+    column of the table is then measured on the remaining images only.
+    ``ridge`` regularizes the linear map (``"auto"``: two-fold
+    cross-validation on the calibration images), ``search_steps`` is the number of
+    gradient steps per start of the warp search.
     """
     if mask not in MASK_MODES:
         raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
     if batch_size < 2:
         raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+    request = FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)
     started = time.perf_counter()
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -118,72 +128,79 @@ def analyze(
     stream = image_stream(images, setup.cfg, batch_size, max_images, seed)
     if len(stream) < 2:
         raise ImageError(f"need at least 2 images (chance compares different images), got {len(stream)}")
+    total = len(stream)
+    calibration = None
+    if request.active:
+        n_calibration, _ = request.split(len(stream))
+        calibration, stream = split_stream(stream, n_calibration)
     setup_seconds = time.perf_counter() - started
 
-    stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic() for layer in setup.layers for t in setup.transforms}
-    rows: list[dict] = []
     fill = [-m / s for m, s in zip(setup.cfg.mean, setup.cfg.std)]  # black, after normalization
-    height, width = setup.cfg.input_size[1:]
-    masks: dict[tuple[str, str, bool], torch.Tensor] = {}
-    image_disk = disk_mask(height, width, device=dev)
-    previous_last: dict[tuple[bool, str], torch.Tensor] = {}
+    feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev)
+    quantities = QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
+    stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic(quantities) for layer in setup.layers for t in setup.transforms}
+    rows: list[dict] = []
     done = 0
+    fit_seconds = 0.0
     loop_started = time.perf_counter()
-    with torch.inference_mode(), FeatureCapture(setup.model, setup.layers) as capture:
-        for batch in stream:
-            x = batch.pixels.to(dev, non_blocking=True)
-            n = x.shape[0]
-            references: dict[bool, dict[str, torch.Tensor]] = {}
-            partners: dict[bool, dict[str, torch.Tensor]] = {}
-            for transform in setup.transforms:
-                disk = uses_disk(transform, mask)
-                x0 = x if not disk else keep_disk(x, image_disk, fill)
-                if disk not in references:
-                    references[disk] = capture(x0)
-                    partners[disk] = {name: _partner(a, previous_last.get((disk, name))) for name, a in references[disk].items()}
-                reference = references[disk]
-                image_exact = is_exact(transform, x.shape, 1.0)
-                if transform.is_identity:
-                    moved, roundtrip = reference, None
-                else:
-                    xt = warp(x0, transform, 1.0, fill)
-                    if image_exact:
-                        moved, roundtrip = capture(xt), None
-                    else:
-                        both = capture(torch.cat([xt, inverse_warp(xt, transform, 1.0, fill)]))
-                        moved = {k: v[:n] for k, v in both.items()}
-                        roundtrip = {k: v[n:] for k, v in both.items()}
-                for layer in setup.layers:
-                    a, b = reference[layer.name], moved[layer.name]
-                    stride = float(layer.stride or 1)
-                    key = (layer.name, transform.spec, disk)
-                    if key not in masks:
-                        masks[key] = valid_mask(transform, a.shape[-2], a.shape[-1], stride, disk, dev)
+    with FeatureCapture(setup.model, setup.layers) as capture:
+        fits: dict[tuple[str, str, str], PairFit] = {}
+        if calibration is not None:
+            fit_started = time.perf_counter()
+            fits, done = _calibrate(calibration, feeder, capture, request, dev, progress, total)
+            fit_seconds = time.perf_counter() - fit_started
+        with torch.inference_mode():
+            for batch in stream:
+                x = batch.pixels.to(dev, non_blocking=True)
+                for pair in feeder.pairs(x, capture):
+                    key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
                     values = pair_distances(
-                        reference=a,
-                        aligned=inverse_warp(b, transform, stride),
-                        unaligned=b,
-                        other=partners[disk][layer.name],
-                        mask=masks[key],
-                        roundtrip=None if roundtrip is None else roundtrip[layer.name],
+                        reference=pair.reference, aligned=pair.aligned, unaligned=pair.moved, other=pair.other,
+                        mask=pair.mask, roundtrip=pair.roundtrip,
+                        extras=fits[key].aligned_maps(pair) if key in fits else None,
                     )
-                    stats[(layer.name, transform.spec, transform.sweep)].update(values)
+                    stats[key].update(values)
                     if per_image:
-                        rows.extend(_image_rows(setup, layer, transform, batch.names, values))
-            for disk, reference in references.items():
-                for name, a in reference.items():
-                    previous_last[(disk, name)] = a[-1:].clone()
-            done += n
-            if progress is not None:
-                progress(done, len(stream))
-    if done < 2:
+                        rows.extend(_image_rows(setup, pair.layer, pair.transform, batch.names, values))
+                done += x.shape[0]
+                if progress is not None:
+                    progress(done, total)
+    measured = len(stream.used)
+    if measured < 2:
         raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
     loop_seconds = time.perf_counter() - loop_started
-    table = _summary_table(setup, stats, masks, mask)
-    _warn_left_out(table, done)
+    table = _summary_table(setup, stats, feeder.masks, mask, fits, request, 0 if calibration is None else len(calibration.used))
+    _warn_left_out(table, measured)
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
+    if calibration is not None:
+        meta["fits"] = {
+            "optimal": list(request.optimal), "channel_map": list(request.channel_map), "ridge": request.ridge,
+            "search_steps": request.search_steps, "calibration_images": list(calibration.used),
+            "calibration_skipped": [{"path": p, "reason": r} for p, r in calibration.skipped],
+            "seconds": round(fit_seconds, 3),
+        }
     per_image_table = pd.DataFrame(rows) if per_image else None
-    return AlignmentReport(table=table, per_image=per_image_table, meta=meta)
+    fit_details = {f"{layer}|{spec}" + (f"|{sweep}" if sweep else ""): fit.as_json() for (layer, spec, sweep), fit in fits.items()}
+    return AlignmentReport(table=table, per_image=per_image_table, meta=meta, fits=fit_details)
+
+
+def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture, request: FitRequest,
+               dev: torch.device, progress: ProgressCallback | None, total: int) -> tuple[dict, int]:
+    """Feed the calibration split and fit; gradients are needed later, so no inference tensors here."""
+    calibrator = Calibrator(request)
+    done = 0
+    with torch.no_grad():
+        for batch in stream:
+            for pair in feeder.pairs(batch.pixels.to(dev, non_blocking=True), capture):
+                calibrator.update(pair)
+            done += batch.pixels.shape[0]
+            if progress is not None:
+                progress(done, total)
+    if len(stream.used) < MIN_PER_SPLIT:
+        raise ImageError(f"only {len(stream.used)} calibration images were readable ({len(stream.skipped)} skipped); "
+                         f"fits need at least {MIN_PER_SPLIT}; pass more readable images")
+    feeder.reset_partners()
+    return calibrator.fit(), done
 
 
 def _warn_left_out(table: pd.DataFrame, n_images: int) -> None:
@@ -197,20 +214,6 @@ def _warn_left_out(table: pd.DataFrame, n_images: int) -> None:
             "or use a milder transform.", len(short), len(table), worst["n_images"], n_images, worst["layer"], worst["transform"])
 
 
-def keep_disk(x: torch.Tensor, disk: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
-    """Keep the centred disk of each image and paint the rest black (``fill`` after normalization)."""
-    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    return fill_t + (x - fill_t) * disk
-
-
-def _partner(a: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    if a.shape[0] >= 2:
-        return torch.roll(a, shifts=1, dims=0)
-    if previous is None:
-        raise ImageError("a batch of one image has no partner for the chance distance; use a batch size of at least 2")
-    return previous
-
-
 def _image_rows(setup: _Setup, layer: LayerInfo, transform: Transform, names: list[str], values: dict[str, torch.Tensor]) -> list[dict]:
     arrays = {k: v.cpu().numpy() for k, v in values.items()}
     return [
@@ -220,13 +223,15 @@ def _image_rows(setup: _Setup, layer: LayerInfo, transform: Transform, names: li
     ]
 
 
-def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str) -> pd.DataFrame:
+def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str, fits: dict, request: FitRequest,
+                   n_calibration: int) -> pd.DataFrame:
     height, width = setup.cfg.input_size[1:]
     records = []
     for depth, layer in enumerate(setup.layers, start=1):
         for transform in setup.transforms:
             disk = uses_disk(transform, mask_mode)
-            result = stats[(layer.name, transform.spec, transform.sweep)].compute()
+            key = (layer.name, transform.spec, transform.sweep)
+            result = stats[key].compute()
             stride = float(layer.stride or 1)
             exact = transform.exact_on(height, width, 1.0) and transform.exact_on(layer.shape[1], layer.shape[2], stride)
             valid = masks.get((layer.name, transform.spec, disk))
@@ -262,6 +267,12 @@ def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str) -> p
                     "pretrained": setup.cfg.pretrained,
                 }
             )
+            if request.active:
+                for quantity in request.quantities:
+                    for suffix in ("", "_ci_low", "_ci_high"):
+                        records[-1][f"{quantity}_error{suffix}"] = result[f"{quantity}_error{suffix}"]
+                records[-1]["n_calibration"] = n_calibration
+                records[-1].update(fits[key].columns() if key in fits else {})
     return pd.DataFrame.from_records(records)
 
 

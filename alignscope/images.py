@@ -134,6 +134,7 @@ class ImageStream:
     batch_size: int
     paths: list[Path] | None = None
     tensor: torch.Tensor | None = None
+    name_offset: int = 0  # a tensor's images are named tensor[name_offset + i]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     used: list[str] = field(default_factory=list)
 
@@ -146,7 +147,7 @@ class ImageStream:
         if self.tensor is not None:
             for start in range(0, self.tensor.shape[0], self.batch_size):
                 chunk = self.tensor[start : start + self.batch_size]
-                names = [f"tensor[{i}]" for i in range(start, start + chunk.shape[0])]
+                names = [f"tensor[{self.name_offset + i}]" for i in range(start, start + chunk.shape[0])]
                 self.used.extend(names)
                 yield ImageBatch(chunk, names)
             return
@@ -189,3 +190,13 @@ def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_imag
     # (video frames, copies) from being each other's "unrelated" image.
     random.Random(seed).shuffle(paths)
     return ImageStream(cfg=cfg, batch_size=batch_size, paths=paths)
+
+
+def split_stream(stream: ImageStream, first: int) -> tuple[ImageStream, ImageStream]:
+    """The first ``first`` images of ``stream`` (in its reading order) and the rest, as two streams."""
+    if stream.tensor is not None:
+        return (ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, tensor=stream.tensor[:first]),
+                ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, tensor=stream.tensor[first:], name_offset=first))
+    paths = list(stream.paths or [])
+    return (ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, paths=paths[:first]),
+            ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, paths=paths[first:]))

@@ -29,12 +29,15 @@ def pair_distances(
     other: torch.Tensor,
     mask: torch.Tensor,
     roundtrip: torch.Tensor | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image distances for one layer and transform; each value is (B,) float64.
 
     ``reference`` a = F(x); ``aligned`` b' = g^-1 F(g x); ``unaligned`` b = F(g x);
     ``other`` the feature map of a different image (chance); ``roundtrip``
     F(g^-1 g x) (``None`` for exact transforms: floor 0); ``mask`` (H, W).
+    ``extras`` maps a name to another alignment of b (e.g. a searched warp)
+    and adds ``name`` and ``name_error`` measured the same way as aligned.
     Errors are divided by the chance distance; a chance distance of 0
     (no valid cells, or identical images) gives NaN.
     """
@@ -46,7 +49,12 @@ def pair_distances(
     dot = (reference * aligned * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
     norms = (_masked_sq_norm(reference, mask) * _masked_sq_norm(aligned, mask)).sqrt()
     safe_chance = torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
-    return {
+    extra_values = {}
+    for name, candidate in (extras or {}).items():
+        distance = _masked_sq_norm(reference - candidate, mask).sqrt()
+        extra_values[name] = distance
+        extra_values[f"{name}_error"] = distance / safe_chance
+    return extra_values | {
         "aligned": aligned_d,
         "unaligned": unaligned_d,
         "floor": floor_d,

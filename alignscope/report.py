@@ -2,7 +2,8 @@
 
 A report folder holds ``alignment.csv`` (one row per model, layer and
 transform), ``per_image.csv`` when asked for, ``run.json`` (settings,
-versions, images, timings) and PNG plots. A folder is written next to its
+versions, images, timings), ``fits.json`` when alignments were fitted (the
+searched warps, channel permutations) and PNG plots. A folder is written next to its
 destination and renamed into place, so a reader never sees half a report;
 an existing report is replaced only with ``force=True``.
 """
@@ -137,6 +138,14 @@ class AlignmentReport:
     table: pd.DataFrame
     per_image: pd.DataFrame | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    fits: dict[str, Any] = field(default_factory=dict)
+
+    def permutation(self, layer: str, transform: str) -> list[int]:
+        """The fitted channel permutation: a's channel i matches b''s channel ``[i]`` (needs channel_map='permutation')."""
+        for key, fit in self.fits.items():
+            if key.split("|")[:2] == [layer, transform] and "permutation" in fit:
+                return list(fit["permutation"]["b_channel_for_a_channel"])
+        raise KeyError(f"no permutation fitted for layer {layer!r} and transform {transform!r}; run analyze with channel_map='permutation'")
 
     def verdicts(self) -> list[str]:
         return verdicts(self.table)
@@ -159,6 +168,8 @@ class AlignmentReport:
                 self.per_image.to_csv(folder / "per_image.csv", index=False)
             meta = dict(self.meta, verdicts=self.verdicts())
             (folder / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
+            if self.fits:
+                (folder / "fits.json").write_text(json.dumps(self.fits, indent=1, default=_json_default), encoding="utf-8")
             if plots:
                 from .plots import save_figures
 

@@ -22,6 +22,7 @@ Examples:
   alignscope analyze --model resnet50 --weights resnet50.safetensors --transform rotate30
   alignscope analyze --transform rotate:-90:90:15 --layers 'blocks.*' --images photos/ --max-images 64
   alignscope analyze --json --no-plots --out run1 > table.json
+  alignscope analyze --transform rot90 --optimal family --channel-map permutation --channel-map linear
 """
 
 TRANSFORM_HELP = (
@@ -80,6 +81,21 @@ def _progress(enabled: bool):
     return update, finish
 
 
+FITTED_COLUMNS = ("optimal_error", "optimal_affine_error", "channel_mapped_error", "permuted_error")
+
+
+def _parse_ridge(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise click.BadParameter(f"{text!r} is neither 'auto' nor a number >= 0", param_hint="--ridge")
+    return value
+
+
 @app.command(epilog=EPILOG_ANALYZE)
 @click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint (.pth/.pt/.safetensors) for the model.")
@@ -93,6 +109,18 @@ def _progress(enabled: bool):
               help="disk: keep the centred disk of each image and compare only inside it; auto: disk for rotations and shears.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for image sampling.")
+@click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]),
+              help="Also search the best spatial warp: 'family' frees g's own parameters plus a shift (optimal_error), "
+                   "'affine' all six affine entries (optimal_affine_error). Cost: about 130 gradient evaluations over the "
+                   "calibration maps per layer and transform (seconds each on a CPU for large maps).")
+@click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
+              help="Also re-mix channels after the inverse warp: 'linear' a ridge least-squares C x C map "
+                   "(channel_mapped_error), 'permutation' the best channel relabelling (permuted_error). Cost: C x C "
+                   "statistics per layer and transform, one C^3 solve (linear) or assignment (permutation).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=None,
+              help="Images the fits are calibrated on (default: half, at most 16); all columns are then measured on the rest.")
+@click.option("--ridge", default="auto", show_default=True, help="Ridge of the linear channel map, or 'auto' (two-fold cross-validation).")
+@click.option("--search-steps", type=click.IntRange(min=0), default=60, show_default=True, help="Gradient steps per start of the warp search.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-report", show_default=True, help="Report folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
@@ -101,15 +129,17 @@ def _progress(enabled: bool):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, seed,
-            out, force, no_plots, per_image, as_json, quiet, debug) -> None:
+            optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, as_json, quiet,
+            debug) -> None:
     """Measure per layer how well the inverse warp aligns feature maps.
 
     Writes OUT/alignment.csv, OUT/run.json and plots, prints a compact table
     and one verdict per transform.
     """
     import alignscope
-    from alignscope.report import check_destination, format_table
+    from alignscope.report import SUMMARY_COLUMNS, check_destination, format_table
 
+    ridge_value = _parse_ridge(ridge)
     out_path = check_destination(out, force)  # before the work, not after it
     update, finish = _progress(not quiet and sys.stderr.isatty())
     try:
@@ -126,6 +156,11 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
             max_images=max_images,
             weights=weights or "auto",
             pretrained=not no_pretrained,
+            optimal=list(optimal) or None,
+            channel_map=list(channel_map) or None,
+            ridge=ridge_value,
+            search_steps=search_steps,
+            calibration_images=calibration_images,
             progress=update,
         )
     finally:
@@ -139,8 +174,13 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
         return
     meta = report.meta
     weights_note = "" if meta.get("pretrained", True) else "  [RANDOM WEIGHTS: not pretrained]"
-    click.echo(f"{meta['model']} · {len(meta['images_used'])} images · weights: {meta['weights']}{weights_note}")
-    click.echo(format_table(report.table))
+    split = ""
+    if "fits" in meta:
+        split = f" held out ({len(meta['fits']['calibration_images'])} more calibrated the fits)"
+    click.echo(f"{meta['model']} · {len(meta['images_used'])} images{split} · weights: {meta['weights']}{weights_note}")
+    fitted = tuple(c for c in FITTED_COLUMNS if c in report.table.columns)
+    columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
+    click.echo(format_table(report.table, columns))
     click.echo("")
     for line in report.verdicts():
         click.echo(line)

@@ -1,0 +1,123 @@
+"""Channel remapping after the spatial warp: how much of the misalignment moved between channels.
+
+Per (layer, transform), over the valid cells of the calibration images, the
+vectors a = F(x)[:, p] and b' = (g^-1 F(g x))[:, p] (C channels each) are
+summarized by :class:`ChannelStatistic` (float64 sums, mergeable across
+shards). From it:
+
+- ``fit_linear``: a C x C matrix R minimizing sum_p ||a_p - R b'_p||^2 +
+  lambda ||R||^2 (ridge, lambda = ``ridge`` x mean eigenvalue of the b' Gram
+  matrix), so R b' is the best linear re-mixing of channels;
+  :func:`choose_ridge` picks ``ridge`` by two-fold cross-validation between
+  two halves of the calibration images, from the statistics alone (the
+  squared error of any R is a quadratic form in them);
+- ``fit_permutation``: the one-to-one channel assignment maximizing the
+  summed Pearson correlation between a_i and b'_perm[i] (Hungarian
+  algorithm), i.e. a pure relabelling of channels.
+
+``apply_linear`` / ``apply_permutation`` map a (B, C, h, w) b' onto a's channels.
+"""
+from __future__ import annotations
+
+import torch
+
+CHANNEL_MAPS = ("linear", "permutation")
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+class ChannelStatistic:
+    """Sufficient statistics of (a, b') over valid cells: count, sums, squares and cross products."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.sum_a = torch.zeros(channels, dtype=torch.float64)
+        self.sum_b = torch.zeros(channels, dtype=torch.float64)
+        self.sq_a = torch.zeros(channels, dtype=torch.float64)
+        self.cross = torch.zeros(channels, channels, dtype=torch.float64)  # sum a_i b_j
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64)  # sum b_i b_j
+
+    def update(self, reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add the valid cells (``mask`` (h, w) > 0) of a batch of (B, C, h, w) maps."""
+        keep = mask > 0
+        a = reference.permute(0, 2, 3, 1)[:, keep].reshape(-1, self.channels).to("cpu", torch.float64)
+        b = aligned.permute(0, 2, 3, 1)[:, keep].reshape(-1, self.channels).to("cpu", torch.float64)
+        self.count += a.shape[0]
+        self.sum_a += a.sum(0)
+        self.sum_b += b.sum(0)
+        self.sq_a += a.square().sum(0)
+        self.cross += a.T @ b
+        self.gram += b.T @ b
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.count, self.sum_a, self.sum_b, self.sq_a, self.cross, self.gram]
+
+    def merge(self, other: "ChannelStatistic") -> "ChannelStatistic":
+        for mine, theirs in zip(self._tensors(), other._tensors()):
+            mine += theirs
+        return self
+
+    def sync(self) -> None:
+        """Sum the state over all processes of an initialized ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for tensor in self._tensors():
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def correlation(self) -> torch.Tensor:
+        """(C, C) Pearson correlation between a's channel i and b''s channel j (0 for constant channels)."""
+        n = self.count.clamp(min=1)
+        mean_a, mean_b = self.sum_a / n, self.sum_b / n
+        cov = self.cross / n - mean_a[:, None] * mean_b[None, :]
+        var_a = (self.sq_a / n - mean_a.square()).clamp(min=0)
+        var_b = (torch.diagonal(self.gram) / n - mean_b.square()).clamp(min=0)
+        scale = (var_a[:, None] * var_b[None, :]).sqrt()
+        return torch.where(scale > 1e-12 * scale.max().clamp(min=1e-300), cov / scale.clamp(min=1e-300), torch.zeros_like(cov))
+
+    def fit_linear(self, ridge: float = 1e-3) -> torch.Tensor:
+        """(C, C) float64 R with a ~ R b' (ridge relative to the mean eigenvalue of the Gram matrix)."""
+        if self.count == 0:
+            raise ValueError("no valid cells were seen; nothing to fit")
+        scale = torch.trace(self.gram) / self.channels
+        regularized = self.gram + ridge * max(float(scale), 1e-12) * torch.eye(self.channels, dtype=torch.float64)
+        # R (G + lambda I) = cross, G symmetric: solve (G + lambda I) R^T = cross^T.
+        return torch.linalg.solve(regularized, self.cross.T).T
+
+    def squared_error(self, matrix: torch.Tensor) -> float:
+        """sum_p ||a_p - R b'_p||^2 over the cells seen, for a (C, C) float64 ``matrix`` R."""
+        return float(self.sq_a.sum() - 2 * (matrix * self.cross).sum() + ((matrix @ self.gram) * matrix).sum())
+
+    def fit_permutation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(perm, corr)``: a's channel i is matched with b''s channel ``perm[i]`` at correlation ``corr[i]``."""
+        from scipy.optimize import linear_sum_assignment
+
+        corr = self.correlation()
+        rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+        perm = torch.empty(self.channels, dtype=torch.long)
+        perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+        return perm, corr[torch.arange(self.channels), perm]
+
+
+def choose_ridge(first: ChannelStatistic, second: ChannelStatistic, grid=RIDGE_GRID) -> tuple[float, dict[float, float]]:
+    """The ridge with the least two-fold cross-validated error (fit on one half, score on the other).
+
+    Returns the chosen ridge and the relative error (error / sum ||a||^2) of each candidate.
+    """
+    total = float(first.sq_a.sum() + second.sq_a.sum())
+    scores = {}
+    for ridge in grid:
+        error = second.squared_error(first.fit_linear(ridge)) + first.squared_error(second.fit_linear(ridge))
+        scores[ridge] = error / total if total > 0 else float("nan")
+    best = min(scores, key=lambda r: (scores[r], -r))
+    return best, scores
+
+
+def apply_linear(aligned: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """R b' for a (B, C, h, w) map: channel i of the output is sum_j R[i, j] b'_j."""
+    return torch.einsum("ij,bjhw->bihw", matrix.to(aligned.device, aligned.dtype), aligned)
+
+
+def apply_permutation(aligned: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """b' with its channels relabelled: output channel i is b' channel ``perm[i]``."""
+    return aligned.index_select(1, perm.to(aligned.device))

@@ -1,0 +1,210 @@
+"""Fitted alignments: calibrate on some images, measure on the others.
+
+``analyze(..., optimal=..., channel_map=...)`` splits the images (after the
+seeded shuffle) into a calibration split and a held-out split. The
+calibration split feeds :class:`Calibrator`, which keeps the maps the warp
+search needs and the channel statistics; :meth:`Calibrator.fit` returns one
+:class:`PairFit` per (layer, transform). The held-out split is then measured
+as usual, and each :class:`PairFit` adds its aligned maps as extra
+quantities. No held-out image reaches a fit, so every fitted error is an
+out-of-sample number, comparable with ``aligned_error`` on the same images.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .channels import CHANNEL_MAPS, ChannelStatistic, apply_linear, apply_permutation, choose_ridge
+from .errors import UsageError
+from .pairs import LayerPair
+from .warpsearch import SEARCH_KINDS, WarpFit, sample_with, search_warp
+
+log = logging.getLogger("alignscope")
+
+MIN_IMAGES_FOR_FITS = 8
+MIN_PER_SPLIT = 4
+# The column each fitted alignment adds (its value is distance / chance, like aligned_error).
+FIT_QUANTITIES = {"family": "optimal", "affine": "optimal_affine", "linear": "channel_mapped", "permutation": "permuted"}
+
+
+def _as_choices(value: str | Sequence[str] | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise UsageError(f"{what} must be one of {', '.join(allowed)}; got {', '.join(map(repr, bad))}")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """Which fitted alignments to add; empty tuples add none."""
+
+    optimal: tuple[str, ...] = ()
+    channel_map: tuple[str, ...] = ()
+    ridge: float | None = None  # None: chosen by two-fold cross-validation on the calibration images
+    search_steps: int = 60
+    calibration_images: int | None = None
+
+    @classmethod
+    def build(cls, optimal=None, channel_map=None, ridge: float | str | None = "auto", search_steps: int = 60,
+              calibration_images: int | None = None) -> "FitRequest":
+        if ridge == "auto" or ridge is None:
+            ridge = None
+        elif not isinstance(ridge, (int, float)) or ridge < 0:
+            raise UsageError(f"ridge must be 'auto' or a number >= 0, got {ridge!r}")
+        if search_steps < 0:
+            raise UsageError(f"search steps must be >= 0, got {search_steps}")
+        return cls(_as_choices(optimal, SEARCH_KINDS, "optimal"), _as_choices(channel_map, CHANNEL_MAPS, "channel_map"),
+                   ridge, search_steps, calibration_images)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.optimal or self.channel_map)
+
+    @property
+    def quantities(self) -> tuple[str, ...]:
+        return tuple(FIT_QUANTITIES[k] for k in (*self.optimal, *self.channel_map))
+
+    def split(self, n_images: int) -> tuple[int, int]:
+        """(calibration, held-out) image counts; refuses when either would be too small."""
+        if n_images < MIN_IMAGES_FOR_FITS:
+            raise UsageError(
+                f"fitted alignments (--optimal/--channel-map) need at least {MIN_IMAGES_FOR_FITS} images to fit on one "
+                f"half and report on the other, got {n_images}; pass more images or drop these options")
+        wanted = self.calibration_images if self.calibration_images is not None else min(16, n_images // 2)
+        if wanted < MIN_PER_SPLIT or n_images - wanted < MIN_PER_SPLIT:
+            raise UsageError(
+                f"{wanted} calibration images of {n_images} leaves too few on one side; each split needs at least {MIN_PER_SPLIT}")
+        return wanted, n_images - wanted
+
+
+@dataclass
+class PairFit:
+    """The fitted alignments of one (layer, transform)."""
+
+    family: WarpFit | None = None
+    affine: WarpFit | None = None
+    linear: torch.Tensor | None = None
+    permutation: torch.Tensor | None = None
+    permutation_correlation: torch.Tensor | None = None
+    ridge: float | None = None
+    ridge_scores: dict | None = None
+    circular: bool = False
+
+    def aligned_maps(self, pair: LayerPair) -> dict[str, torch.Tensor]:
+        """The held-out maps each fit produces, keyed by quantity name (compare each with ``pair.reference``)."""
+        out = {}
+        if self.family is not None:
+            out["optimal"] = sample_with(pair.moved, self.family.matrix, self.circular)
+        if self.affine is not None:
+            out["optimal_affine"] = sample_with(pair.moved, self.affine.matrix, self.circular)
+        if self.linear is not None:
+            out["channel_mapped"] = apply_linear(pair.aligned, self.linear)
+        if self.permutation is not None:
+            out["permuted"] = apply_permutation(pair.aligned, self.permutation)
+        return out
+
+    def columns(self) -> dict:
+        """Table columns describing the fits (the errors themselves come from the held-out statistics)."""
+        out = {}
+        if self.family is not None:
+            out.update(optimal_transform=self.family.spec, optimal_calibration_error=self.family.loss ** 0.5,
+                       analytic_calibration_error=self.family.analytic_loss ** 0.5)
+        if self.affine is not None:
+            out.update(optimal_affine_matrix=self.affine.spec, analytic_calibration_error=self.affine.analytic_loss ** 0.5)
+        if self.linear is not None:
+            out.update(channel_map_ridge=self.ridge)
+        if self.permutation is not None:
+            moved = int((self.permutation != torch.arange(len(self.permutation))).sum())
+            out.update(permuted_channels=moved, permutation_mean_correlation=float(self.permutation_correlation.mean()))
+        return out
+
+    def as_json(self) -> dict:
+        out: dict = {}
+        for fit in (self.family, self.affine):
+            if fit is not None:
+                out[fit.kind] = {"transform": fit.spec, "sampling_matrix": fit.matrix[:2].tolist(), "params": fit.params,
+                                 "calibration_rms_error": fit.loss ** 0.5, "analytic_calibration_rms_error": fit.analytic_loss ** 0.5}
+        if self.permutation is not None:
+            out["permutation"] = {"b_channel_for_a_channel": self.permutation.tolist(),
+                                  "correlation": [round(float(v), 6) for v in self.permutation_correlation]}
+        if self.linear is not None:
+            out["linear"] = {"shape": list(self.linear.shape), "frobenius_norm": float(self.linear.norm()), "ridge": self.ridge,
+                             "ridge_cv_relative_error": {str(k): v for k, v in (self.ridge_scores or {}).items()}}
+        return out
+
+
+@dataclass
+class _Collected:
+    references: list[torch.Tensor] = field(default_factory=list)
+    moved: list[torch.Tensor] = field(default_factory=list)
+    chance: list[torch.Tensor] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    halves: list[ChannelStatistic] = field(default_factory=list)
+
+
+class Calibrator:
+    """Collects calibration pairs, then fits every requested alignment.
+
+    The warp search needs the maps themselves (kept on the device for the
+    calibration split only); channel maps need only their statistics.
+    """
+
+    def __init__(self, request: FitRequest) -> None:
+        self.request = request
+        self.collected: dict[tuple[str, str, str], _Collected] = {}
+        self.pairs: dict[tuple[str, str, str], LayerPair] = {}
+
+    def update(self, pair: LayerPair) -> None:
+        key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
+        slot = self.collected.setdefault(key, _Collected(mask=pair.mask))
+        self.pairs[key] = pair
+        if self.request.optimal:
+            mask = pair.mask.to(pair.reference.dtype)
+            slot.references.append(pair.reference)
+            slot.moved.append(pair.moved)
+            slot.chance.append(((pair.reference - pair.other).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64).sqrt())
+        if self.request.channel_map:
+            if not slot.halves:
+                slot.halves = [ChannelStatistic(pair.reference.shape[1]) for _ in range(2)]
+            # Alternate images between two halves, for the cross-validated ridge.
+            for half, stat in enumerate(slot.halves):
+                stat.update(pair.reference[half::2], pair.aligned[half::2], pair.mask)
+
+    def fit(self, progress=None) -> dict[tuple[str, str, str], PairFit]:
+        fits = {}
+        for done, (key, slot) in enumerate(self.collected.items(), start=1):
+            pair = self.pairs[key]
+            fit = PairFit(circular=pair.transform.circular)
+            if self.request.optimal:
+                reference, moved, chance = torch.cat(slot.references), torch.cat(slot.moved), torch.cat(slot.chance)
+                family = None
+                if "family" in self.request.optimal:
+                    family = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "family",
+                                         self.request.search_steps)
+                    fit.family = family
+                if "affine" in self.request.optimal:
+                    fit.affine = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "affine",
+                                             self.request.search_steps, start=None if family is None else family.matrix)
+                slot.references.clear(), slot.moved.clear()
+            if slot.halves:
+                first, second = slot.halves
+                if "linear" in self.request.channel_map:
+                    ridge = self.request.ridge
+                    if ridge is None:
+                        ridge, fit.ridge_scores = choose_ridge(first, second)
+                    fit.ridge = ridge
+                merged = ChannelStatistic(first.channels).merge(first).merge(second)
+                if "linear" in self.request.channel_map:
+                    fit.linear = merged.fit_linear(fit.ridge).to(torch.float32)
+                if "permutation" in self.request.channel_map:
+                    fit.permutation, fit.permutation_correlation = merged.fit_permutation()
+            fits[key] = fit
+            if progress is not None:
+                progress(done, len(self.collected))
+        return fits
