@@ -6,8 +6,11 @@ summarized by :class:`ChannelStatistic` (float64 sums, mergeable across
 shards). From it:
 
 - ``fit_linear``: a C x C matrix R minimizing sum_p ||a_p - R b'_p||^2 +
-  lambda ||R||^2 (ridge, lambda = ``ridge`` x mean eigenvalue of the b' Gram
-  matrix), so R b' is the best linear re-mixing of channels;
+  lambda ||R - I||^2 (ridge, lambda = ``ridge`` x mean eigenvalue of the b'
+  Gram matrix), so R b' is the best linear re-mixing of channels. The ridge
+  shrinks R towards the identity, i.e. towards "no re-mixing": with too
+  few calibration cells for C x C numbers, the map falls back to g^-1 alone
+  instead of towards zero;
   :func:`choose_ridge` picks ``ridge`` by two-fold cross-validation between
   two halves of the calibration images, from the statistics alone (the
   squared error of any R is a quadratic form in them);
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 
 CHANNEL_MAPS = ("linear", "permutation")
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 
 class ChannelStatistic:
@@ -76,13 +79,13 @@ class ChannelStatistic:
         return torch.where(scale > 1e-12 * scale.max().clamp(min=1e-300), cov / scale.clamp(min=1e-300), torch.zeros_like(cov))
 
     def fit_linear(self, ridge: float = 1e-3) -> torch.Tensor:
-        """(C, C) float64 R with a ~ R b' (ridge relative to the mean eigenvalue of the Gram matrix)."""
+        """(C, C) float64 R with a ~ R b', shrunk towards I (ridge relative to the Gram matrix's mean eigenvalue)."""
         if self.count == 0:
             raise ValueError("no valid cells were seen; nothing to fit")
         scale = torch.trace(self.gram) / self.channels
-        regularized = self.gram + ridge * max(float(scale), 1e-12) * torch.eye(self.channels, dtype=torch.float64)
-        # R (G + lambda I) = cross, G symmetric: solve (G + lambda I) R^T = cross^T.
-        return torch.linalg.solve(regularized, self.cross.T).T
+        penalty = ridge * max(float(scale), 1e-12) * torch.eye(self.channels, dtype=torch.float64)
+        # R (G + lambda I) = cross + lambda I, G symmetric: solve (G + lambda I) R^T = (cross + lambda I)^T.
+        return torch.linalg.solve(self.gram + penalty, (self.cross + penalty).T).T
 
     def squared_error(self, matrix: torch.Tensor) -> float:
         """sum_p ||a_p - R b'_p||^2 over the cells seen, for a (C, C) float64 ``matrix`` R."""

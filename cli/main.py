@@ -303,6 +303,60 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     click.echo(f"\ncomparison written to {out}/")
 
 
+@app.command()
+@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint for the model.")
+@click.option("--no-pretrained", is_flag=True, help="Random initialisation.")
+@click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
+@click.option("--transform", default="rot90", show_default=True, help="One transform spec (see 'alignscope analyze --help').")
+@click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
+@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
+@click.option("--out", type=click.Path(file_okay=False), default="alignscope-explain", show_default=True, help="Output folder.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-channel table as JSON records.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def explain(model, weights, no_pretrained, layer, transform, images, max_images, batch_size, mask, device, top, out, force,
+            as_json, debug) -> None:
+    """Show which channels of one layer carry the misalignment under one transform.
+
+    Writes OUT/channels.csv (per channel: aligned_error, unaligned_error,
+    share of the layer's misalignment, the channel the best permutation
+    matches it with and the error after matching), OUT/explain.json and
+    OUT/channels.png (a, b', a - b' and the matched channel for the worst
+    and best channels of the first image).
+
+    \b
+    Example:
+      alignscope explain --layer blocks.2 --transform rot90 --top 3
+    """
+    import alignscope.explain as explaining
+    from alignscope.report import check_destination, format_table
+
+    out_path = check_destination(out, force)
+    result = explaining.explain(model=model, layer=layer, transform=transform, images=images, batch_size=batch_size,
+                                mask=mask, device=device, max_images=max_images, weights=weights or "auto",
+                                pretrained=not no_pretrained)
+    result.save(out_path, force=force, top=top)
+    if as_json:
+        click.echo(result.table.to_json(orient="records"))
+        return
+    meta = result.meta
+    ranked = result.table.sort_values("aligned_error", ascending=False)
+    columns = ("channel", "aligned_error", "unaligned_error", "share", "match", "match_correlation", "matched_error")
+    click.echo(f"{meta['model']} {meta['layer']} {tuple(meta['shape'])} under {meta['transform']} · {len(meta['images_used'])} images")
+    click.echo(f"layer aligned_error {meta['layer_aligned_error']:.3f}; after the best channel permutation "
+               f"{meta['layer_matched_error']:.3f} ({meta['channels_moved_by_permutation']} channels re-assigned; in-sample)")
+    click.echo(f"\nworst {top} channels:")
+    click.echo(format_table(ranked.head(top), columns))
+    click.echo(f"\nbest {top} channels:")
+    click.echo(format_table(ranked.tail(top)[::-1], columns))
+    click.echo(f"\nwritten to {out_path}/ (channels.csv, channels.png)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click app, turning errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

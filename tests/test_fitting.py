@@ -1,0 +1,279 @@
+"""Fitted alignments: the warp search, channel maps, the calibration split, explain."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import alignscope
+from alignscope.channels import ChannelStatistic, apply_linear, apply_permutation, choose_ridge
+from alignscope.errors import UsageError
+from alignscope.transforms import parse_transform
+from alignscope.warping import inverse_warp, valid_mask, warp
+from alignscope.warpsearch import search_warp, sample_with
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def smooth_field(n=6, c=6, size=48, seed=0):
+    torch.manual_seed(seed)
+    return F.avg_pool2d(torch.randn(n, c, size + 8, size + 8), 5, 1, 2)[..., 4:-4, 4:-4]
+
+
+def chance_of(a, mask):
+    return ((a - a.roll(1, 0)).square() * mask).sum((1, 2, 3)).sqrt().double()
+
+
+@pytest.fixture(scope="module")
+def known_warp():
+    """b = g_true a with g_true = rotate20 + translate3,-2, while the analytic guess is rotate30."""
+    a = smooth_field()
+    true = parse_transform("rotate20+translate3,-2")[0]
+    mask = valid_mask(true, 48, 48, 1.0, disk=True)
+    return a, warp(a, true, 1.0), mask, true
+
+
+def test_family_search_recovers_a_known_warp(known_warp):
+    a, b, mask, _ = known_warp
+    fit = search_warp(a, b, mask, chance_of(a, mask), parse_transform("rotate30")[0], 1.0, "family")
+    assert fit.params["rotate0"] == pytest.approx(20.0, abs=0.5)
+    assert fit.params["translate_x_px"] == pytest.approx(3.0, abs=0.3)
+    assert fit.params["translate_y_px"] == pytest.approx(-2.0, abs=0.3)
+    assert fit.loss < 0.1 * fit.analytic_loss
+    assert fit.spec.startswith("rotate")
+
+
+def test_affine_search_recovers_a_known_matrix(known_warp):
+    a, b, mask, true = known_warp
+    fit = search_warp(a, b, mask, chance_of(a, mask), parse_transform("rotate30")[0], 1.0, "affine")
+    np.testing.assert_allclose(fit.matrix, true.matrix(48, 48), atol=0.015)
+
+
+def test_search_is_never_worse_than_the_analytic_warp():
+    a = smooth_field(seed=3)
+    g = parse_transform("rot90")[0]
+    b = warp(a, g, 1.0)  # exact: g^-1 is already optimal
+    mask = valid_mask(g, 48, 48, 1.0)
+    fit = search_warp(a, b, mask, chance_of(a, mask), g, 1.0, "family", steps=20)
+    assert fit.analytic_loss < 1e-12
+    assert fit.loss <= fit.analytic_loss
+
+
+def test_analytic_sampling_matrix_reproduces_inverse_warp():
+    x = smooth_field(n=2, c=3, size=20)
+    for spec, stride in (("rotate33", 1.0), ("scale0.8+translate4,0", 4.0), ("rot90", 2.0), ("roll3,-5", 2.0)):
+        g = parse_transform(spec)[0]
+        matrix = g.matrix(20 * int(stride), 20 * int(stride))
+        torch.testing.assert_close(sample_with(x, matrix, g.circular), inverse_warp(x, g, stride), atol=1e-5, rtol=0)
+
+
+def test_permutation_recovers_a_known_channel_shuffle_exactly():
+    torch.manual_seed(0)
+    a = torch.randn(5, 12, 9, 9)
+    perm = torch.randperm(12)
+    b = torch.empty_like(a)
+    b[:, perm] = a  # a's channel i sits in b's channel perm[i]
+    b = b + 0.05 * torch.randn_like(b)
+    stat = ChannelStatistic(12)
+    stat.update(a, b, torch.ones(9, 9))
+    found, corr = stat.fit_permutation()
+    assert torch.equal(found, perm)
+    assert bool((corr > 0.95).all())
+    assert (apply_permutation(b, found) - a).abs().max() < 0.5
+
+
+def test_linear_map_recovers_a_mixing_and_cross_validation_prefers_small_ridge():
+    torch.manual_seed(0)
+    a = torch.randn(8, 6, 10, 10)
+    mixing = torch.randn(6, 6) + 3 * torch.eye(6)
+    b = apply_linear(a, torch.linalg.inv(mixing))
+    halves = [ChannelStatistic(6), ChannelStatistic(6)]
+    for i, half in enumerate(halves):
+        half.update(a[i::2], b[i::2], torch.ones(10, 10))
+    ridge, scores = choose_ridge(*halves)
+    assert ridge == min(scores)  # noise-free: the least regularization wins
+    merged = ChannelStatistic(6).merge(halves[0]).merge(halves[1])
+    torch.testing.assert_close(merged.fit_linear(1e-8), mixing.double(), atol=1e-3, rtol=0)
+    assert merged.squared_error(merged.fit_linear(1e-8)) < 1e-6 * float(merged.sq_a.sum())
+    # a huge ridge means "no re-mixing": the map shrinks to the identity, not to zero
+    torch.testing.assert_close(merged.fit_linear(1e9), torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+class Marker(nn.Module):
+    """A 1x1 identity convolution: the map is the image, so each image's marker value is visible in its maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).reshape(3, 3, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_fits_see_only_the_calibration_images(monkeypatch):
+    from alignscope import fitting
+
+    torch.manual_seed(0)
+    images = torch.randn(10, 3, 16, 16)
+    images[:, 0, 0, 0] = torch.arange(10, dtype=torch.float32)  # image k carries the marker k
+    seen = []
+    original = fitting.Calibrator.update
+
+    def spy(self, pair):
+        seen.extend(pair.reference[:, 0, 0, 0].round().int().tolist())
+        original(self, pair)
+
+    monkeypatch.setattr(fitting.Calibrator, "update", spy)
+    report = alignscope.analyze(Marker(), transforms=["hflip"], images=images, input_size=(3, 16, 16), mean=MEAN,
+                                std=STD, batch_size=3, channel_map="linear", calibration_images=4)
+    assert set(seen) == {0, 1, 2, 3}
+    assert report.meta["fits"]["calibration_images"] == [f"tensor[{i}]" for i in range(4)]
+    assert report.meta["images_used"] == [f"tensor[{i}]" for i in range(4, 10)]
+    assert int(report.table["n_images"].iloc[0]) == 6
+
+
+def test_fitted_alignments_refuse_too_few_images(photo_tensor):
+    with pytest.raises(UsageError, match="at least 8 images"):
+        alignscope.analyze(Marker(), transforms=["rot90"], images=photo_tensor[:7], input_size=(3, 64, 64),
+                           optimal="family")
+    with pytest.raises(UsageError, match="optimal must be one of"):
+        alignscope.analyze(Marker(), transforms=["rot90"], images=photo_tensor, input_size=(3, 64, 64), optimal="best")
+
+
+def test_unknown_fit_choice_and_bad_ridge_are_usage_errors(photo_tensor):
+    with pytest.raises(UsageError, match="channel_map must be one of"):
+        alignscope.analyze(Marker(), images=photo_tensor, input_size=(3, 64, 64), channel_map="cca")
+    with pytest.raises(UsageError, match="ridge"):
+        alignscope.analyze(Marker(), images=photo_tensor, input_size=(3, 64, 64), channel_map="linear", ridge=-1.0)
+
+
+@pytest.fixture(scope="module")
+def theorem_tables():
+    """The three e2cnn validation cases on the bundled photos at 64 x 64 under rot90."""
+    pytest.importorskip("e2cnn")
+    from alignscope.images import image_stream
+    from alignscope.models import DataConfig
+    from alignscope.reference_nets import C8Network, PlainNetwork
+
+    cfg = DataConfig(input_size=(3, 64, 64), crop_pct=1.0, interpolation="bilinear")
+    photos = torch.cat([b.pixels for b in image_stream(None, cfg, batch_size=8)])
+    tables = {}
+    for name, net in (("c8", C8Network()), ("plain", PlainNetwork())):
+        report = alignscope.analyze(net, transforms=["rot90"], layers=["regular", "pooled"], images=photos,
+                                    input_size=(3, 64, 64), mean=MEAN, std=STD, batch_size=4, channel_map="permutation")
+        tables[name] = report.table.set_index("layer")
+    return tables
+
+
+def test_c8_group_pooled_fields_align_with_the_inverse_warp(theorem_tables):
+    assert theorem_tables["c8"].loc["pooled", "aligned_error"] < 1e-4
+    assert theorem_tables["c8"].loc["pooled", "unaligned_error"] > 0.3
+
+
+def test_c8_regular_fields_need_the_cyclic_channel_shift(theorem_tables):
+    row = theorem_tables["c8"].loc["regular"]
+    assert row["aligned_error"] > 0.3
+    assert row["permuted_error"] < 1e-4
+    assert row["permuted_channels"] == 32  # every channel moves: a shift by two within each field of 8
+
+
+def test_plain_cnn_aligns_neither_way(theorem_tables):
+    for layer in ("regular", "pooled"):
+        row = theorem_tables["plain"].loc[layer]
+        assert row["aligned_error"] > 0.3
+        assert row["permuted_error"] > 0.3
+
+
+def test_c8_permutation_is_the_cyclic_shift():
+    pytest.importorskip("e2cnn")
+    from alignscope.reference_nets import C8Network
+
+    torch.manual_seed(0)
+    images = F.avg_pool2d(torch.randn(8, 3, 40, 40), 3, 1, 1)
+    report = alignscope.analyze(C8Network(fields=2), transforms=["rot90"], layers=["regular"], images=images,
+                                input_size=(3, 40, 40), batch_size=4, channel_map="permutation")
+    perm = report.permutation("regular", "rot90")
+    shifts = {(perm[i] - i) % 8 for i in range(16)}
+    fields = {perm[i] // 8 == i // 8 for i in range(16)}
+    assert len(shifts) == 1 and shifts != {0} and fields == {True}
+
+
+def test_analyze_with_fits_on_the_pretrained_model(lite0, tmp_path):
+    report = alignscope.analyze("tf_efficientnet_lite0", transforms=["translate32,0", "rot90"], layers=["blocks.1", "blocks.4"],
+                                input_size=(3, 96, 96), optimal="family", channel_map=["linear", "permutation"],
+                                search_steps=15)
+    table = report.table.set_index(["layer", "transform"])
+    for column in ("optimal_error", "channel_mapped_error", "permuted_error", "optimal_transform", "n_calibration"):
+        assert column in table.columns
+    assert (table["n_calibration"] == 4).all() and (table["n_images"] == 4).all()
+    # A translation by the deepest stride is already aligned by g^-1; the search stays near it.
+    found = table.loc[("blocks.4", "translate32,0"), "optimal_transform"]
+    assert found.startswith("translate")
+    assert abs(float(found[len("translate"):].split(",")[0]) - 32) < 8
+    out = report.save(tmp_path / "r")
+    fits = json.loads((out / "fits.json").read_text())
+    assert "permutation" in fits["blocks.1|rot90"] and "family" in fits["blocks.1|rot90"]
+    assert (out / "alignment_by_depth_fitted.png").is_file()
+    assert math.isfinite(float(table.loc[("blocks.1", "rot90"), "permuted_error"]))
+
+
+def test_explain_finds_the_channel_carrying_a_known_swap(tmp_path):
+    """hflip with a network whose channels 0 and 1 swap roles under a flip: explain matches them."""
+
+    class Swapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, (1, 3), padding=(0, 1), bias=False)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.weight[0, 0, 0] = torch.tensor([1.0, 0.0, -1.0])  # d/dx
+                self.conv.weight[1, 0, 0] = torch.tensor([-1.0, 0.0, 1.0])  # -d/dx: channel 0 of a flipped image
+                self.conv.weight[2, 1, 0] = torch.tensor([0.0, 1.0, 0.0])  # flip-invariant
+
+        def forward(self, x):
+            return self.conv(x)
+
+    from alignscope.explain import explain
+
+    torch.manual_seed(0)
+    images = F.avg_pool2d(torch.randn(6, 3, 24, 24), 3, 1, 1)
+    result = explain(Swapper(), layer="conv", transform="hflip", images=images, input_size=(3, 24, 24), batch_size=3)
+    table = result.table.set_index("channel")
+    assert list(table["match"]) == [1, 0, 2]
+    assert table.loc[0, "aligned_error"] > 0.5 and table.loc[0, "matched_error"] < 0.05
+    assert table.loc[2, "aligned_error"] < 1e-5
+    out = result.save(tmp_path / "explain", top=1)
+    assert (out / "channels.png").is_file() and (out / "channels.csv").is_file()
+
+
+def cli(*args):
+    from alignscope.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code
+
+
+def test_cli_fits_and_explain(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "fitted"
+    assert cli("analyze", "--transform", "rot90", "--layers", "blocks.2", "--optimal", "family", "--channel-map",
+               "permutation", "--search-steps", "5", "--no-plots", "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "permuted_error" in text and "4 more calibrated the fits" in text
+    table = pd.read_csv(out / "alignment.csv")
+    assert {"optimal_error", "permuted_error", "optimal_transform"} <= set(table.columns)
+    assert cli("analyze", "--transform", "rot90", "--optimal", "family", "--max-images", "6", "--out", str(tmp_path / "few")) == 2
+    assert "at least 8 images" in capsys.readouterr().err
+    assert cli("analyze", "--channel-map", "linear", "--ridge", "lots", "--out", str(tmp_path / "r")) == 2
+    assert cli("explain", "--layer", "blocks.1", "--transform", "rot90", "--top", "2", "--out", str(tmp_path / "ex")) == 0
+    assert "after the best channel permutation" in capsys.readouterr().out
+    assert (tmp_path / "ex" / "channels.png").is_file()
+    assert cli("explain", "--layer", "blocks.*", "--out", str(tmp_path / "ex2")) == 2
+    assert "explain takes one layer" in capsys.readouterr().err
