@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, gather_to_main, init_from_environment
 from .errors import ImageError, UsageError
 from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
@@ -30,11 +31,24 @@ from .metrics import QUANTITIES, AlignmentStatistic, pair_distances
 from .models import DataConfig, data_config_for_module, load_model
 from .pairs import MASK_MODES, PairFeeder, keep_disk, uses_disk  # noqa: F401  (keep_disk, uses_disk re-exported)
 from .report import AlignmentReport
+from .timing import PhaseTimer
 from .transforms import Transform, as_transforms
 
 log = logging.getLogger("alignscope")
 
 ProgressCallback = Callable[[int, int], None]
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str | None) -> torch.dtype | None:
+    """``None``/``"off"`` -> no autocast; ``"bf16"`` / ``"fp16"`` -> that dtype."""
+    if amp in (None, "off", "none"):
+        return None
+    if amp not in AMP_DTYPES:
+        raise UsageError(f"amp must be one of off, {', '.join(AMP_DTYPES)}; got {amp!r}")
+    return AMP_DTYPES[amp]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -94,7 +108,11 @@ def analyze(
     ridge: float | str = "auto",
     search_steps: int = 60,
     calibration_images: int | None = None,
+    amp: str | None = None,
+    channels_last: bool | None = None,
+    workers: int = 0,
     progress: ProgressCallback | None = None,
+    timer: PhaseTimer | None = None,
 ) -> AlignmentReport:
     """Measure, per layer and transform, how well g^-1 aligns F(g x) with F(x).
 
@@ -112,6 +130,13 @@ def analyze(
     (``channel_mapped_error``, ``permuted_error``). They are fitted on
     ``calibration_images`` images (default: half, at most 16) and every
     column of the table is then measured on the remaining images only.
+    ``amp``: ``"bf16"`` | ``"fp16"`` runs the model under autocast (maps are
+    compared in float32, statistics accumulate in float64); ``channels_last``
+    (default: on for CUDA) feeds NHWC tensors; ``workers`` decode images in
+    that many processes. Under ``torchrun`` the images are sharded across
+    ranks and the statistics reduced (see :mod:`alignscope.distributed`).
+    ``timer``: a :class:`~alignscope.timing.PhaseTimer` to collect the time
+    per phase in (one is made if not given; the split lands in ``meta``).
     ``ridge`` regularizes the linear map (``"auto"``: two-fold
     cross-validation on the calibration images), ``search_steps`` is the number of
     gradient steps per start of the warp search.
@@ -120,12 +145,19 @@ def analyze(
         raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
     if batch_size < 2:
         raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+    if workers < 0:
+        raise UsageError(f"workers must be >= 0, got {workers}")
     request = FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)
+    amp_dtype = resolve_amp(amp)
     started = time.perf_counter()
-    dev = resolve_device(device)
+    context, dev = init_from_environment(resolve_device(device))
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
     torch.manual_seed(seed)
     setup = _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, dev)
-    stream = image_stream(images, setup.cfg, batch_size, max_images, seed)
+    if channels_last:
+        setup.model.to(memory_format=torch.channels_last)
+    stream = image_stream(images, setup.cfg, batch_size, max_images, seed, workers=workers, pin_memory=dev.type == "cuda")
     if len(stream) < 2:
         raise ImageError(f"need at least 2 images (chance compares different images), got {len(stream)}")
     total = len(stream)
@@ -133,13 +165,19 @@ def analyze(
     if request.active:
         n_calibration, _ = request.split(len(stream))
         calibration, stream = split_stream(stream, n_calibration)
+    stream.shard = (context.rank, context.world_size)
+    if context.active and not context.is_main:
+        progress = None
     setup_seconds = time.perf_counter() - started
 
     fill = [-m / s for m, s in zip(setup.cfg.mean, setup.cfg.std)]  # black, after normalization
-    feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev)
+    timer = timer if timer is not None else PhaseTimer(dev)
+    feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev, timer,
+                        amp=amp_dtype, channels_last=channels_last)
     quantities = QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
     stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic(quantities) for layer in setup.layers for t in setup.transforms}
-    rows: list[dict] = []
+    rows: list[tuple[int, dict]] = []
+    used: list[tuple[int, list[str]]] = []
     done = 0
     fit_seconds = 0.0
     loop_started = time.perf_counter()
@@ -150,28 +188,40 @@ def analyze(
             fits, done = _calibrate(calibration, feeder, capture, request, dev, progress, total)
             fit_seconds = time.perf_counter() - fit_started
         with torch.inference_mode():
-            for batch in stream:
+            for batch in _timed(stream, timer):
                 x = batch.pixels.to(dev, non_blocking=True)
-                for pair in feeder.pairs(x, capture):
+                used.append((batch.index, batch.names))
+                for pair in feeder.pairs(x, capture, batch.partner):
                     key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
-                    values = pair_distances(
-                        reference=pair.reference, aligned=pair.aligned, unaligned=pair.moved, other=pair.other,
-                        mask=pair.mask, roundtrip=pair.roundtrip,
-                        extras=fits[key].aligned_maps(pair) if key in fits else None,
-                    )
-                    stats[key].update(values)
+                    with timer("metrics"):
+                        values = pair_distances(
+                            reference=pair.reference, aligned=pair.aligned, unaligned=pair.moved, other=pair.other,
+                            mask=pair.mask, roundtrip=pair.roundtrip,
+                            extras=fits[key].aligned_maps(pair) if key in fits else None,
+                        )
+                        stats[key].update(values)
                     if per_image:
-                        rows.extend(_image_rows(setup, pair.layer, pair.transform, batch.names, values))
-                done += x.shape[0]
+                        rows.extend((batch.index, row) for row in _image_rows(setup, pair.layer, pair.transform, batch.names, values))
+                done += x.shape[0] * context.world_size
                 if progress is not None:
-                    progress(done, total)
-    measured = len(stream.used)
+                    progress(min(done, total), total)
+    if context.active:
+        all_reduce_sum([stat.state for stat in stats.values()], dev if dev.type == "cuda" else torch.device("cpu"))
+        shards = gather_to_main((used, list(stream.skipped), rows), context)
+        used = [item for shard in shards for item in shard[0]]
+        stream.skipped[:] = [item for shard in shards for item in shard[1]]
+        rows = [item for shard in shards for item in shard[2]]
+        used.sort(key=lambda item: item[0])
+        stream.used[:] = [name for _, names in used for name in names]
+    measured = max(len(stream.used), int(max((stat.state[0, 0] for stat in stats.values()), default=0)))
     if measured < 2:
         raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
     loop_seconds = time.perf_counter() - loop_started
     table = _summary_table(setup, stats, feeder.masks, mask, fits, request, 0 if calibration is None else len(calibration.used))
     _warn_left_out(table, measured)
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
+    meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
+    meta.update(amp=amp, channels_last=channels_last, workers=workers, world_size=context.world_size, rank=context.rank)
     if calibration is not None:
         meta["fits"] = {
             "optimal": list(request.optimal), "channel_map": list(request.channel_map), "ridge": request.ridge,
@@ -179,9 +229,21 @@ def analyze(
             "calibration_skipped": [{"path": p, "reason": r} for p, r in calibration.skipped],
             "seconds": round(fit_seconds, 3),
         }
-    per_image_table = pd.DataFrame(rows) if per_image else None
+    rows.sort(key=lambda item: item[0])  # batch order; stable within a batch
+    per_image_table = pd.DataFrame([row for _, row in rows]) if per_image else None
     fit_details = {f"{layer}|{spec}" + (f"|{sweep}" if sweep else ""): fit.as_json() for (layer, spec, sweep), fit in fits.items()}
     return AlignmentReport(table=table, per_image=per_image_table, meta=meta, fits=fit_details)
+
+
+def _timed(stream: ImageStream, timer: PhaseTimer):
+    """Iterate ``stream`` and count the time spent producing each batch as ``loading``."""
+    iterator = iter(stream)
+    while True:
+        with timer("loading"):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture, request: FitRequest,
@@ -191,7 +253,7 @@ def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture,
     done = 0
     with torch.no_grad():
         for batch in stream:
-            for pair in feeder.pairs(batch.pixels.to(dev, non_blocking=True), capture):
+            for pair in feeder.pairs(batch.pixels.to(dev, non_blocking=True), capture, batch.partner):
                 calibrator.update(pair)
             done += batch.pixels.shape[0]
             if progress is not None:
@@ -199,7 +261,6 @@ def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture,
     if len(stream.used) < MIN_PER_SPLIT:
         raise ImageError(f"only {len(stream.used)} calibration images were readable ({len(stream.skipped)} skipped); "
                          f"fits need at least {MIN_PER_SPLIT}; pass more readable images")
-    feeder.reset_partners()
     return calibrator.fit(), done
 
 

@@ -12,7 +12,7 @@ import glob
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
@@ -116,10 +116,39 @@ def build_preprocess(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
 
 @dataclass
 class ImageBatch:
-    """Normalized images (B, 3, H, W) and the names they came from."""
+    """Normalized images (B, 3, H, W), the names they came from, and the batch's position.
+
+    ``partner``: for a batch of one image, the prepared image (1, 3, H, W)
+    its chance distance is taken against (the nearest readable image before
+    it, else after it); ``None`` otherwise.
+    """
 
     pixels: torch.Tensor
     names: list[str]
+    index: int = 0
+    partner: torch.Tensor | None = None
+
+
+def _prepare(preprocess, path: Path) -> tuple[torch.Tensor | None, str]:
+    try:
+        return preprocess(read_rgb(path)), ""
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
+        return None, (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+class _PreparedImages(torch.utils.data.Dataset):
+    """Worker-side reading: one (pixels or None, reason) per path, in order."""
+
+    def __init__(self, paths: list[Path], cfg: DataConfig) -> None:
+        self.paths, self.cfg, self._preprocess = paths, cfg, None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if self._preprocess is None:
+            self._preprocess = build_preprocess(self.cfg)
+        return _prepare(self._preprocess, self.paths[index])
 
 
 @dataclass
@@ -127,7 +156,11 @@ class ImageStream:
     """Batches of prepared images, read lazily; unreadable files are skipped and counted.
 
     Either ``paths`` (read and prepared with ``cfg``) or ``tensor`` (already
-    prepared, N x 3 x H x W) is given.
+    prepared, N x 3 x H x W) is given. Batch k holds the readable images among
+    positions [k B, (k+1) B) of the list, so batches (and the chance pairs
+    inside them) do not depend on how the work is split: ``shard=(rank,
+    world)`` yields only the batches with k % world == rank. ``workers`` > 0
+    decodes images in that many worker processes (``pin_memory`` for CUDA).
     """
 
     cfg: DataConfig
@@ -135,44 +168,102 @@ class ImageStream:
     paths: list[Path] | None = None
     tensor: torch.Tensor | None = None
     name_offset: int = 0  # a tensor's images are named tensor[name_offset + i]
+    shard: tuple[int, int] = (0, 1)
+    workers: int = 0
+    pin_memory: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
     used: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths) if self.paths is not None else int(self.tensor.shape[0])  # type: ignore[union-attr]
 
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self) // self.batch_size)
+
+    def owned_batches(self) -> list[int]:
+        rank, world = self.shard
+        return [k for k in range(self.n_batches) if k % world == rank]
+
     def __iter__(self) -> Iterator[ImageBatch]:
         self.skipped.clear()
         self.used.clear()
         if self.tensor is not None:
-            for start in range(0, self.tensor.shape[0], self.batch_size):
-                chunk = self.tensor[start : start + self.batch_size]
-                names = [f"tensor[{self.name_offset + i}]" for i in range(start, start + chunk.shape[0])]
-                self.used.extend(names)
-                yield ImageBatch(chunk, names)
+            yield from self._tensor_batches()
+        else:
+            yield from self._path_batches()
+
+    def _tensor_batches(self) -> Iterator[ImageBatch]:
+        assert self.tensor is not None
+        for k in self.owned_batches():
+            start = k * self.batch_size
+            chunk = self.tensor[start : start + self.batch_size]
+            names = [f"tensor[{self.name_offset + i}]" for i in range(start, start + chunk.shape[0])]
+            self.used.extend(names)
+            partner = None
+            if chunk.shape[0] == 1:
+                other = start - 1 if start > 0 else start + 1
+                partner = self.tensor[other : other + 1] if 0 <= other < len(self) else None
+            yield ImageBatch(chunk, names, k, partner)
+
+    def _reader(self, positions: list[int]) -> Iterator[tuple[int, torch.Tensor | None, str]]:
+        paths = self.paths or []
+        if self.workers > 0 and positions:
+            subset = torch.utils.data.Subset(_PreparedImages(paths, self.cfg), positions)
+            loader = torch.utils.data.DataLoader(subset, batch_size=None, num_workers=self.workers,
+                                                 pin_memory=self.pin_memory, prefetch_factor=4)
+            for position, (pixels, reason) in zip(positions, loader):
+                yield position, pixels, reason
             return
         preprocess = build_preprocess(self.cfg)
+        for position in positions:
+            pixels, reason = _prepare(preprocess, paths[position])
+            yield position, pixels, reason
+
+    def _path_batches(self) -> Iterator[ImageBatch]:
+        paths = self.paths or []
+        owned = self.owned_batches()
+        positions = [i for k in owned for i in range(k * self.batch_size, min((k + 1) * self.batch_size, len(paths)))]
+        current: int | None = None
         pixels: list[torch.Tensor] = []
         names: list[str] = []
-        for path in self.paths or []:
-            try:
-                pixels.append(preprocess(read_rgb(path)))
-            except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                self.skipped.append((str(path), reason))
-                log.warning("skipping unreadable image %s: %s", path, reason)
-                continue
-            names.append(str(path))
-            if len(pixels) == self.batch_size:
-                self.used.extend(names)
-                yield ImageBatch(torch.stack(pixels), names)
+        for position, image, reason in self._reader(positions):
+            k = position // self.batch_size
+            if current is not None and k != current and pixels:
+                yield self._batch(current, pixels, names)
                 pixels, names = [], []
-        if pixels:
-            self.used.extend(names)
-            yield ImageBatch(torch.stack(pixels), names)
+            current = k
+            if image is None:
+                self.skipped.append((str(paths[position]), reason))
+                log.warning("skipping unreadable image %s: %s", paths[position], reason)
+                continue
+            pixels.append(image)
+            names.append(str(paths[position]))
+        if current is not None and pixels:
+            yield self._batch(current, pixels, names)
+
+    def _batch(self, k: int, pixels: list[torch.Tensor], names: list[str]) -> ImageBatch:
+        self.used.extend(names)
+        partner = self._find_partner(k, names[0]) if len(pixels) == 1 else None
+        return ImageBatch(torch.stack(pixels), names, k, partner)
+
+    def _find_partner(self, k: int, name: str) -> torch.Tensor | None:
+        """The nearest readable image before batch k (else after it) for a batch of one image."""
+        paths = self.paths or []
+        start = k * self.batch_size
+        preprocess = build_preprocess(self.cfg)
+        order = list(range(start - 1, -1, -1)) + list(range(start, len(paths)))
+        for position in order:
+            if str(paths[position]) == name:
+                continue
+            image, _ = _prepare(preprocess, paths[position])
+            if image is not None:
+                return image.unsqueeze(0)
+        return None
 
 
-def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_images: int | None = None, seed: int = 0) -> ImageStream:
+def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_images: int | None = None, seed: int = 0,
+                 workers: int = 0, pin_memory: bool = False) -> ImageStream:
     """An :class:`ImageStream` for a path, list of paths, glob, ``None`` (bundled photos) or tensor.
 
     Paths are read in a seeded random order (``seed``); a tensor in its own order.
@@ -189,14 +280,13 @@ def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_imag
     # Chance pairs neighbours within a batch: a seeded shuffle keeps files that sort together
     # (video frames, copies) from being each other's "unrelated" image.
     random.Random(seed).shuffle(paths)
-    return ImageStream(cfg=cfg, batch_size=batch_size, paths=paths)
+    return ImageStream(cfg=cfg, batch_size=batch_size, paths=paths, workers=workers, pin_memory=pin_memory)
 
 
 def split_stream(stream: ImageStream, first: int) -> tuple[ImageStream, ImageStream]:
     """The first ``first`` images of ``stream`` (in its reading order) and the rest, as two streams."""
     if stream.tensor is not None:
-        return (ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, tensor=stream.tensor[:first]),
-                ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, tensor=stream.tensor[first:], name_offset=first))
+        return (replace(stream, tensor=stream.tensor[:first], skipped=[], used=[]),
+                replace(stream, tensor=stream.tensor[first:], name_offset=first, skipped=[], used=[]))
     paths = list(stream.paths or [])
-    return (ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, paths=paths[:first]),
-            ImageStream(cfg=stream.cfg, batch_size=stream.batch_size, paths=paths[first:]))
+    return replace(stream, paths=paths[:first], skipped=[], used=[]), replace(stream, paths=paths[first:], skipped=[], used=[])

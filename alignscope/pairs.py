@@ -8,8 +8,10 @@ of the fitted alignments both read pairs from here, so they see the same
 tensors.
 
 Chance pairs image i with image i-1 of the same batch (the first with the
-last); a final batch of one image is paired with the previous batch's last
-image.
+last); a batch of one image is paired with the partner image its
+:class:`~alignscope.images.ImageBatch` carries (the nearest readable image
+before it). Pairs therefore depend only on the image order and the batch
+size, not on which process handles which batch.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 
 from .errors import ImageError
 from .hooks import FeatureCapture, LayerInfo
+from .timing import NULL_TIMER
 from .transforms import Transform
 from .warping import disk_mask, inverse_warp, is_exact, valid_mask, warp
 
@@ -60,20 +63,31 @@ class PairFeeder:
     """Turns image batches into :class:`LayerPair` s, caching masks and chance partners.
 
     ``fill`` is the per-channel value of black after normalization; it fills
-    what a warp brings in from outside the image.
+    what a warp brings in from outside the image. ``amp`` (``torch.bfloat16``
+    or ``torch.float16``) runs the model under autocast; its maps are turned
+    back into float32 before any warp or norm. ``channels_last`` feeds the
+    model NHWC tensors.
     """
 
     def __init__(self, layers: list[LayerInfo], transforms: list[Transform], mask: str, fill: Sequence[float],
-                 image_size: tuple[int, int], device: torch.device) -> None:
+                 image_size: tuple[int, int], device: torch.device, timer=NULL_TIMER, amp: torch.dtype | None = None,
+                 channels_last: bool = False) -> None:
         self.layers, self.transforms, self.mask_mode, self.fill = layers, transforms, mask, list(fill)
         self.device = device
+        self.timer = timer
+        self.amp, self.channels_last = amp, channels_last
         self.masks: dict[tuple[str, str, bool], torch.Tensor] = {}
         self.image_disk = disk_mask(*image_size, device=device)
-        self._previous_last: dict[tuple[bool, str], torch.Tensor] = {}
 
-    def reset_partners(self) -> None:
-        """Forget the last image of the previous batch (start of a new, separate image set)."""
-        self._previous_last.clear()
+    def _forward(self, capture: FeatureCapture, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.timer("forward"):
+            if self.amp is None:
+                return capture(x)
+            with torch.autocast(self.device.type, dtype=self.amp):
+                maps = capture(x)
+            return {name: value.float() for name, value in maps.items()}
 
     def mask_for(self, layer: LayerInfo, transform: Transform, disk: bool, height: int, width: int) -> torch.Tensor:
         key = (layer.name, transform.spec, disk)
@@ -81,45 +95,55 @@ class PairFeeder:
             self.masks[key] = valid_mask(transform, height, width, float(layer.stride or 1), disk, self.device)
         return self.masks[key]
 
-    def pairs(self, x: torch.Tensor, capture: FeatureCapture) -> Iterator[LayerPair]:
-        """All (transform, layer) pairs of the batch ``x`` (normalized images on the device)."""
+    def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None) -> Iterator[LayerPair]:
+        """All (transform, layer) pairs of the batch ``x`` (normalized images on the device).
+
+        A batch of one image needs ``partner`` (1, 3, H, W) for its chance distance.
+        """
         n = x.shape[0]
+        if n < 2 and partner is None:
+            raise ImageError("a batch of one image has no partner for the chance distance; use at least 2 images")
         references: dict[bool, dict[str, torch.Tensor]] = {}
         partners: dict[bool, dict[str, torch.Tensor]] = {}
+        timer = self.timer
+        inputs: dict[bool, torch.Tensor] = {}
         for transform in self.transforms:
             disk = uses_disk(transform, self.mask_mode)
-            x0 = x if not disk else keep_disk(x, self.image_disk, self.fill)
-            if disk not in references:
-                references[disk] = capture(x0)
-                partners[disk] = {name: self._partner(a, (disk, name)) for name, a in references[disk].items()}
+            if disk not in inputs:
+                with timer("warping"):
+                    inputs[disk] = x if not disk else keep_disk(x, self.image_disk, self.fill)
+                    extra = None if n >= 2 else (partner.to(x.device) if not disk else keep_disk(partner.to(x.device), self.image_disk, self.fill))
+                if extra is None:
+                    references[disk] = self._forward(capture, inputs[disk])
+                    partners[disk] = {name: torch.roll(a, shifts=1, dims=0) for name, a in references[disk].items()}
+                else:
+                    both = self._forward(capture, torch.cat([inputs[disk], extra]))
+                    references[disk] = {name: v[:1] for name, v in both.items()}
+                    partners[disk] = {name: v[1:] for name, v in both.items()}
+            x0 = inputs[disk]
             reference = references[disk]
             roundtrip = None
             if transform.is_identity:
                 moved = reference
             elif is_exact(transform, x.shape, 1.0):
-                moved = capture(warp(x0, transform, 1.0, self.fill))
+                with timer("warping"):
+                    xt = warp(x0, transform, 1.0, self.fill)
+                moved = self._forward(capture, xt)
             else:
-                xt = warp(x0, transform, 1.0, self.fill)
-                both = capture(torch.cat([xt, inverse_warp(xt, transform, 1.0, self.fill)]))
+                with timer("warping"):
+                    xt = warp(x0, transform, 1.0, self.fill)
+                    both_inputs = torch.cat([xt, inverse_warp(xt, transform, 1.0, self.fill)])
+                both = self._forward(capture, both_inputs)
                 moved = {k: v[:n] for k, v in both.items()}
                 roundtrip = {k: v[n:] for k, v in both.items()}
             for layer in self.layers:
                 a, b = reference[layer.name], moved[layer.name]
                 stride = float(layer.stride or 1)
+                with timer("warping"):
+                    aligned = inverse_warp(b, transform, stride)
+                    mask = self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1])
                 yield LayerPair(
-                    layer=layer, transform=transform, disk=disk, reference=a, moved=b,
-                    aligned=inverse_warp(b, transform, stride), other=partners[disk][layer.name],
-                    mask=self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1]),
+                    layer=layer, transform=transform, disk=disk, reference=a, moved=b, aligned=aligned,
+                    other=partners[disk][layer.name], mask=mask,
                     roundtrip=None if roundtrip is None else roundtrip[layer.name],
                 )
-        for disk, reference in references.items():
-            for name, a in reference.items():
-                self._previous_last[(disk, name)] = a[-1:].clone()
-
-    def _partner(self, a: torch.Tensor, key: tuple[bool, str]) -> torch.Tensor:
-        if a.shape[0] >= 2:
-            return torch.roll(a, shifts=1, dims=0)
-        previous = self._previous_last.get(key)
-        if previous is None:
-            raise ImageError("a batch of one image has no partner for the chance distance; use a batch size of at least 2")
-        return previous
