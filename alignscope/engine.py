@@ -27,7 +27,7 @@ from .errors import ImageError, UsageError
 from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, ImageStream, image_stream, split_stream
-from .metrics import QUANTITIES, AlignmentStatistic, pair_distances
+from .metrics import QUANTITIES, AlignmentStatistic, pair_distances, reference_terms
 from .models import DataConfig, data_config_for_module, load_model
 from .pairs import MASK_MODES, PairFeeder, keep_disk, uses_disk  # noqa: F401  (keep_disk, uses_disk re-exported)
 from .report import AlignmentReport
@@ -191,13 +191,17 @@ def analyze(
             for batch in _timed(stream, timer):
                 x = batch.pixels.to(dev, non_blocking=True)
                 used.append((batch.index, batch.names))
+                shared: dict[tuple[str, bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
                 for pair in feeder.pairs(x, capture, batch.partner):
                     key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
                     with timer("metrics"):
+                        share_key = (pair.layer.name, pair.disk, id(pair.mask))
+                        if share_key not in shared:
+                            shared[share_key] = reference_terms(pair.reference, pair.other, pair.mask)
                         values = pair_distances(
                             reference=pair.reference, aligned=pair.aligned, unaligned=pair.moved, other=pair.other,
                             mask=pair.mask, roundtrip=pair.roundtrip,
-                            extras=fits[key].aligned_maps(pair) if key in fits else None,
+                            extras=fits[key].aligned_maps(pair) if key in fits else None, terms=shared[share_key],
                         )
                         stats[key].update(values)
                     if per_image:

@@ -18,8 +18,25 @@ QUANTITIES = ("aligned_error", "unaligned_error", "floor_error", "aligned_cosine
 
 
 def _masked_sq_norm(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image sum over channels and valid cells of ``diff**2``; (B,) float64."""
-    return (diff.square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
+    """Per-image sum over channels and valid cells of ``diff**2``; (B,) float64.
+
+    Each channel's masked sum over its H x W cells is a float32 matrix-vector
+    product (blocked summation, fast); the channel sums are added in float64.
+    """
+    flat = diff.reshape(diff.shape[0], diff.shape[1], -1)
+    return ((flat * flat) @ mask.reshape(-1)).to(torch.float64).sum(dim=1)
+
+
+def _masked_dot(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-image sum over channels and valid cells of ``x * y``; (B,) float64 (as :func:`_masked_sq_norm`)."""
+    product = (x * y).reshape(x.shape[0], x.shape[1], -1)
+    return (product @ mask.reshape(-1)).to(torch.float64).sum(dim=1)
+
+
+def reference_terms(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chance distance, squared norm of the reference), both (B,) float64: shared by every transform with this mask."""
+    mask = mask.to(reference.dtype)
+    return _masked_sq_norm(reference - other, mask).sqrt(), _masked_sq_norm(reference, mask)
 
 
 def pair_distances(
@@ -30,6 +47,7 @@ def pair_distances(
     mask: torch.Tensor,
     roundtrip: torch.Tensor | None = None,
     extras: Mapping[str, torch.Tensor] | None = None,
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image distances for one layer and transform; each value is (B,) float64.
 
@@ -39,15 +57,16 @@ def pair_distances(
     ``extras`` maps a name to another alignment of b (e.g. a searched warp)
     and adds ``name`` and ``name_error`` measured the same way as aligned.
     Errors are divided by the chance distance; a chance distance of 0
-    (no valid cells, or identical images) gives NaN.
+    (no valid cells, or identical images) gives NaN. ``terms``: the
+    :func:`reference_terms` of (reference, other, mask), if already computed.
     """
     mask = mask.to(reference.dtype)
-    chance = _masked_sq_norm(reference - other, mask).sqrt()
+    chance, reference_sq = terms if terms is not None else reference_terms(reference, other, mask)
     aligned_d = _masked_sq_norm(reference - aligned, mask).sqrt()
     unaligned_d = _masked_sq_norm(reference - unaligned, mask).sqrt()
     floor_d = torch.zeros_like(chance) if roundtrip is None else _masked_sq_norm(reference - roundtrip, mask).sqrt()
-    dot = (reference * aligned * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
-    norms = (_masked_sq_norm(reference, mask) * _masked_sq_norm(aligned, mask)).sqrt()
+    dot = _masked_dot(reference, aligned, mask)
+    norms = (reference_sq * _masked_sq_norm(aligned, mask)).sqrt()
     safe_chance = torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
     extra_values = {}
     for name, candidate in (extras or {}).items():

@@ -90,9 +90,16 @@ class PairFeeder:
             return {name: value.float() for name, value in maps.items()}
 
     def mask_for(self, layer: LayerInfo, transform: Transform, disk: bool, height: int, width: int) -> torch.Tensor:
+        """The valid mask; equal masks are one tensor object, so quantities that depend only on
+        (reference, partner, mask) can be shared between transforms (see :func:`~alignscope.metrics.reference_terms`)."""
         key = (layer.name, transform.spec, disk)
         if key not in self.masks:
-            self.masks[key] = valid_mask(transform, height, width, float(layer.stride or 1), disk, self.device)
+            mask = valid_mask(transform, height, width, float(layer.stride or 1), disk, self.device)
+            for (name, _, other_disk), known in self.masks.items():
+                if name == layer.name and other_disk == disk and torch.equal(known, mask):
+                    mask = known
+                    break
+            self.masks[key] = mask
         return self.masks[key]
 
     def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None) -> Iterator[LayerPair]:

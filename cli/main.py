@@ -6,6 +6,7 @@ or 1 (runtime); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -108,6 +109,11 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True,
               help="disk: keep the centred disk of each image and compare only inside it; auto: disk for rotations and shears.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
+              help="Run the model under autocast; maps are compared in float32, statistics kept in float64.")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors for the model (default: on for CUDA).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes decoding images (pinned memory on CUDA).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for image sampling.")
 @click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]),
               help="Also search the best spatial warp: 'family' frees g's own parameters plus a shift (optimal_error), "
@@ -128,7 +134,8 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON records on stdout instead of text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, seed,
+def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, amp,
+            channels_last, workers, seed,
             optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, as_json, quiet,
             debug) -> None:
     """Measure per layer how well the inverse warp aligns feature maps.
@@ -139,9 +146,12 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
     import alignscope
     from alignscope.report import SUMMARY_COLUMNS, check_destination, format_table
 
+    from alignscope.distributed import launched_world_size
+
     ridge_value = _parse_ridge(ridge)
     out_path = check_destination(out, force)  # before the work, not after it
-    update, finish = _progress(not quiet and sys.stderr.isatty())
+    main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
+    update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
     try:
         report = alignscope.analyze(
             model=model,
@@ -161,11 +171,16 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
             ridge=ridge_value,
             search_steps=search_steps,
             calibration_images=calibration_images,
+            amp=amp,
+            channels_last=channels_last,
+            workers=workers,
             progress=update,
         )
     finally:
         if finish:
             finish()
+    if report.meta.get("rank", 0) != 0:
+        return  # under torchrun only rank 0 writes and prints
     report.save(out_path, force=force, plots=not no_plots)
     if as_json:
         click.echo(report.table.to_json(orient="records"))
@@ -355,6 +370,70 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     click.echo(f"\nbest {top} channels:")
     click.echo(format_table(ranked.tail(top)[::-1], columns))
     click.echo(f"\nwritten to {out_path}/ (channels.csv, channels.png)")
+
+
+@app.command()
+@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint for the model.")
+@click.option("--no-pretrained", is_flag=True, help="Random initialisation (fine for timing; needed offline for most models).")
+@click.option("--layers", multiple=True, help="Module names or globs. Default: the model's stages.")
+@click.option("--transform", "transforms", multiple=True, help="Transform spec, repeatable. Default: the default set.")
+@click.option("--images", default=None, help="Folder, file or glob. Default: distinct crops of the bundled photos.")
+@click.option("--max-images", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors (default: on for CUDA).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median) after a warm-up.")
+@click.option("--memory-scaling", is_flag=True, help="Also peak RSS for 32 and 512 images, each in a fresh process.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def bench(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, device, amp, channels_last,
+          workers, repeats, memory_scaling, as_json, debug) -> None:
+    """Time the analysis against the bare forward passes it needs (overhead ratio).
+
+    (A) full-model forward passes over exactly the inputs the analysis feeds
+    the model, (B) the analysis without plots or files; interleaved, median
+    of --repeats after a warm-up. Prints images/s, B/A, where the time goes,
+    peak RSS and the machine.
+
+    \b
+    Examples:
+      alignscope bench
+      alignscope bench --model resnet50 --no-pretrained --json
+      alignscope bench --memory-scaling --batch-size 16
+    """
+    import json
+
+    from alignscope.bench import benchmark
+    from alignscope.bench import memory_scaling as scaling
+
+    result = benchmark(model=model, weights=weights or "auto", pretrained=not no_pretrained, images=images,
+                       max_images=max_images, transforms=list(transforms) or None, layers=list(layers) or None,
+                       batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
+                       repeats=repeats)
+    if memory_scaling:
+        result["memory_scaling"] = scaling(model=model, weights=weights or "auto", pretrained=not no_pretrained,
+                                           transforms=list(transforms) or None, layers=list(layers) or None,
+                                           batch_size=batch_size, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    m = result["machine"]
+    click.echo(f"{result['model']} · {result['images']} images · batch {result['batch_size']} · {len(result['layers'])} layers · "
+               f"{len(result['transforms'])} transforms · {m['device']} ({m.get('gpu', m['cpu'])}, {m['cores']} cores, torch {m['torch']})")
+    click.echo(f"bare forward passes (A): {result['forward_seconds']:.2f} s  ({result['forward_images_per_image']} forward images per image)")
+    click.echo(f"analysis (B):            {result['analysis_seconds']:.2f} s  = {result['images_per_second']:.2f} images/s")
+    click.echo(f"overhead ratio B/A:      {result['overhead_ratio']:.3f}   (median of {result['repeats']})")
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in result["phase_share"].items())
+    click.echo(f"time in the analysis:    {shares}")
+    click.echo(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB")
+    if memory_scaling:
+        runs = result["memory_scaling"]["runs"]
+        for count, run in runs.items():
+            click.echo(f"peak RSS, {count:>4} images:  {run['peak_rss_mb']:.0f} MiB (fresh process, {run['seconds']:.1f} s)")
+        click.echo(f"ratio:                   {result['memory_scaling']['rss_ratio']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,239 @@
+"""Benchmark: alignscope's analysis against the bare forward passes it cannot avoid.
+
+(A) bare forward passes: the full model, ``torch.inference_mode()``, the
+same batch size, over exactly the inputs the analysis feeds it (the
+originals, their disk-masked copies where a transform uses the disk, every
+transformed batch, and the round-trip batches the floor needs), built
+before the clock starts. (B) the analysis itself (``analyze`` without
+plotting or files; model loading and the layer probe are excluded from
+both and reported as ``setup_seconds``). Both run in one process,
+interleaved, after one warm-up of each; the median of ``repeats`` runs is
+reported. ``overhead_ratio`` = B / A.
+
+``memory_scaling`` runs the analysis in fresh processes for a small and a
+large image count (distinct JPEG images cut from the bundled photos) and
+reports each one's peak resident memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .engine import _setup, analyze, resolve_amp, resolve_device
+from .images import bundled_photos, image_stream, read_rgb
+from .pairs import keep_disk, uses_disk
+from .timing import PhaseTimer
+from .warping import disk_mask, inverse_warp, is_exact, warp
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, cores, threads, torch version and the accelerator's name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward_inputs(x: torch.Tensor, transforms, mask: str, fill, image_disk) -> list[torch.Tensor]:
+    """The batches the analysis feeds the model for one image batch ``x`` (see module docstring)."""
+    inputs, references = [], {}
+    n = x.shape[0]
+    for transform in transforms:
+        disk = uses_disk(transform, mask)
+        if disk not in references:
+            references[disk] = x if not disk else keep_disk(x, image_disk, fill)
+            inputs.append(references[disk] if n >= 2 else None)
+        x0 = references[disk]
+        if transform.is_identity:
+            continue
+        xt = warp(x0, transform, 1.0, fill)
+        inputs.append(xt if is_exact(transform, x.shape, 1.0) else torch.cat([xt, inverse_warp(xt, transform, 1.0, fill)]))
+    return [i for i in inputs if i is not None]
+
+
+def bare_forward_seconds(model, batches: list[torch.Tensor], transforms, mask: str, fill, device: torch.device,
+                         amp: torch.dtype | None, channels_last: bool) -> float:
+    """Seconds of full-model forward passes over every input the analysis feeds (inputs built off the clock)."""
+    height, width = batches[0].shape[-2:]
+    image_disk = disk_mask(height, width, device=device)
+    total = 0.0
+    with torch.inference_mode():
+        for pixels in batches:
+            x = pixels.to(device)
+            for inp in _forward_inputs(x, transforms, mask, fill, image_disk):
+                if channels_last:
+                    inp = inp.contiguous(memory_format=torch.channels_last)
+                _sync(device)
+                started = time.perf_counter()
+                if amp is None:
+                    model(inp)
+                else:
+                    with torch.autocast(device.type, dtype=amp):
+                        model(inp)
+                _sync(device)
+                total += time.perf_counter() - started
+    return total
+
+
+def benchmark(
+    model: str = "tf_efficientnet_lite0",
+    weights: str | None = "auto",
+    pretrained: bool = True,
+    images=None,
+    max_images: int | None = 64,
+    transforms: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    amp: str | None = None,
+    channels_last: bool | None = None,
+    workers: int = 0,
+    repeats: int = 3,
+    mask: str = "auto",
+) -> dict:
+    """Time (A) bare forwards and (B) the analysis; see the module docstring. Returns a JSON-able dict."""
+    dev = resolve_device(device)
+    amp_dtype = resolve_amp(amp)
+    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    started = time.perf_counter()
+    setup = _setup(model, weights, pretrained, None, None, None, layers, transforms, dev)
+    if channels_last:
+        setup.model.to(memory_format=torch.channels_last)
+    setup_seconds = time.perf_counter() - started
+    cfg = setup.cfg
+    scratch = None
+    if images is None and max_images is not None and max_images > len(bundled_photos()):
+        scratch = tempfile.TemporaryDirectory(prefix="alignscope-bench-")
+        images = make_image_folder(max_images, Path(scratch.name))
+    try:
+        return _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last,
+                          workers, repeats, mask)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last, workers,
+               repeats, mask) -> dict:
+    cfg = setup.cfg
+    batches = [b.pixels for b in image_stream(images, cfg, batch_size, max_images)]
+    n_images = sum(b.shape[0] for b in batches)
+    fill = [-m / s for m, s in zip(cfg.mean, cfg.std)]
+    spec = [t.spec for t in setup.transforms]
+
+    def run_bare() -> float:
+        return bare_forward_seconds(setup.model, batches, setup.transforms, mask, fill, dev, amp_dtype, channels_last)
+
+    def run_analysis() -> tuple[float, dict]:
+        timer = PhaseTimer(dev, synchronize=dev.type == "cuda")
+        report = analyze(setup.model, transforms=spec, images=images, layers=[layer.name for layer in setup.layers],
+                         batch_size=batch_size, mask=mask, device=dev, max_images=max_images, input_size=cfg.input_size,
+                         mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, timer=timer)
+        return report.meta["timings_seconds"]["analysis"], timer.as_dict()
+
+    run_bare(), run_analysis()  # warm-up: allocator, kernel selection, file cache
+    bare, full, phases = [], [], []
+    for _ in range(max(1, repeats)):
+        bare.append(run_bare())
+        seconds, split = run_analysis()
+        full.append(seconds)
+        phases.append(split)
+    forward_seconds, analysis_seconds = statistics.median(bare), statistics.median(full)
+    median_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
+    forward_images = sum(inp.shape[0] for pixels in batches[:1] for inp in
+                         _forward_inputs(pixels, setup.transforms, mask, fill, disk_mask(*pixels.shape[-2:]))) * n_images / batches[0].shape[0]
+    return {
+        "model": cfg.model_name,
+        "pretrained": cfg.pretrained,
+        "images": n_images,
+        "batch_size": batch_size,
+        "layers": [layer.name for layer in setup.layers],
+        "transforms": spec,
+        "forward_images_per_image": round(forward_images / n_images, 2),
+        "repeats": len(full),
+        "setup_seconds": round(setup_seconds, 3),
+        "forward_seconds": round(forward_seconds, 3),
+        "analysis_seconds": round(analysis_seconds, 3),
+        "overhead_ratio": round(analysis_seconds / forward_seconds, 3),
+        "images_per_second": round(n_images / analysis_seconds, 2),
+        "phase_seconds": {k: round(v, 3) for k, v in median_phases.items()},
+        "phase_share": {k: round(v / analysis_seconds, 3) for k, v in median_phases.items()},
+        "all_forward_seconds": [round(v, 3) for v in bare],
+        "all_analysis_seconds": [round(v, 3) for v in full],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "amp": amp or "off",
+        "channels_last": channels_last,
+        "workers": workers,
+        "machine": machine_info(dev),
+    }
+
+
+def make_image_folder(n: int, folder: Path, seed: int = 0, size: int = 256) -> Path:
+    """``n`` distinct JPEGs (seeded random crops, flips and sizes of the bundled photos) in ``folder``."""
+    rng = random.Random(seed)
+    photos = [read_rgb(p) for p in bundled_photos()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        side = rng.randint(min(w, h) // 2, min(w, h))
+        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+        crop = photo.crop((left, top, left + side, top + side)).resize((size, size))
+        if rng.random() < 0.5:
+            crop = crop.transpose(0)  # mirror
+        crop.save(folder / f"img{i:05d}.jpg", quality=90)
+    return folder
+
+
+def memory_scaling(counts: Sequence[int] = (32, 512), **options) -> dict:
+    """Peak RSS of the analysis for each image count, each in a fresh process (same batch size)."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="alignscope-mem-") as tmp:
+        folder = make_image_folder(max(counts), Path(tmp) / "images")
+        for count in counts:
+            child = dict(options, images=str(folder), max_images=count)
+            code = ("import json, sys; from alignscope.bench import _memory_child; "
+                    f"print(json.dumps(_memory_child(**json.loads(sys.argv[1]))))")
+            out = subprocess.run([sys.executable, "-c", code, json.dumps(child)], capture_output=True, text=True, check=True)
+            results[count] = json.loads(out.stdout.strip().splitlines()[-1])
+    small, large = results[min(counts)], results[max(counts)]
+    return {"runs": results, "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
+
+
+def _memory_child(**options) -> dict:
+    started = time.perf_counter()
+    report = analyze(**options)
+    return {"images": len(report.meta["images_used"]), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "seconds": round(time.perf_counter() - started, 2)}

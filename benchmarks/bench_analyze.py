@@ -1,0 +1,8 @@
+"""Benchmark alignscope's analysis against bare forward passes; same options as ``alignscope bench``.
+
+Run:  python benchmarks/bench_analyze.py --model resnet50 --no-pretrained --max-images 64 --json
+"""
+from alignscope.cli.main import main
+
+if __name__ == "__main__":
+    main(["bench", *__import__("sys").argv[1:]])
