@@ -23,8 +23,15 @@ def _masked_sq_norm(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Each channel's masked sum over its H x W cells is a float32 matrix-vector
     product (blocked summation, fast); the channel sums are added in float64.
     """
-    flat = diff.reshape(diff.shape[0], diff.shape[1], -1)
-    return ((flat * flat) @ mask.reshape(-1)).to(torch.float64).sum(dim=1)
+    squared = diff.square()
+    return (squared.reshape(diff.shape[0], diff.shape[1], -1) @ mask.reshape(-1)).to(torch.float64).sum(dim=1)
+
+
+def _masked_sq_dist(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`_masked_sq_norm` of ``x - y`` with one temporary (squared in place)."""
+    diff = torch.sub(x, y)
+    diff.square_()
+    return (diff.reshape(x.shape[0], x.shape[1], -1) @ mask.reshape(-1)).to(torch.float64).sum(dim=1)
 
 
 def _masked_dot(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,7 +43,7 @@ def _masked_dot(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.T
 def reference_terms(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chance distance, squared norm of the reference), both (B,) float64: shared by every transform with this mask."""
     mask = mask.to(reference.dtype)
-    return _masked_sq_norm(reference - other, mask).sqrt(), _masked_sq_norm(reference, mask)
+    return _masked_sq_dist(reference, other, mask).sqrt(), _masked_sq_norm(reference, mask)
 
 
 def pair_distances(
@@ -62,15 +69,18 @@ def pair_distances(
     """
     mask = mask.to(reference.dtype)
     chance, reference_sq = terms if terms is not None else reference_terms(reference, other, mask)
-    aligned_d = _masked_sq_norm(reference - aligned, mask).sqrt()
-    unaligned_d = _masked_sq_norm(reference - unaligned, mask).sqrt()
-    floor_d = torch.zeros_like(chance) if roundtrip is None else _masked_sq_norm(reference - roundtrip, mask).sqrt()
+    aligned_sq = _masked_sq_dist(reference, aligned, mask)
+    aligned_d = aligned_sq.sqrt()
+    unaligned_d = _masked_sq_dist(reference, unaligned, mask).sqrt()
+    floor_d = torch.zeros_like(chance) if roundtrip is None else _masked_sq_dist(reference, roundtrip, mask).sqrt()
     dot = _masked_dot(reference, aligned, mask)
-    norms = (reference_sq * _masked_sq_norm(aligned, mask)).sqrt()
+    # |b'|^2 = |a - b'|^2 - |a|^2 + 2 a.b': no cancellation problem unless |b'| itself is tiny next to |a|
+    aligned_norm_sq = (aligned_sq - reference_sq + 2 * dot).clamp(min=0)
+    norms = (reference_sq * aligned_norm_sq).sqrt()
     safe_chance = torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
     extra_values = {}
     for name, candidate in (extras or {}).items():
-        distance = _masked_sq_norm(reference - candidate, mask).sqrt()
+        distance = _masked_sq_dist(reference, candidate, mask).sqrt()
         extra_values[name] = distance
         extra_values[f"{name}_error"] = distance / safe_chance
     return extra_values | {

@@ -2,7 +2,10 @@
 
 Run:  python benchmarks/bench_analyze.py --model resnet50 --no-pretrained --max-images 64 --json
 """
+import sys
+
 from alignscope.cli.main import main
 
 if __name__ == "__main__":
-    main(["bench", *__import__("sys").argv[1:]])
+    sys.argv = ["alignscope", "bench", *sys.argv[1:]]
+    main()

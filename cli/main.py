@@ -437,8 +437,16 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the click app, turning errors into one line and an exit code."""
+    """Entry point: run the click app, turning errors into one line and an exit code.
+
+    Started from the command line (``argv`` None), it first re-executes itself
+    once with glibc malloc tuned for large tensors (see :mod:`alignscope.allocator`).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and args and args[0] in ("analyze", "explain", "bench"):
+        from alignscope.allocator import reexec_with_tuned_malloc
+
+        reexec_with_tuned_malloc(args)
     debug = "--debug" in args
     try:
         app.main(args=args, prog_name="alignscope", standalone_mode=False)
