@@ -7,20 +7,44 @@ Public API::
     report.table          # one row per (model, layer, transform)
     report.save("alignscope-report")
 """
-from ._version import __version__
-from .engine import analyze
-from .errors import AlignscopeError, UsageError
-from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
-from .images import bundled_photos, discover_images, image_stream
-from .metrics import AlignmentStatistic
-from .models import DataConfig, load_model
-from .report import AlignmentReport, read_report_csv
-from .transforms import Transform, default_transforms, parse_transform, parse_transforms
-from .warping import inverse_warp, valid_mask, warp
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "__version__", "analyze", "AlignmentReport", "AlignmentStatistic", "AlignscopeError", "UsageError",
-    "DataConfig", "FeatureCapture", "LayerInfo", "Transform", "bundled_photos", "default_transforms",
-    "discover_images", "image_stream", "inverse_warp", "load_model", "parse_transform", "parse_transforms",
-    "probe_layers", "read_report_csv", "select_layers", "valid_mask", "warp",
-]
+from ._version import __version__
+from .errors import AlignscopeError, UsageError
+
+# Public names and the module each lives in. They are imported on first use, so that
+# ``alignscope --help`` and the command line's start do not pay for importing torch twice.
+_LAZY = {
+    "analyze": "engine", "AlignmentStatistic": "metrics", "FeatureCapture": "hooks", "LayerInfo": "hooks",
+    "probe_layers": "hooks", "select_layers": "hooks", "bundled_photos": "images", "discover_images": "images",
+    "image_stream": "images", "DataConfig": "models", "load_model": "models", "AlignmentReport": "report",
+    "read_report_csv": "report", "Transform": "transforms", "default_transforms": "transforms",
+    "parse_transform": "transforms", "parse_transforms": "transforms", "inverse_warp": "warping",
+    "valid_mask": "warping", "warp": "warping",
+}
+
+__all__ = ["__version__", "AlignscopeError", "UsageError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alignscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import analyze  # noqa: F401
+    from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers  # noqa: F401
+    from .images import bundled_photos, discover_images, image_stream  # noqa: F401
+    from .metrics import AlignmentStatistic  # noqa: F401
+    from .models import DataConfig, load_model  # noqa: F401
+    from .report import AlignmentReport, read_report_csv  # noqa: F401
+    from .transforms import Transform, default_transforms, parse_transform, parse_transforms  # noqa: F401
+    from .warping import inverse_warp, valid_mask, warp  # noqa: F401
