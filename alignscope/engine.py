@@ -51,6 +51,14 @@ def resolve_amp(amp: str | None) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+def check_common_options(mask: str, batch_size: int) -> None:
+    """Usage errors shared by every entry point that feeds image pairs."""
+    if mask not in MASK_MODES:
+        raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
+    if batch_size < 2:
+        raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
     if str(device) == "auto":
@@ -141,10 +149,7 @@ def analyze(
     cross-validation on the calibration images), ``search_steps`` is the number of
     gradient steps per start of the warp search.
     """
-    if mask not in MASK_MODES:
-        raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-    if batch_size < 2:
-        raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+    check_common_options(mask, batch_size)
     if workers < 0:
         raise UsageError(f"workers must be >= 0, got {workers}")
     request = FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from .channels import ChannelStatistic
-from .engine import _setup, resolve_device
+from .engine import _setup, check_common_options, resolve_device
 from .errors import ImageError, UsageError
 from .hooks import FeatureCapture
 from .images import ImageSource, image_stream
-from .pairs import MASK_MODES, PairFeeder
+from .pairs import PairFeeder
 from .report import publish_folder
 from .transforms import Transform, as_transforms
 
@@ -79,10 +79,7 @@ def explain(
     std: Sequence[float] | None = None,
 ) -> ChannelExplanation:
     """Per-channel alignment of ``layer`` (default: the deepest stage) under one ``transform``."""
-    if mask not in MASK_MODES:
-        raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-    if batch_size < 2:
-        raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+    check_common_options(mask, batch_size)
     transforms = as_transforms(transform)
     if len(transforms) != 1:
         raise UsageError(f"explain takes one transform, {transform!r} gives {len(transforms)}; pick one value of the sweep")

@@ -82,6 +82,14 @@ def _progress(enabled: bool):
     return update, finish
 
 
+def model_options(command):
+    """--model, --weights and --no-pretrained, shared by the commands that load a model."""
+    command = click.option("--no-pretrained", is_flag=True, help="Random initialisation (reports say so).")(command)
+    command = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                           help="Local checkpoint (.pth/.pt/.safetensors) for the model.")(command)
+    return click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")(command)
+
+
 FITTED_COLUMNS = ("optimal_error", "optimal_affine_error", "channel_mapped_error", "permuted_error")
 
 
@@ -98,9 +106,7 @@ def _parse_ridge(text: str) -> float | str:
 
 
 @app.command(epilog=EPILOG_ANALYZE)
-@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint (.pth/.pt/.safetensors) for the model.")
-@click.option("--no-pretrained", is_flag=True, help="Random initialisation (reports say so).")
+@model_options
 @click.option("--layers", multiple=True, help="Module names, globs ('blocks.*') or 'all'. Default: the model's stages.")
 @click.option("--transform", "transforms", multiple=True, help=TRANSFORM_HELP)
 @click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
@@ -319,9 +325,7 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
 
 
 @app.command()
-@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint for the model.")
-@click.option("--no-pretrained", is_flag=True, help="Random initialisation.")
+@model_options
 @click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
 @click.option("--transform", default="rot90", show_default=True, help="One transform spec (see 'alignscope analyze --help').")
 @click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
@@ -373,9 +377,7 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 
 
 @app.command()
-@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint for the model.")
-@click.option("--no-pretrained", is_flag=True, help="Random initialisation (fine for timing; needed offline for most models).")
+@model_options
 @click.option("--layers", multiple=True, help="Module names or globs. Default: the model's stages.")
 @click.option("--transform", "transforms", multiple=True, help="Transform spec, repeatable. Default: the default set.")
 @click.option("--images", default=None, help="Folder, file or glob. Default: distinct crops of the bundled photos.")

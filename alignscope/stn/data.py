@@ -63,7 +63,7 @@ def _folder_images(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, list
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 with Image.open(path) as img:
                     gray = img.convert("L").resize((SIZE, SIZE), Image.BILINEAR)
-                images.append(torch.as_tensor(np.asarray(gray), dtype=torch.float32) / 255.0)
+                images.append(torch.tensor(np.array(gray), dtype=torch.float32) / 255.0)
                 labels.append(label)
     if len(images) < 10:
         raise ImageError(f"{folder} holds {len(images)} images; need at least 10")
