@@ -135,7 +135,6 @@ def benchmark(
     if channels_last:
         setup.model.to(memory_format=torch.channels_last)
     setup_seconds = time.perf_counter() - started
-    cfg = setup.cfg
     scratch = None
     if images is None and max_images is not None and max_images > len(bundled_photos()):
         scratch = tempfile.TemporaryDirectory(prefix="alignscope-bench-")
@@ -228,7 +227,7 @@ def memory_scaling(counts: Sequence[int] = (32, 512), **options) -> dict:
         for count in counts:
             child = dict(options, images=str(folder), max_images=count)
             code = ("import json, sys; from alignscope.bench import _memory_child; "
-                    f"print(json.dumps(_memory_child(**json.loads(sys.argv[1]))))")
+                    "print(json.dumps(_memory_child(**json.loads(sys.argv[1]))))")
             out = subprocess.run([sys.executable, "-c", code, json.dumps(child)], capture_output=True, text=True, check=True)
             results[count] = json.loads(out.stdout.strip().splitlines()[-1])
     small, large = results[min(counts)], results[max(counts)]

@@ -1,0 +1,173 @@
+"""``alignscope explain``, ``bench`` and ``stn``: the commands beyond the core analysis.
+
+They register on the group defined in :mod:`alignscope.cli.main`.
+"""
+from __future__ import annotations
+
+import click
+
+from alignscope.cli.main import app, model_options
+
+
+@app.command()
+@model_options
+@click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
+@click.option("--transform", default="rot90", show_default=True, help="One transform spec (see 'alignscope analyze --help').")
+@click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
+@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
+@click.option("--out", type=click.Path(file_okay=False), default="alignscope-explain", show_default=True, help="Output folder.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-channel table as JSON records.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def explain(model, weights, no_pretrained, layer, transform, images, max_images, batch_size, mask, device, top, out, force,
+            as_json, debug) -> None:
+    """Show which channels of one layer carry the misalignment under one transform.
+
+    Writes OUT/channels.csv (per channel: aligned_error, unaligned_error,
+    share of the layer's misalignment, the channel the best permutation
+    matches it with and the error after matching), OUT/explain.json and
+    OUT/channels.png (a, b', a - b' and the matched channel for the worst
+    and best channels of the first image).
+
+    \b
+    Example:
+      alignscope explain --layer blocks.2 --transform rot90 --top 3
+    """
+    import alignscope.explain as explaining
+    from alignscope.report import check_destination, format_table
+
+    out_path = check_destination(out, force)
+    result = explaining.explain(model=model, layer=layer, transform=transform, images=images, batch_size=batch_size,
+                                mask=mask, device=device, max_images=max_images, weights=weights or "auto",
+                                pretrained=not no_pretrained)
+    result.save(out_path, force=force, top=top)
+    if as_json:
+        click.echo(result.table.to_json(orient="records"))
+        return
+    meta = result.meta
+    ranked = result.table.sort_values("aligned_error", ascending=False)
+    columns = ("channel", "aligned_error", "unaligned_error", "share", "match", "match_correlation", "matched_error")
+    click.echo(f"{meta['model']} {meta['layer']} {tuple(meta['shape'])} under {meta['transform']} · {len(meta['images_used'])} images")
+    click.echo(f"layer aligned_error {meta['layer_aligned_error']:.3f}; after the best channel permutation "
+               f"{meta['layer_matched_error']:.3f} ({meta['channels_moved_by_permutation']} channels re-assigned; in-sample)")
+    click.echo(f"\nworst {top} channels:")
+    click.echo(format_table(ranked.head(top), columns))
+    click.echo(f"\nbest {top} channels:")
+    click.echo(format_table(ranked.tail(top)[::-1], columns))
+    click.echo(f"\nwritten to {out_path}/ (channels.csv, channels.png)")
+
+
+@app.command()
+@model_options
+@click.option("--layers", multiple=True, help="Module names or globs. Default: the model's stages.")
+@click.option("--transform", "transforms", multiple=True, help="Transform spec, repeatable. Default: the default set.")
+@click.option("--images", default=None, help="Folder, file or glob. Default: distinct crops of the bundled photos.")
+@click.option("--max-images", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors (default: on for CUDA).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median) after a warm-up.")
+@click.option("--memory-scaling", is_flag=True, help="Also peak RSS for 32 and 512 images, each in a fresh process.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def bench(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, device, amp, channels_last,
+          workers, repeats, memory_scaling, as_json, debug) -> None:
+    """Time the analysis against the bare forward passes it needs (overhead ratio).
+
+    (A) full-model forward passes over exactly the inputs the analysis feeds
+    the model, (B) the analysis without plots or files; interleaved, median
+    of --repeats after a warm-up. Prints images/s, B/A, where the time goes,
+    peak RSS and the machine.
+
+    \b
+    Examples:
+      alignscope bench
+      alignscope bench --model resnet50 --no-pretrained --json
+      alignscope bench --memory-scaling --batch-size 16
+    """
+    import json
+
+    from alignscope.bench import benchmark
+    from alignscope.bench import memory_scaling as scaling
+
+    result = benchmark(model=model, weights=weights or "auto", pretrained=not no_pretrained, images=images,
+                       max_images=max_images, transforms=list(transforms) or None, layers=list(layers) or None,
+                       batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
+                       repeats=repeats)
+    if memory_scaling:
+        result["memory_scaling"] = scaling(model=model, weights=weights or "auto", pretrained=not no_pretrained,
+                                           transforms=list(transforms) or None, layers=list(layers) or None,
+                                           batch_size=batch_size, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    m = result["machine"]
+    click.echo(f"{result['model']} · {result['images']} images · batch {result['batch_size']} · {len(result['layers'])} layers · "
+               f"{len(result['transforms'])} transforms · {m['device']} ({m.get('gpu', m['cpu'])}, {m['cores']} cores, torch {m['torch']})")
+    click.echo(f"bare forward passes (A): {result['forward_seconds']:.2f} s  ({result['forward_images_per_image']} forward images per image)")
+    click.echo(f"analysis (B):            {result['analysis_seconds']:.2f} s  = {result['images_per_second']:.2f} images/s")
+    click.echo(f"overhead ratio B/A:      {result['overhead_ratio']:.3f}   (median of {result['repeats']})")
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in result["phase_share"].items())
+    click.echo(f"time in the analysis:    {shares}")
+    click.echo(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB")
+    if memory_scaling:
+        runs = result["memory_scaling"]["runs"]
+        for count, run in runs.items():
+            click.echo(f"peak RSS, {count:>4} images:  {run['peak_rss_mb']:.0f} MiB (fresh process, {run['seconds']:.1f} s)")
+        click.echo(f"ratio:                   {result['memory_scaling']['rss_ratio']:.3f}")
+
+
+@app.command()
+@click.option("--task", type=click.Choice(["rotate", "scale"]), default="rotate", show_default=True,
+              help="rotate: digits rotated in [-90, 90] degrees; scale: zoomed in [0.5, 1].")
+@click.option("--variants", default="all", show_default=True,
+              help="Comma-separated: none, input, features@1..3, deep-input, shared@1..3, or 'all'.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--warp", type=click.Choice(["affine", "rotation", "rotation_scale"]), default="affine", show_default=True)
+@click.option("--images", default=None, help="Folder with one sub-folder per class instead of the bundled digits.")
+@click.option("--quick", is_flag=True, help="1 seed, 12 epochs: all variants in about a minute on 2 CPU cores.")
+@click.option("--out", type=click.Path(file_okay=False), default="alignscope-stn", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON records.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def stn(task, variants, seeds, epochs, warp, images, quick, out, force, as_json, debug) -> None:
+    """Where should the spatial transformer go? Train STN variants on digits and compare.
+
+    Trains each variant (seeds 0..N-1) on scikit-learn's digits, rotated or
+    scaled (offline), and writes OUT/stn_results.csv (variant, task, seed,
+    parameters, test/train accuracy, epochs, seconds), stn_alignment.csv (how
+    far each trained model's maps of a transformed digit stay from those of
+    the upright digit, per layer, relative to chance), stn_summary.csv and
+    plots (accuracy by variant, learned warps).
+
+    \b
+    Examples:
+      alignscope stn --quick
+      alignscope stn --task scale --variants none,input,features@2,shared@2 --seeds 3 --epochs 40
+    """
+    from alignscope.report import check_destination
+    from alignscope.stn import VARIANTS, run_experiment
+    from alignscope.stn.experiment import QUICK
+
+    chosen = list(VARIANTS) if variants.strip() == "all" else [v.strip() for v in variants.split(",") if v.strip()]
+    if quick:
+        seeds, epochs = QUICK["seeds"], QUICK["epochs"]
+    out_path = check_destination(out, force)
+    echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
+    experiment = run_experiment(task, chosen, seeds, epochs, warp, images, progress=echo)
+    experiment.save(out_path, force=force)
+    summary = experiment.summary()
+    if as_json:
+        click.echo(summary.to_json(orient="records"))
+        return
+    from alignscope.report import format_table
+
+    click.echo(format_table(summary, tuple(summary.columns)))
+    click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_summary.csv, plots)")
