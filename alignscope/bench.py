@@ -32,10 +32,9 @@ from typing import Sequence
 import torch
 
 from .engine import _setup, analyze, resolve_amp, resolve_device
-from .images import bundled_photos, image_stream, read_rgb
-from .pairs import keep_disk, uses_disk
+from .images import ImageBatch, bundled_photos, image_stream, read_rgb
+from .pairs import PairFeeder
 from .timing import PhaseTimer
-from .warping import disk_mask, inverse_warp, is_exact, warp
 
 
 def machine_info(device: torch.device) -> dict:
@@ -69,33 +68,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_inputs(x: torch.Tensor, transforms, mask: str, fill, image_disk) -> list[torch.Tensor]:
-    """The batches the analysis feeds the model for one image batch ``x`` (see module docstring)."""
-    inputs, references = [], {}
-    n = x.shape[0]
-    for transform in transforms:
-        disk = uses_disk(transform, mask)
-        if disk not in references:
-            references[disk] = x if not disk else keep_disk(x, image_disk, fill)
-            inputs.append(references[disk] if n >= 2 else None)
-        x0 = references[disk]
-        if transform.is_identity:
-            continue
-        xt = warp(x0, transform, 1.0, fill)
-        inputs.append(xt if is_exact(transform, x.shape, 1.0) else torch.cat([xt, inverse_warp(xt, transform, 1.0, fill)]))
-    return [i for i in inputs if i is not None]
+def bare_forward_seconds(model, batches: list[ImageBatch], feeder: PairFeeder, device: torch.device,
+                         amp: torch.dtype | None, channels_last: bool) -> tuple[float, int]:
+    """Seconds of full-model forward passes over every input the analysis feeds, and the images fed.
 
-
-def bare_forward_seconds(model, batches: list[torch.Tensor], transforms, mask: str, fill, device: torch.device,
-                         amp: torch.dtype | None, channels_last: bool) -> float:
-    """Seconds of full-model forward passes over every input the analysis feeds (inputs built off the clock)."""
-    height, width = batches[0].shape[-2:]
-    image_disk = disk_mask(height, width, device=device)
-    total = 0.0
+    The inputs are :meth:`PairFeeder.model_inputs`, built before the clock starts.
+    """
+    total, fed = 0.0, 0
     with torch.inference_mode():
-        for pixels in batches:
-            x = pixels.to(device)
-            for inp in _forward_inputs(x, transforms, mask, fill, image_disk):
+        for image_batch in batches:
+            inputs = [b for _, _, _, b in feeder.model_inputs(image_batch.pixels.to(device), image_batch.partner) if b is not None]
+            for inp in inputs:
                 if channels_last:
                     inp = inp.contiguous(memory_format=torch.channels_last)
                 _sync(device)
@@ -107,7 +90,8 @@ def bare_forward_seconds(model, batches: list[torch.Tensor], transforms, mask: s
                         model(inp)
                 _sync(device)
                 total += time.perf_counter() - started
-    return total
+                fed += inp.shape[0]
+    return total, fed
 
 
 def benchmark(
@@ -150,13 +134,15 @@ def benchmark(
 def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last, workers,
                repeats, mask) -> dict:
     cfg = setup.cfg
-    batches = [b.pixels for b in image_stream(images, cfg, batch_size, max_images)]
-    n_images = sum(b.shape[0] for b in batches)
+    batches = list(image_stream(images, cfg, batch_size, max_images))
+    n_images = sum(b.pixels.shape[0] for b in batches)
     fill = [-m / s for m, s in zip(cfg.mean, cfg.std)]
+    feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(cfg.input_size[1:]), dev)
     spec = [t.spec for t in setup.transforms]
 
     def run_bare() -> float:
-        return bare_forward_seconds(setup.model, batches, setup.transforms, mask, fill, dev, amp_dtype, channels_last)
+        seconds, _ = bare_forward_seconds(setup.model, batches, feeder, dev, amp_dtype, channels_last)
+        return seconds
 
     def run_analysis() -> tuple[float, dict]:
         timer = PhaseTimer(dev, synchronize=dev.type == "cuda")
@@ -174,8 +160,8 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
         phases.append(split)
     forward_seconds, analysis_seconds = statistics.median(bare), statistics.median(full)
     median_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
-    forward_images = sum(inp.shape[0] for pixels in batches[:1] for inp in
-                         _forward_inputs(pixels, setup.transforms, mask, fill, disk_mask(*pixels.shape[-2:]))) * n_images / batches[0].shape[0]
+    forward_images = sum(b.shape[0] for batch in batches for _, _, _, b in feeder.model_inputs(batch.pixels, batch.partner)
+                         if b is not None)
     return {
         "model": cfg.model_name,
         "pretrained": cfg.pretrained,

@@ -29,7 +29,7 @@ from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, ImageStream, image_stream, split_stream
 from .metrics import QUANTITIES, AlignmentStatistic, pair_distances, reference_terms
 from .models import DataConfig, data_config_for_module, load_model
-from .pairs import MASK_MODES, PairFeeder, keep_disk, uses_disk  # noqa: F401  (keep_disk, uses_disk re-exported)
+from .pairs import MASK_MODES, PairFeeder, uses_disk
 from .report import AlignmentReport
 from .timing import PhaseTimer
 from .transforms import Transform, as_transforms
@@ -214,15 +214,17 @@ def analyze(
                 done += x.shape[0] * context.world_size
                 if progress is not None:
                     progress(min(done, total), total)
+    measured_count = torch.tensor([float(len(stream.used))], dtype=torch.float64)
     if context.active:
-        all_reduce_sum([stat.state for stat in stats.values()], dev if dev.type == "cuda" else torch.device("cpu"))
+        # the image count rides along, so every rank (not only rank 0, which gathers the names) knows it
+        all_reduce_sum([measured_count, *(stat.state for stat in stats.values())], dev if dev.type == "cuda" else torch.device("cpu"))
         shards = gather_to_main((used, list(stream.skipped), rows), context)
         used = [item for shard in shards for item in shard[0]]
         stream.skipped[:] = [item for shard in shards for item in shard[1]]
         rows = [item for shard in shards for item in shard[2]]
         used.sort(key=lambda item: item[0])
         stream.used[:] = [name for _, names in used for name in names]
-    measured = max(len(stream.used), int(max((stat.state[0, 0] for stat in stats.values()), default=0)))
+    measured = int(measured_count.item())
     if measured < 2:
         raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
     loop_seconds = time.perf_counter() - loop_started

@@ -191,7 +191,8 @@ class Calibrator:
                 if "affine" in self.request.optimal:
                     fit.affine = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "affine",
                                              self.request.search_steps, start=None if family is None else family.matrix)
-                slot.references.clear(), slot.moved.clear()
+                slot.references.clear()
+                slot.moved.clear()
             if slot.halves:
                 first, second = slot.halves
                 if "linear" in self.request.channel_map:

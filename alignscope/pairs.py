@@ -102,52 +102,65 @@ class PairFeeder:
             self.masks[key] = mask
         return self.masks[key]
 
+    def model_inputs(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> Iterator[tuple[Transform, bool, str, torch.Tensor | None]]:
+        """The batches the model is fed for the batch ``x``, as ``(transform, disk, kind, batch)``.
+
+        ``kind`` is ``"reference"`` (x, disk-masked for disk transforms; with
+        ``partner`` appended for a batch of one image), yielded before the
+        first transform that needs it, then ``"moved"`` (g x, exact) or
+        ``"moved+roundtrip"`` (g x and g^-1 g x stacked) for each transform;
+        ``batch`` is ``None`` for the identity, whose maps are the reference's.
+        """
+        n = x.shape[0]
+        if n < 2 and partner is None:
+            raise ImageError("a batch of one image has no partner for the chance distance; use at least 2 images")
+        inputs: dict[bool, torch.Tensor] = {}
+        for transform in self.transforms:
+            disk = uses_disk(transform, self.mask_mode)
+            if disk not in inputs:
+                with self.timer("warping"):
+                    inputs[disk] = x if not disk else keep_disk(x, self.image_disk, self.fill)
+                    batch = inputs[disk]
+                    if n < 2:
+                        extra = partner.to(x.device)
+                        batch = torch.cat([batch, extra if not disk else keep_disk(extra, self.image_disk, self.fill)])
+                yield transform, disk, "reference", batch
+            if transform.is_identity:
+                yield transform, disk, "moved", None
+                continue
+            with self.timer("warping"):
+                xt = warp(inputs[disk], transform, 1.0, self.fill)
+                exact = is_exact(transform, x.shape, 1.0)
+                batch = xt if exact else torch.cat([xt, inverse_warp(xt, transform, 1.0, self.fill)])
+            yield transform, disk, "moved" if exact else "moved+roundtrip", batch
+
     def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None) -> Iterator[LayerPair]:
         """All (transform, layer) pairs of the batch ``x`` (normalized images on the device).
 
         A batch of one image needs ``partner`` (1, 3, H, W) for its chance distance.
         """
         n = x.shape[0]
-        if n < 2 and partner is None:
-            raise ImageError("a batch of one image has no partner for the chance distance; use at least 2 images")
         references: dict[bool, dict[str, torch.Tensor]] = {}
         partners: dict[bool, dict[str, torch.Tensor]] = {}
-        timer = self.timer
-        inputs: dict[bool, torch.Tensor] = {}
-        for transform in self.transforms:
-            disk = uses_disk(transform, self.mask_mode)
-            if disk not in inputs:
-                with timer("warping"):
-                    inputs[disk] = x if not disk else keep_disk(x, self.image_disk, self.fill)
-                    extra = None if n >= 2 else (partner.to(x.device) if not disk else keep_disk(partner.to(x.device), self.image_disk, self.fill))
-                if extra is None:
-                    references[disk] = self._forward(capture, inputs[disk])
-                    partners[disk] = {name: torch.roll(a, shifts=1, dims=0) for name, a in references[disk].items()}
-                else:
-                    both = self._forward(capture, torch.cat([inputs[disk], extra]))
-                    references[disk] = {name: v[:1] for name, v in both.items()}
-                    partners[disk] = {name: v[1:] for name, v in both.items()}
-            x0 = inputs[disk]
+        for transform, disk, kind, batch in self.model_inputs(x, partner):
+            if kind == "reference":
+                maps = self._forward(capture, batch)
+                references[disk] = {name: v[:n] for name, v in maps.items()}
+                partners[disk] = {name: torch.roll(v, shifts=1, dims=0) if n >= 2 else v[n:] for name, v in maps.items()}
+                continue
             reference = references[disk]
             roundtrip = None
-            if transform.is_identity:
+            if batch is None:
                 moved = reference
-            elif is_exact(transform, x.shape, 1.0):
-                with timer("warping"):
-                    xt = warp(x0, transform, 1.0, self.fill)
-                moved = self._forward(capture, xt)
             else:
-                with timer("warping"):
-                    xt = warp(x0, transform, 1.0, self.fill)
-                    both_inputs = torch.cat([xt, inverse_warp(xt, transform, 1.0, self.fill)])
-                both = self._forward(capture, both_inputs)
-                moved = {k: v[:n] for k, v in both.items()}
-                roundtrip = {k: v[n:] for k, v in both.items()}
+                maps = self._forward(capture, batch)
+                moved = {k: v[:n] for k, v in maps.items()}
+                if kind == "moved+roundtrip":
+                    roundtrip = {k: v[n:] for k, v in maps.items()}
             for layer in self.layers:
                 a, b = reference[layer.name], moved[layer.name]
-                stride = float(layer.stride or 1)
-                with timer("warping"):
-                    aligned = inverse_warp(b, transform, stride)
+                with self.timer("warping"):
+                    aligned = inverse_warp(b, transform, float(layer.stride or 1))
                     mask = self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1])
                 yield LayerPair(
                     layer=layer, transform=transform, disk=disk, reference=a, moved=b, aligned=aligned,
