@@ -40,13 +40,33 @@ def reference_table(lite0):
     return _table()
 
 
-def test_worker_processes_give_the_same_table(reference_table):
+def test_worker_processes_give_the_same_table(reference_table, monkeypatch):
+    loaders = []
+    original = torch.utils.data.DataLoader
+
+    def spy(*args, **kwargs):
+        loaders.append(kwargs.get("num_workers"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spy)
     np.testing.assert_allclose(_table(workers=2)[NUMERIC].to_numpy(), reference_table[NUMERIC].to_numpy(), rtol=1e-6)
+    assert loaders and set(loaders) == {2}  # the images really came through worker processes
 
 
-def test_channels_last_gives_the_same_table(reference_table):
+def test_channels_last_gives_the_same_table(reference_table, monkeypatch):
+    from alignscope.hooks import FeatureCapture
+
+    layouts = []
+    original = FeatureCapture.__call__
+
+    def spy(self, x):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return original(self, x)
+
+    monkeypatch.setattr(FeatureCapture, "__call__", spy)
     np.testing.assert_allclose(_table(channels_last=True)[NUMERIC].to_numpy(), reference_table[NUMERIC].to_numpy(),
                                rtol=1e-4, atol=1e-5)
+    assert layouts and all(layouts)  # the model was fed NHWC tensors
 
 
 def test_bf16_autocast_stays_close_and_keeps_float64_statistics(reference_table):
