@@ -6,41 +6,74 @@ threshold with fresh ``mmap`` calls and returns them to the system on
 tens of MiB again and again, so every one of them is page-faulted anew: on
 the 2-core development machine this made a ResNet-50 analysis spend a third
 of its time in the kernel (see the README's Performance section). Keeping
-freed memory in the heap avoids that. The variables are read when the
-process starts, so the CLI re-executes itself once with them set;
-``ALIGNSCOPE_NO_MALLOC_TUNING=1`` turns this off. Python API users can
-export the same variables before starting Python.
+freed memory in the heap avoids that.
+
+:func:`tune_malloc` sets the three thresholds with ``mallopt`` at run time,
+in the running process (no re-execution, no environment variables needed).
+It is called once by :func:`alignscope.analyze` and by the command line
+before the first large tensor exists; calling it again does nothing. It is
+skipped on anything but glibc Linux, when ``ALIGNSCOPE_NO_MALLOC_TUNING=1``
+is set, or when the user chose one of glibc's ``MALLOC_*_`` variables
+themselves (their choice wins).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
-import sys
 
-TUNED_ENVIRONMENT = {
-    "MALLOC_MMAP_THRESHOLD_": str(4 * 2**30),
-    "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
-    "MALLOC_TOP_PAD_": str(2**30),
+# mallopt parameter numbers from glibc's <malloc.h>, and the values they are set to.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+TUNED_SETTINGS = {
+    # mallopt takes a C int: 2 GiB - 1 is the largest threshold it can be given
+    "M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 2**31 - 1),
+    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 2**31 - 1),
+    "M_TOP_PAD": (M_TOP_PAD, 2**30),
 }
-MARKER = "ALIGNSCOPE_MALLOC_TUNED"
+# The same settings as glibc environment variables (read only when a process starts).
+USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 OPT_OUT = "ALIGNSCOPE_NO_MALLOC_TUNING"
 
+_state: dict[str, object] = {}
 
-def should_reexec(environ: dict | None = None) -> bool:
-    """On glibc Linux, when not tuned yet, not opted out and no malloc variable was chosen by the user."""
+
+def tuning_skipped_because(environ: dict | None = None) -> str:
+    """Why :func:`tune_malloc` would not tune here (``""`` when it would)."""
     env = os.environ if environ is None else environ
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if env.get(MARKER) or env.get(OPT_OUT) or any(k in env for k in TUNED_ENVIRONMENT):
-        return False
-    return True
+        return "not glibc Linux"
+    if env.get(OPT_OUT, "") not in ("", "0"):
+        return f"{OPT_OUT} is set"
+    chosen = [k for k in USER_VARIABLES if k in env]
+    if chosen:
+        return f"user set {', '.join(chosen)}"
+    return ""
 
 
-def reexec_with_tuned_malloc(args: list[str]) -> None:
-    """Replace this process by ``python -m alignscope ARGS`` with the tuned variables (returns only if skipped)."""
-    if not should_reexec():
-        return
-    env = dict(os.environ, **TUNED_ENVIRONMENT, **{MARKER: "1"})
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "alignscope", *args], env)
+def tune_malloc() -> dict[str, object]:
+    """Apply :data:`TUNED_SETTINGS` once per process; returns what was done.
+
+    The result (also kept for :func:`malloc_tuning`) is ``{"tuned": bool,
+    "settings": {name: value}, "reason": why not}``; a setting glibc refuses
+    is left out of ``settings``.
+    """
+    if _state:
+        return dict(_state)
+    reason = tuning_skipped_because()
+    applied: dict[str, int] = {}
+    if not reason:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            for name, (param, value) in TUNED_SETTINGS.items():
+                if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1:
+                    applied[name] = value
+        except (OSError, AttributeError) as exc:  # no libc to load, or no mallopt in it
+            reason = f"mallopt unavailable ({exc})"
+    _state.update(tuned=bool(applied), settings=applied, reason=reason)
+    return dict(_state)
+
+
+def malloc_tuning() -> dict[str, object]:
+    """What :func:`tune_malloc` did in this process (``{}`` if it was not called)."""
+    return dict(_state)

@@ -51,9 +51,9 @@ def machine_info(device: torch.device) -> dict:
             "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    from .allocator import TUNED_ENVIRONMENT
+    from .allocator import malloc_tuning
 
-    info["malloc_environment"] = {k: os.environ[k] for k in TUNED_ENVIRONMENT if k in os.environ}
+    info["malloc_tuning"] = malloc_tuning()
     return info
 
 

@@ -9,8 +9,9 @@ What is split and what is reduced:
 
 - images are cut into batches by position (batch k = images [kB, (k+1)B)
   of the seeded order); rank r measures batches k with k % world == r. The
-  chance partner of an image is inside its own batch (a batch of one image
-  carries its partner along), so pairs are the same for any number of ranks;
+  chance partner of an image is the image before it in the whole order (a
+  batch carries the one before its first image along), so pairs are the same
+  for any batch size and any number of ranks;
 - each rank's statistics (count, sum, sum of squares per quantity, float64)
   are summed with one ``all_reduce``; the per-image rows and image lists are
   gathered to rank 0;
@@ -20,11 +21,19 @@ What is split and what is reduced:
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .errors import AlignscopeError, UsageError
+
+log = logging.getLogger("alignscope")
+TIMEOUT_VARIABLE = "ALIGNSCOPE_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,42 @@ def init_from_environment(device: torch.device) -> tuple[DistributedContext, tor
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _join_group(device)
     return current_context(), device
+
+
+def join_timeout_seconds() -> float:
+    """How long to wait for the other ranks: ``ALIGNSCOPE_DIST_TIMEOUT`` seconds (default 120)."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "120")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        raise UsageError(f"{TIMEOUT_VARIABLE}={text!r} is not a positive number of seconds")
+    return value
+
+
+def _join_group(device: torch.device) -> None:
+    """Join the launcher's group, saying what is awaited; a stray WORLD_SIZE fails fast or times out clearly."""
+    world = launched_world_size()
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UsageError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: alignscope "
+            "joins a process group only when a launcher such as torchrun starts it; unset WORLD_SIZE and RANK to run "
+            "in one process")
+    timeout = join_timeout_seconds()
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    log.info("rank %s of %d: waiting up to %.0f s for the other ranks at %s (WORLD_SIZE is set; unset it to run in "
+             "one process)", os.environ["RANK"], world, timeout, where)
+    try:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, TimeoutError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AlignscopeError(
+            f"could not form the process group of {world} ranks at {where} within {timeout:.0f} s ({reason}); start "
+            f"every rank with torchrun, raise {TIMEOUT_VARIABLE}, or unset WORLD_SIZE and RANK to run in one process") from None
 
 
 def all_reduce_sum(tensors: list[torch.Tensor], device: torch.device) -> None:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_sum, gather_to_main, init_from_environment
-from .errors import ImageError, UsageError
+from .allocator import malloc_tuning, tune_malloc
+from .errors import AlignscopeError, ImageError, ModelError, UsageError
 from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, ImageStream, image_stream, split_stream
@@ -55,15 +56,18 @@ def check_common_options(mask: str, batch_size: int) -> None:
     """Usage errors shared by every entry point that feeds image pairs."""
     if mask not in MASK_MODES:
         raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-    if batch_size < 2:
-        raise UsageError(f"batch size must be at least 2 (chance pairs images within a batch), got {batch_size}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
     return dev
@@ -78,6 +82,20 @@ class _Setup:
     transforms: list[Transform]
 
 
+def check_finite_weights(module: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or inf: every number it gave would be meaningless."""
+    bad = [name for name, tensor in (*module.named_parameters(), *module.named_buffers())
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ModelError(f"the model's weights hold NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}); "
+                         "check the checkpoint or the model's initialisation")
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UsageError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
+
+
 def _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, device) -> _Setup:
     if isinstance(model, nn.Module):
         if input_size is None:
@@ -88,6 +106,7 @@ def _setup(model, weights, pretrained, input_size, mean, std, layers, transforms
         module, cfg = load_model(str(model), weights=weights, pretrained=pretrained)
         if input_size is not None:
             cfg = data_config_for_module(module, input_size, cfg.mean, cfg.std, name=cfg.model_name, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    check_finite_weights(module)
     module = module.to(device)
     probed = probe_layers(module, cfg.input_size, device)
     chosen, skipped = select_layers(probed, layers)
@@ -149,11 +168,15 @@ def analyze(
     cross-validation on the calibration images), ``search_steps`` is the number of
     gradient steps per start of the warp search.
     """
+    tune_malloc()
     check_common_options(mask, batch_size)
+    check_seed(seed)
     if workers < 0:
         raise UsageError(f"workers must be >= 0, got {workers}")
     request = FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)
     amp_dtype = resolve_amp(amp)
+    if transforms is not None:
+        transforms = as_transforms(transforms)  # a typo fails now, not after the model has loaded
     started = time.perf_counter()
     context, dev = init_from_environment(resolve_device(device))
     if channels_last is None:
@@ -181,6 +204,7 @@ def analyze(
                         amp=amp_dtype, channels_last=channels_last)
     quantities = QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
     stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic(quantities) for layer in setup.layers for t in setup.transforms}
+    nonfinite = {key: torch.zeros(1, dtype=torch.float64) for key in stats}  # images with NaN/inf maps, per row
     rows: list[tuple[int, dict]] = []
     used: list[tuple[int, list[str]]] = []
     done = 0
@@ -209,6 +233,7 @@ def analyze(
                             extras=fits[key].aligned_maps(pair) if key in fits else None, terms=shared[share_key],
                         )
                         stats[key].update(values)
+                        nonfinite[key] += count_nonfinite(values)
                     if per_image:
                         rows.extend((batch.index, row) for row in _image_rows(setup, pair.layer, pair.transform, batch.names, values))
                 done += x.shape[0] * context.world_size
@@ -217,7 +242,8 @@ def analyze(
     measured_count = torch.tensor([float(len(stream.used))], dtype=torch.float64)
     if context.active:
         # the image count rides along, so every rank (not only rank 0, which gathers the names) knows it
-        all_reduce_sum([measured_count, *(stat.state for stat in stats.values())], dev if dev.type == "cuda" else torch.device("cpu"))
+        all_reduce_sum([measured_count, *(stat.state for stat in stats.values()), *nonfinite.values()],
+                       dev if dev.type == "cuda" else torch.device("cpu"))
         shards = gather_to_main((used, list(stream.skipped), rows), context)
         used = [item for shard in shards for item in shard[0]]
         stream.skipped[:] = [item for shard in shards for item in shard[1]]
@@ -229,10 +255,13 @@ def analyze(
         raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
     loop_seconds = time.perf_counter() - loop_started
     table = _summary_table(setup, stats, feeder.masks, mask, fits, request, 0 if calibration is None else len(calibration.used))
+    table["n_nonfinite"] = [int(nonfinite[(row.layer, row.transform, row.sweep)].item()) for row in table.itertuples()]
+    nonfinite_layers = _check_nonfinite(table, measured)
     _warn_left_out(table, measured)
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
     meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
-    meta.update(amp=amp, channels_last=channels_last, workers=workers, world_size=context.world_size, rank=context.rank)
+    meta.update(amp=amp, channels_last=channels_last, workers=workers, world_size=context.world_size, rank=context.rank,
+                malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite_layers)
     if calibration is not None:
         meta["fits"] = {
             "optimal": list(request.optimal), "channel_map": list(request.channel_map), "ridge": request.ridge,
@@ -275,9 +304,35 @@ def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture,
     return calibrator.fit(), done
 
 
+def count_nonfinite(values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Images of a batch whose raw distances are NaN/inf: their feature maps were (or squared to) NaN/inf.
+
+    The raw distances (not the ratios, which are NaN for a zero chance distance by design) are
+    finite whenever the maps are finite and their squares fit in the maps' dtype.
+    """
+    raw = torch.stack([values[name] for name in ("aligned", "unaligned", "floor", "chance_distance")])
+    return (~torch.isfinite(raw).all(dim=0)).sum().to(torch.float64).reshape(1).cpu()
+
+
+def _check_nonfinite(table: pd.DataFrame, n_images: int) -> list[str]:
+    """Say plainly which layers gave NaN/inf maps for how many images; fail when no number is left."""
+    bad = table[table["n_nonfinite"] > 0]
+    if bad.empty:
+        return []
+    per_layer = bad.groupby("layer", sort=False)["n_nonfinite"].max()
+    if len(bad) == len(table) and (bad["n_nonfinite"] >= n_images).all():
+        raise AlignscopeError(
+            f"every feature map was NaN or inf (all {n_images} images at all {table['layer'].nunique()} layers): "
+            "the model's computation overflows or its inputs are not finite; nothing to report")
+    details = ", ".join(f"{layer} ({count} of {n_images} images)" for layer, count in per_layer.items())
+    log.warning("non-finite feature maps (NaN or inf) at %d layer(s): %s; those images are left out of these rows "
+                "(column n_nonfinite). The layer overflows or its weights/inputs are broken.", len(per_layer), details)
+    return list(per_layer.index)
+
+
 def _warn_left_out(table: pd.DataFrame, n_images: int) -> None:
     """Say so when images were left out because their chance distance was 0."""
-    short = table[table["n_images"] < n_images]
+    short = table[table["n_images"] + table["n_nonfinite"] < n_images]
     if len(short):
         worst = short.loc[short["n_images"].idxmin()]
         log.warning(

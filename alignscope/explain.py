@@ -59,7 +59,7 @@ class ChannelExplanation:
             (folder / "explain.json").write_text(json.dumps(self.meta, indent=2, default=str), encoding="utf-8")
             save_figures({"channels": self.figure(top)}, folder)
 
-        return publish_folder(Path(out), write, force)
+        return publish_folder(Path(out), write, force, kind="explain")
 
 
 def explain(

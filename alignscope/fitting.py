@@ -12,6 +12,7 @@ out-of-sample number, comparable with ``aligned_error`` on the same images.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -55,12 +56,16 @@ class FitRequest:
               calibration_images: int | None = None) -> "FitRequest":
         if ridge == "auto" or ridge is None:
             ridge = None
-        elif not isinstance(ridge, (int, float)) or ridge < 0:
-            raise UsageError(f"ridge must be 'auto' or a number >= 0, got {ridge!r}")
+        elif not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+            raise UsageError(f"ridge must be 'auto' or a finite number >= 0, got {ridge!r}")
         if search_steps < 0:
             raise UsageError(f"search steps must be >= 0, got {search_steps}")
-        return cls(_as_choices(optimal, SEARCH_KINDS, "optimal"), _as_choices(channel_map, CHANNEL_MAPS, "channel_map"),
-                   ridge, search_steps, calibration_images)
+        request = cls(_as_choices(optimal, SEARCH_KINDS, "optimal"), _as_choices(channel_map, CHANNEL_MAPS, "channel_map"),
+                      ridge, search_steps, calibration_images)
+        if calibration_images is not None and not request.active:
+            raise UsageError("calibration images are only used by fitted alignments; add --optimal or --channel-map, "
+                             "or drop --calibration-images")
+        return request
 
     @property
     def active(self) -> bool:

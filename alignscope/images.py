@@ -12,6 +12,7 @@ import glob
 import logging
 import os
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -80,8 +81,20 @@ def discover_images(
 def read_rgb(path: str | os.PathLike) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image, EXIF orientation applied.
 
-    Raises OSError/ValueError subclasses for unreadable or corrupt files.
+    Raises OSError/ValueError subclasses for unreadable or corrupt files, and
+    PIL's DecompressionBombError for images above PIL's pixel limit
+    (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels), which would otherwise
+    exhaust memory.
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return _read_rgb(path)
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from None
+
+
+def _read_rgb(path: str | os.PathLike) -> Image.Image:
     with Image.open(path) as img:
         img.load()  # forces decoding, so truncated files fail here
         img = ImageOps.exif_transpose(img)
@@ -118,9 +131,12 @@ def build_preprocess(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
 class ImageBatch:
     """Normalized images (B, 3, H, W), the names they came from, and the batch's position.
 
-    ``partner``: for a batch of one image, the prepared image (1, 3, H, W)
-    its chance distance is taken against (the nearest readable image before
-    it, else after it); ``None`` otherwise.
+    Chance pairs each image with the image before it in the whole seeded
+    order (the first image with the second), so a batch carries ``partner``
+    (1, 3, H, W): the nearest readable image before its first image. Only
+    the batch that starts the order has ``None`` (its first image's partner
+    is its own second image), unless it holds one image, when the partner is
+    the nearest readable image after it.
     """
 
     pixels: torch.Tensor
@@ -132,6 +148,8 @@ class ImageBatch:
 def _prepare(preprocess, path: Path) -> tuple[torch.Tensor | None, str]:
     try:
         return preprocess(read_rgb(path)), ""
+    except Image.DecompressionBombError as exc:
+        return None, f"too large to decode safely ({str(exc).splitlines()[0]})"
     except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
         return None, (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -201,14 +219,19 @@ class ImageStream:
             names = [f"tensor[{self.name_offset + i}]" for i in range(start, start + chunk.shape[0])]
             self.used.extend(names)
             partner = None
-            if chunk.shape[0] == 1:
-                other = start - 1 if start > 0 else start + 1
-                partner = self.tensor[other : other + 1] if 0 <= other < len(self) else None
+            if start > 0:
+                partner = self.tensor[start - 1 : start]
+            elif chunk.shape[0] == 1 and len(self) > 1:
+                partner = self.tensor[1:2]
             yield ImageBatch(chunk, names, k, partner)
 
     def _reader(self, positions: list[int]) -> Iterator[tuple[int, torch.Tensor | None, str]]:
         paths = self.paths or []
         if self.workers > 0 and positions:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            if self.workers > cores:
+                log.warning("--workers %d is more than the %d CPU cores available here; decoding gets slower, not "
+                            "faster: use --workers %d or fewer", self.workers, cores, cores)
             subset = torch.utils.data.Subset(_PreparedImages(paths, self.cfg), positions)
             loader = torch.utils.data.DataLoader(subset, batch_size=None, num_workers=self.workers,
                                                  pin_memory=self.pin_memory, prefetch_factor=4)
@@ -227,11 +250,18 @@ class ImageStream:
         current: int | None = None
         pixels: list[torch.Tensor] = []
         names: list[str] = []
+        # Read in order by one process, every position before a batch has been seen, so the last
+        # readable image read is the partner of the next batch; otherwise it is looked up.
+        sequential = self.shard[1] == 1
+        previous: torch.Tensor | None = None  # last readable image before the current batch
+        last: torch.Tensor | None = None
         for position, image, reason in self._reader(positions):
             k = position // self.batch_size
-            if current is not None and k != current and pixels:
-                yield self._batch(current, pixels, names)
+            if k != current:
+                if current is not None and pixels:
+                    yield self._batch(current, pixels, names, previous if sequential else None)
                 pixels, names = [], []
+                previous = last
             current = k
             if image is None:
                 self.skipped.append((str(paths[position]), reason))
@@ -239,16 +269,22 @@ class ImageStream:
                 continue
             pixels.append(image)
             names.append(str(paths[position]))
+            last = image
         if current is not None and pixels:
-            yield self._batch(current, pixels, names)
+            yield self._batch(current, pixels, names, previous if sequential else None)
 
-    def _batch(self, k: int, pixels: list[torch.Tensor], names: list[str]) -> ImageBatch:
+    def _batch(self, k: int, pixels: list[torch.Tensor], names: list[str], before: torch.Tensor | None) -> ImageBatch:
         self.used.extend(names)
-        partner = self._find_partner(k, names[0]) if len(pixels) == 1 else None
+        if before is not None:
+            partner = before.unsqueeze(0)
+        elif k > 0 or len(pixels) == 1:
+            partner = self._find_partner(k, names[0])
+        else:
+            partner = None
         return ImageBatch(torch.stack(pixels), names, k, partner)
 
     def _find_partner(self, k: int, name: str) -> torch.Tensor | None:
-        """The nearest readable image before batch k (else after it) for a batch of one image."""
+        """The nearest readable image before batch k; for the batch that starts the order, the next one after ``name``."""
         paths = self.paths or []
         start = k * self.batch_size
         preprocess = build_preprocess(self.cfg)
@@ -274,7 +310,15 @@ def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_imag
         expected = tuple(cfg.input_size)
         if source.ndim != 4 or tuple(source.shape[1:]) != expected:
             raise ImageError(f"image tensor must be N x {' x '.join(map(str, expected))}, got {tuple(source.shape)}")
+        if not torch.is_floating_point(source):
+            raise ImageError(f"image tensor must hold normalized floats, got dtype {source.dtype}; convert with "
+                             ".float(), scale to [0, 1] and normalize with the model's mean and std")
         tensor = source if max_images is None else source[:max_images]
+        finite = torch.isfinite(tensor.detach().reshape(tensor.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ImageError(f"image tensor holds NaN or inf in {len(bad)} of {tensor.shape[0]} images "
+                             f"(first: index {bad[0]}); replace or drop them")
         return ImageStream(cfg=cfg, batch_size=batch_size, tensor=tensor.float())
     paths = discover_images(source, max_images, seed)
     # Chance pairs neighbours within a batch: a seeded shuffle keeps files that sort together

@@ -7,11 +7,12 @@ the layer's valid mask. The engine's measuring pass and the calibration pass
 of the fitted alignments both read pairs from here, so they see the same
 tensors.
 
-Chance pairs image i with image i-1 of the same batch (the first with the
-last); a batch of one image is paired with the partner image its
-:class:`~alignscope.images.ImageBatch` carries (the nearest readable image
-before it). Pairs therefore depend only on the image order and the batch
-size, not on which process handles which batch.
+Chance pairs image i with image i-1 of the whole seeded image order (the
+first image with the second). Each batch carries the image before its first
+one as :attr:`~alignscope.images.ImageBatch.partner`, which runs through the
+model with the batch's reference pass (one image more per batch). Pairs, and
+so every number, therefore depend only on the image order: not on the batch
+size, the worker count or which process handles which batch.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class PairFeeder:
         """The batches the model is fed for the batch ``x``, as ``(transform, disk, kind, batch)``.
 
         ``kind`` is ``"reference"`` (x, disk-masked for disk transforms; with
-        ``partner`` appended for a batch of one image), yielded before the
+        the carried ``partner`` appended when there is one), yielded before the
         first transform that needs it, then ``"moved"`` (g x, exact) or
         ``"moved+roundtrip"`` (g x and g^-1 g x stacked) for each transform;
         ``batch`` is ``None`` for the identity, whose maps are the reference's.
@@ -121,7 +122,7 @@ class PairFeeder:
                 with self.timer("warping"):
                     inputs[disk] = x if not disk else keep_disk(x, self.image_disk, self.fill)
                     batch = inputs[disk]
-                    if n < 2:
+                    if partner is not None:
                         extra = partner.to(x.device)
                         batch = torch.cat([batch, extra if not disk else keep_disk(extra, self.image_disk, self.fill)])
                 yield transform, disk, "reference", batch
@@ -137,7 +138,9 @@ class PairFeeder:
     def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None) -> Iterator[LayerPair]:
         """All (transform, layer) pairs of the batch ``x`` (normalized images on the device).
 
-        A batch of one image needs ``partner`` (1, 3, H, W) for its chance distance.
+        ``partner`` (1, 3, H, W) is the image before the batch's first image in the
+        whole order (``None`` only for the batch that starts it; a batch of one image
+        always needs one).
         """
         n = x.shape[0]
         references: dict[bool, dict[str, torch.Tensor]] = {}
@@ -146,7 +149,9 @@ class PairFeeder:
             if kind == "reference":
                 maps = self._forward(capture, batch)
                 references[disk] = {name: v[:n] for name, v in maps.items()}
-                partners[disk] = {name: torch.roll(v, shifts=1, dims=0) if n >= 2 else v[n:] for name, v in maps.items()}
+                # image i's partner is image i-1; the first image's is the carried partner (or image 1)
+                first = slice(n, n + 1) if partner is not None else slice(1, 2)
+                partners[disk] = {name: torch.cat([v[first], v[: n - 1]]) for name, v in maps.items()}
                 continue
             reference = references[disk]
             roundtrip = None

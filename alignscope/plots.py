@@ -188,11 +188,16 @@ def channel_grid_figure(explanation, top: int = 4) -> plt.Figure:
 
 
 def save_figures(figures: dict[str, plt.Figure], folder: Path, dpi: int = 130) -> list[Path]:
-    """Save each figure as ``folder/<stem>.png`` and close it."""
+    """Save each figure as ``folder/<stem>.png`` (atomically: an interrupt never leaves half a PNG) and close it."""
+    from .files import atomic_path
+
     paths = []
     for stem, fig in figures.items():
         path = Path(folder) / f"{stem}.png"
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=dpi, format="png")
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

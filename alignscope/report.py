@@ -5,15 +5,14 @@ transform), ``per_image.csv`` when asked for, ``run.json`` (settings,
 versions, images, timings), ``fits.json`` when alignments were fitted (the
 searched warps, channel permutations) and PNG plots. A folder is written next to its
 destination and renamed into place, so a reader never sees half a report;
-an existing report is replaced only with ``force=True``.
+an existing report is replaced only with ``force=True``, and only ever an
+alignscope folder (see :mod:`alignscope.files`).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,16 @@ from typing import Any
 import pandas as pd
 
 from .errors import ReportExistsError, UsageError
+from .files import check_destination, publish_folder, write_text_atomic  # noqa: F401  (re-exported)
 
 REQUIRED_COLUMNS = (
     "model", "layer", "depth", "module", "channels", "height", "width", "stride", "transform", "exact",
     "n_images", "aligned_error", "aligned_error_std", "aligned_error_ci_low", "aligned_error_ci_high",
     "unaligned_error", "floor_error", "aligned_cosine",
+)
+NUMERIC_COLUMNS = (
+    "depth", "channels", "height", "width", "stride", "n_images", "aligned_error", "aligned_error_std",
+    "aligned_error_ci_low", "aligned_error_ci_high", "unaligned_error", "floor_error", "aligned_cosine",
 )
 SUMMARY_COLUMNS = ("layer", "stride", "transform", "aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "n_images")
 HALF_CHANCE = 0.5
@@ -61,24 +65,13 @@ def format_table(table: pd.DataFrame, columns: tuple[str, ...] = SUMMARY_COLUMNS
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(table: pd.DataFrame, path: str | os.PathLike, force: bool = False) -> Path:
     """Write ``table`` to ``path`` atomically; refuse to replace a file without ``force``."""
     path = Path(path)
     if path.exists() and not force:
         raise ReportExistsError(f"{path} exists; pass --force (force=True) to overwrite it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic_text(path, table.to_csv(index=False))
+    write_text_atomic(path, table.to_csv(index=False))
     return path
 
 
@@ -90,40 +83,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-def check_destination(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a destination that is a file, or a non-empty folder without ``force``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ReportExistsError(f"{out} already holds a report; pass --force to overwrite it or choose another --out")
-    return out
-
-
-def publish_folder(out: Path, write: "callable", force: bool) -> Path:
-    """Build a folder with ``write(tmp_dir)`` beside ``out``, then move it into place.
-
-    An existing non-empty ``out`` is replaced only with ``force``; the old
-    folder is removed only after the new one is in place.
-    """
-    out = check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        write(staging)
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, retired / "report")
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
 
 
 @dataclass
@@ -159,8 +118,11 @@ class AlignmentReport:
 
         return report_figures(self.table)
 
-    def save(self, out: str | os.PathLike, force: bool = False, plots: bool = True) -> Path:
-        """Write the report folder ``out`` atomically (see module docstring)."""
+    def save(self, out: str | os.PathLike, force: bool = False, plots: bool = True, inputs: tuple = ()) -> Path:
+        """Write the report folder ``out`` atomically (see module docstring and :mod:`alignscope.files`).
+
+        ``inputs``: paths the run read (``--images``); ``out`` may not overlap them.
+        """
 
         def write(folder: Path) -> None:
             self.table.to_csv(folder / "alignment.csv", index=False)
@@ -175,7 +137,7 @@ class AlignmentReport:
 
                 save_figures(self.plot(), folder)
 
-        return publish_folder(Path(out), write, force)
+        return publish_folder(Path(out), write, force, kind="report", inputs=inputs)
 
     def __repr__(self) -> str:
         head = f"AlignmentReport(model={self.meta.get('model', '?')!r}, layers={self.table['layer'].nunique()}, " \
@@ -198,6 +160,15 @@ def read_report_csv(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"{path} is not an alignscope alignment.csv (missing columns: {', '.join(missing)})")
+    if table.empty:
+        raise UsageError(f"{path} has a header but no rows; pass the alignment.csv of a finished report")
+    for column in NUMERIC_COLUMNS:
+        converted = pd.to_numeric(table[column], errors="coerce")
+        broken = converted.isna() & table[column].notna()
+        if broken.any():
+            raise UsageError(f"{path}: column {column} holds non-numbers (row {int(broken.idxmax()) + 2}: "
+                             f"{table[column][broken].iloc[0]!r}); pass an unedited alignment.csv")
+        table[column] = converted
     if "sweep" in table.columns:
         table["sweep"] = table["sweep"].fillna("")
     return table

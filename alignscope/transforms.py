@@ -24,6 +24,7 @@ ratio uses the same normalized matrix.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import TransformSpecError
+
+log = logging.getLogger("alignscope")
 
 GRAMMAR_HELP = """\
 transform specs (repeat --transform for several):
@@ -44,12 +47,22 @@ transform specs (repeat --transform for several):
   rotate30+scale0.8        composition, applied left to right
   rotate:-90:90:15         sweep start:stop:step (inclusive); also scale:, translate:, shear:"""
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_COMPOSE = re.compile(r"(?<![eE])\+")  # '+' composes, except as an exponent's sign (1e+3)
 
 
 def _fmt(value: float) -> str:
-    text = f"{value:.6g}"
-    return "0" if text in ("-0", "+0") else text
+    """The canonical spelling of a parameter: exact, so a canonical spec parses back bit for bit.
+
+    Whole numbers print as integers (never in exponent form, whose '+' would read as a
+    composition); others as Python's shortest round-trip repr (which may use 'e-').
+    """
+    value = float(value)
+    if value == 0:
+        return "0"
+    if value.is_integer():
+        return str(int(value))
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -195,6 +208,7 @@ _SWEEPABLE = {
 
 
 def _bad(spec: str, why: str) -> TransformSpecError:
+    spec = spec if len(spec) <= 60 else spec[:57] + "..."
     return TransformSpecError(f"bad transform {spec!r}: {why}. Examples: rotate30, scale0.8, translate16,-8, rot90, rotate30+scale0.8, rotate:-90:90:15")
 
 
@@ -203,6 +217,8 @@ def _parse_part(text: str, spec: str) -> Part:
         match = pattern.fullmatch(text)
         if match:
             part = build(match)
+            if not all(math.isfinite(v) for v in part.values):
+                raise _bad(spec, "numbers must be finite")
             if part.kind == "scale" and not part.values[0] > 0:
                 raise _bad(spec, "scale must be positive")
             if part.kind == "shear" and abs(part.values[0]) >= 90:
@@ -221,6 +237,8 @@ def _parse_sweep(spec: str) -> list[Transform]:
         start, stop, step = (float(n) for n in numbers)
     except ValueError:
         raise _bad(spec, "start, stop and step must be numbers") from None
+    if not all(math.isfinite(v) for v in (start, stop, step)):
+        raise _bad(spec, "start, stop and step must be finite numbers")
     if step == 0 or (stop - start) / step < 0:
         raise _bad(spec, "step must be non-zero and go from start towards stop")
     count = int(math.floor((stop - start) / step + 1e-9)) + 1
@@ -230,7 +248,7 @@ def _parse_sweep(spec: str) -> list[Transform]:
     transforms = []
     for value in values:
         part = _parse_part(Part(family, (value,) if family != "translate" else (value, 0.0)).spec, spec)
-        transforms.append(Transform((part,), sweep=spec, magnitude=value))
+        transforms.append(_checked(Transform((part,), sweep=spec, magnitude=value), spec))
     return transforms
 
 
@@ -241,11 +259,19 @@ def parse_transform(spec: str) -> list[Transform]:
         raise _bad(spec, "empty spec")
     if ":" in text:
         return _parse_sweep(text)
-    parts = tuple(_parse_part(piece, spec) for piece in text.split("+"))
+    parts = tuple(_parse_part(piece, spec) for piece in _COMPOSE.split(text))
     if any(p.kind == "roll" for p in parts) and not all(p.kind in ("roll", "identity") for p in parts):
         raise _bad(spec, "roll (circular shift) combines only with other rolls")
     magnitude = parts[0].values[0] if len(parts) == 1 and parts[0].values else float("nan")
-    return [Transform(parts, magnitude=magnitude)]
+    return [_checked(Transform(parts, magnitude=magnitude), spec)]
+
+
+def _checked(transform: Transform, spec: str) -> Transform:
+    """Refuse transforms whose matrix or inverse is not finite and well-conditioned (e.g. scale1e-300)."""
+    matrix = transform.matrix(64, 64)
+    if not np.isfinite(matrix).all() or np.linalg.cond(matrix) > 1e12:
+        raise _bad(spec, "its matrix is not invertible in floating point (a parameter is too large or too small)")
+    return transform
 
 
 def parse_transforms(specs: Iterable[str] | str) -> list[Transform]:
@@ -279,9 +305,18 @@ def as_transforms(items: Sequence[str | Transform] | str | Transform | None, dee
         return default_transforms(deepest_stride)
     if isinstance(items, (str, Transform)):
         items = [items]
-    result: list[Transform] = []
+    unique: dict[tuple[str, str], Transform] = {}
+    repeated: list[str] = []
     for item in items:
-        result.extend([item] if isinstance(item, Transform) else parse_transform(item))
-    if not result:
+        for transform in [item] if isinstance(item, Transform) else parse_transform(item):
+            key = (transform.spec, transform.sweep)
+            if key in unique:
+                repeated.append(transform.spec)
+            unique.setdefault(key, transform)
+    if not unique:
         raise TransformSpecError("no transform given")
-    return result
+    if repeated:
+        # pooling a transform's images twice would double n_images and shrink its interval
+        log.warning("transform%s %s given more than once; each is measured once",
+                    "s" if len(set(repeated)) > 1 else "", ", ".join(dict.fromkeys(repeated)))
+    return list(unique.values())

@@ -13,9 +13,9 @@ from alignscope.cli.main import app, model_options
 @model_options
 @click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
 @click.option("--transform", default="rot90", show_default=True, help="One transform spec (see 'alignscope analyze --help').")
-@click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
+@click.option("--images", multiple=True, help="Folder (recursive), file or glob; repeat to use the union. Default: the bundled photos.")
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
@@ -40,8 +40,8 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     import alignscope.explain as explaining
     from alignscope.report import check_destination, format_table
 
-    out_path = check_destination(out, force)
-    result = explaining.explain(model=model, layer=layer, transform=transform, images=images, batch_size=batch_size,
+    out_path = check_destination(out, force, inputs=images)
+    result = explaining.explain(model=model, layer=layer, transform=transform, images=list(images) or None, batch_size=batch_size,
                                 mask=mask, device=device, max_images=max_images, weights=weights or "auto",
                                 pretrained=not no_pretrained)
     result.save(out_path, force=force, top=top)
@@ -67,7 +67,7 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 @click.option("--transform", "transforms", multiple=True, help="Transform spec, repeatable. Default: the default set.")
 @click.option("--images", default=None, help="Folder, file or glob. Default: distinct crops of the bundled photos.")
 @click.option("--max-images", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors (default: on for CUDA).")
@@ -159,7 +159,7 @@ def stn(task, variants, seeds, epochs, warp, images, quick, out, force, as_json,
     chosen = list(VARIANTS) if variants.strip() == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     if quick:
         seeds, epochs = QUICK["seeds"], QUICK["epochs"]
-    out_path = check_destination(out, force)
+    out_path = check_destination(out, force, inputs=[images] if images else ())
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
     experiment = run_experiment(task, chosen, seeds, epochs, warp, images, progress=echo)
     experiment.save(out_path, force=force)

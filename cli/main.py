@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -100,8 +102,8 @@ def _parse_ridge(text: str) -> float | str:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise click.BadParameter(f"{text!r} is neither 'auto' nor a number >= 0", param_hint="--ridge")
+    if not 0 <= value < float("inf"):
+        raise click.BadParameter(f"{text!r} is neither 'auto' nor a finite number >= 0", param_hint="--ridge")
     return value
 
 
@@ -109,9 +111,9 @@ def _parse_ridge(text: str) -> float | str:
 @model_options
 @click.option("--layers", multiple=True, help="Module names, globs ('blocks.*') or 'all'. Default: the model's stages.")
 @click.option("--transform", "transforms", multiple=True, help=TRANSFORM_HELP)
-@click.option("--images", default=None, help="Folder (recursive), file or glob. Default: the bundled photos.")
+@click.option("--images", multiple=True, help="Folder (recursive), file or glob; repeat to use the union. Default: the bundled photos.")
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images (seeded sample, sorted).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True,
               help="disk: keep the centred disk of each image and compare only inside it; auto: disk for rotations and shears.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -120,7 +122,8 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors for the model (default: on for CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes decoding images (pinned memory on CUDA).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for image sampling.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed for image sampling and order (chance partners).")
 @click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]),
               help="Also search the best spatial warp: 'family' frees g's own parameters plus a shift (optimal_error), "
                    "'affine' all six affine entries (optimal_affine_error). Cost: about 130 gradient evaluations over the "
@@ -154,15 +157,19 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
 
     from alignscope.distributed import launched_world_size
 
+    from alignscope.transforms import as_transforms
+
     ridge_value = _parse_ridge(ridge)
-    out_path = check_destination(out, force)  # before the work, not after it
+    if transforms:
+        as_transforms(list(transforms))  # a typo fails in a moment, before the model loads
+    out_path = check_destination(out, force, inputs=images)  # before the work, not after it
     main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
     try:
         report = alignscope.analyze(
             model=model,
             transforms=list(transforms) or None,
-            images=images,
+            images=list(images) or None,
             layers=list(layers) or None,
             batch_size=batch_size,
             mask=mask,
@@ -187,7 +194,7 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
             finish()
     if report.meta.get("rank", 0) != 0:
         return  # under torchrun only rank 0 writes and prints
-    report.save(out_path, force=force, plots=not no_plots)
+    report.save(out_path, force=force, plots=not no_plots, inputs=images)
     if as_json:
         click.echo(report.table.to_json(orient="records"))
         return
@@ -275,16 +282,25 @@ def models() -> None:
 def plot(csv: str, out: str | None, force: bool) -> None:
     """Redraw the plots of a report from its alignment.csv."""
     from alignscope.errors import ReportExistsError
+    from alignscope.files import is_alignscope_folder, mark_folder
     from alignscope.plots import report_figures, save_figures
     from alignscope.report import read_report_csv
 
     table = read_report_csv(csv)
     folder = Path(out) if out else Path(csv).parent
+    if folder.exists() and not folder.is_dir():
+        raise ReportExistsError(f"{folder} exists and is not a folder; choose another --out")
+    fresh = not folder.exists() or not any(folder.iterdir())
+    if not fresh and not is_alignscope_folder(folder):
+        raise ReportExistsError(f"{folder} is not empty and is not an alignscope result folder; plots go only into "
+                                "alignscope folders or new/empty ones: choose another --out")
     figures = report_figures(table)
     clashes = [folder / f"{stem}.png" for stem in figures if (folder / f"{stem}.png").exists()]
     if clashes and not force:
         raise ReportExistsError(f"{clashes[0]} exists; pass --force to overwrite plots or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        mark_folder(folder, "plots")
     for path in save_figures(figures, folder):
         click.echo(str(path))
 
@@ -317,7 +333,7 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
         combined.to_csv(folder / "comparison.csv", index=False)
         save_figures({"comparison_by_depth": depth_figure(combined)}, folder)
 
-    publish_folder(Path(out), write, force)
+    publish_folder(Path(out), write, force, kind="comparison", inputs=csvs)
     wide = combined.pivot_table(index=["transform", "depth"], columns="model", values="aligned_error", sort=False)
     click.echo("aligned_error by transform and depth:")
     click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -327,18 +343,30 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
 from alignscope.cli import experiments  # noqa: E402,F401  (registers explain, bench, stn)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that staging folders and temporary files are removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click app, turning errors into one line and an exit code.
 
-    Started from the command line (``argv`` None), it first re-executes itself
-    once with glibc malloc tuned for large tensors (see :mod:`alignscope.allocator`).
+    glibc malloc is tuned for large tensors first (see :mod:`alignscope.allocator`);
+    SIGTERM is handled like Ctrl-C, so a half-written result is cleaned up; Python
+    warnings from libraries are silenced unless ``--debug`` (the ones a user can act
+    on are reported by alignscope itself as one line each).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None and args and args[0] in ("analyze", "explain", "bench"):
-        from alignscope.allocator import reexec_with_tuned_malloc
-
-        reexec_with_tuned_malloc(args)
     debug = "--debug" in args
+    from alignscope.allocator import tune_malloc
+
+    tune_malloc()
+    previous_term = signal.signal(signal.SIGTERM, _terminate)
+    if not debug:
+        warnings.simplefilter("ignore")
     try:
         app.main(args=args, prog_name="alignscope", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -354,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -363,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         first = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
     sys.exit(0)
 
 

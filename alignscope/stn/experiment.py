@@ -74,7 +74,7 @@ class STNExperiment:
             (folder / "run.json").write_text(json.dumps(self.settings, indent=2, default=str), encoding="utf-8")
             save_figures(self.figures(), folder)
 
-        return publish_folder(Path(out), write, force)
+        return publish_folder(Path(out), write, force, kind="stn")
 
 
 @torch.no_grad()
