@@ -365,38 +365,46 @@ def main(argv: list[str] | None = None) -> None:
 
     tune_malloc()
     previous_term = signal.signal(signal.SIGTERM, _terminate)
-    if not debug:
-        warnings.simplefilter("ignore")
+    try:
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
+            code = _run(args, debug)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+    sys.exit(code)
+
+
+def _run(args: list[str], debug: bool) -> int:
+    """The click app with every outcome turned into an exit code (and at most one line on stderr)."""
     try:
         app.main(args=args, prog_name="alignscope", standalone_mode=False)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except AlignscopeError as exc:
         if debug:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except Terminated:
         click.echo("terminated", err=True)
-        sys.exit(143)
+        return 143
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
     except Exception as exc:  # anything unexpected: still one line unless --debug
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
-        sys.exit(1)
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-    sys.exit(0)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
