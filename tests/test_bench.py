@@ -273,3 +273,28 @@ def test_bench_arguments_repeat_the_same_benchmark():
     assert params["images"] == "photos/" and params["max_images"] == 12 and params["batch_size"] == 4
     assert list(params["transforms"]) == options["transforms"] and list(params["layers"]) == options["layers"]
     assert params["amp"] == "bf16" and params["channels_last"] is True and params["workers"] == 2 and params["repeats"] == 5
+
+
+def test_readme_figures_script_prints_the_rows_and_refuses_noisy_runs(monkeypatch, capsys, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "readme_figures.py"
+    spec = importlib.util.spec_from_file_location("readme_figures", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, measured = _tiny_benchmark()
+    timed = dict(measured, noisy=False, noise=dict(measured["noise"], reasons=[]))  # quiet, whatever this machine is
+    memory = dict(timed, memory_scaling={"runs": {"32": {"peak_rss_mb": 100.0}, "512": {"peak_rss_mb": 104.0}},
+                                         "rss_ratio": 1.04, "launcher_mb": 10.5})
+    noisy = dict(timed, noisy=True, noise=dict(timed["noise"], reasons=["load average reached 9.00 on 2 cores"]))
+    answers = {"--memory-scaling": memory, "resnet50": noisy}
+    monkeypatch.setattr(script, "bench", lambda args: next((v for k, v in answers.items() if k in args), timed))
+    with pytest.raises(SystemExit, match="noisy runs: resnet50"):
+        script.main(["--out", str(tmp_path), "--only", "lite0", "--only", "resnet50", "--only", "memory"])
+    out = capsys.readouterr().out
+    weights = "ImageNet weights" if timed["pretrained"] else "random weights"
+    assert f"| {timed['model']} ({weights}) | {timed['forward_seconds_min']:.1f} / {timed['forward_seconds']:.1f} |" in out
+    assert "memory: 32 images 100 MiB, 512 images 104 MiB, ratio 1.040" in out
+    assert "resnet50: " in out and "NOISY: load average reached 9.00" in out
+    assert json.loads((tmp_path / "memory.json").read_text())["memory_scaling"]["rss_ratio"] == 1.04
