@@ -39,6 +39,7 @@ from typing import Sequence
 
 import torch
 
+from .allocator import OPT_OUT as MALLOC_OPT_OUT
 from .engine import _setup, analyze, resolve_amp, resolve_device
 from .errors import AlignscopeError
 from .images import ImageBatch, bundled_photos, image_stream, read_rgb
@@ -47,8 +48,6 @@ from .pairs import PairFeeder
 from .peakmemory import SOURCE as PEAK_SOURCE
 from .peakmemory import run_measured
 from .timing import BoundaryTimer
-
-MALLOC_OPT_OUT = "ALIGNSCOPE_NO_MALLOC_TUNING"
 
 
 def machine_info(device: torch.device) -> dict:
