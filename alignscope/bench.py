@@ -3,26 +3,34 @@
 (A) bare forward passes: the full model, ``torch.inference_mode()``, the
 same batch size, over exactly the inputs the analysis feeds it (the
 originals, their disk-masked copies where a transform uses the disk, every
-transformed batch, and the round-trip batches the floor needs), built
-before the clock starts. (B) the analysis itself (``analyze`` without
-plotting or files; model loading and the layer probe are excluded from
-both and reported as ``setup_seconds``). Both run in one process,
-interleaved, after one warm-up of each; the median of ``repeats`` runs is
-reported. ``overhead_ratio`` = B / A.
+transformed batch, and the round-trip batches the floor needs). (B) the
+analysis itself (``analyze`` without plotting or files).
 
-``memory_scaling`` runs the analysis in fresh processes for a small and a
-large image count (distinct JPEG images cut from the bundled photos) and
-reports each one's peak resident memory.
+A and B are interleaved batch by batch (see :mod:`alignscope.interleave`):
+just before the analysis reads batch k, the bare forwards of batch k's
+inputs run on an identical copy of the model (the analysis's copy carries
+its capture hooks), so A_k and B_k see the same load. Building A's inputs,
+model loading and the layer probe are in neither; model loading and probe
+are reported as ``setup_seconds``. One warm-up pass, then ``repeats`` timed
+passes. ``overhead_ratio`` = sum of B over sum of A; the run is flagged
+noisy when repeats spread by more than 20% or the load average exceeds the
+core count.
+
+``memory_scaling`` runs ``alignscope analyze`` in fresh processes for a
+small and a large image count and reports each one's own peak resident
+memory (see :mod:`alignscope.peakmemory`). ``malloc_comparison`` runs the
+benchmark in two fresh processes, with and without
+``ALIGNSCOPE_NO_MALLOC_TUNING=1``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,14 +39,19 @@ from typing import Sequence
 
 import torch
 
+from .allocator import OPT_OUT as MALLOC_OPT_OUT
 from .engine import _setup, analyze, resolve_amp, resolve_device
+from .errors import AlignscopeError
 from .images import ImageBatch, bundled_photos, image_stream, read_rgb
+from .interleave import Interleaver, PassTiming, assess_noise, load_average, summarize_passes
 from .pairs import PairFeeder
-from .timing import PhaseTimer
+from .peakmemory import SOURCE as PEAK_SOURCE
+from .peakmemory import run_measured
+from .timing import BoundaryTimer
 
 
 def machine_info(device: torch.device) -> dict:
-    """CPU model, cores, threads, torch version and the accelerator's name."""
+    """CPU model, cores, threads, torch version, the accelerator's name and how malloc was set up."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,11 +67,16 @@ def machine_info(device: torch.device) -> dict:
     from .allocator import malloc_tuning
 
     info["malloc_tuning"] = malloc_tuning()
+    info["malloc_environment"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     return info
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    """Peak resident memory of this process so far, MiB (Linux reports KiB).
+
+    It includes the peak of whatever this process replaced at exec; started
+    from a shell that is small. Use :mod:`alignscope.peakmemory` for children.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
 
@@ -68,34 +86,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward_seconds(model, batches: list[ImageBatch], feeder: PairFeeder, device: torch.device,
-                         amp: torch.dtype | None, channels_last: bool) -> tuple[float, int]:
-    """Seconds of full-model forward passes over every input the analysis feeds, and the images fed.
+def model_inputs(feeder: PairFeeder, batch: ImageBatch, device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+    """Every batch the analysis feeds the model for ``batch`` (:meth:`PairFeeder.model_inputs`), on ``device``."""
+    inputs = [b for _, _, _, b in feeder.model_inputs(batch.pixels.to(device), batch.partner) if b is not None]
+    return [b.contiguous(memory_format=torch.channels_last) if channels_last else b for b in inputs]
 
-    The inputs are :meth:`PairFeeder.model_inputs`, built before the clock starts.
-    """
-    total, fed = 0.0, 0
+
+def bare_forward(model: torch.nn.Module, inputs: Sequence[torch.Tensor], device: torch.device,
+                 amp: torch.dtype | None) -> None:
+    """Full-model forward passes over ``inputs`` (the outputs are dropped)."""
     with torch.inference_mode():
-        for image_batch in batches:
-            inputs = [b for _, _, _, b in feeder.model_inputs(image_batch.pixels.to(device), image_batch.partner) if b is not None]
-            for inp in inputs:
-                if channels_last:
-                    inp = inp.contiguous(memory_format=torch.channels_last)
-                _sync(device)
-                started = time.perf_counter()
-                if amp is None:
+        for inp in inputs:
+            if amp is None:
+                model(inp)
+            else:
+                with torch.autocast(device.type, dtype=amp):
                     model(inp)
-                else:
-                    with torch.autocast(device.type, dtype=amp):
-                        model(inp)
-                _sync(device)
-                total += time.perf_counter() - started
-                fed += inp.shape[0]
-    return total, fed
 
 
 def benchmark(
-    model: str = "tf_efficientnet_lite0",
+    model: str | torch.nn.Module = "tf_efficientnet_lite0",
     weights: str | None = "auto",
     pretrained: bool = True,
     images=None,
@@ -109,13 +119,21 @@ def benchmark(
     workers: int = 0,
     repeats: int = 3,
     mask: str = "auto",
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict:
-    """Time (A) bare forwards and (B) the analysis; see the module docstring. Returns a JSON-able dict."""
+    """Time (A) bare forwards and (B) the analysis, interleaved; see the module docstring. Returns a JSON-able dict.
+
+    Arguments as for :func:`alignscope.analyze` (an ``nn.Module`` needs
+    ``input_size``); ``repeats`` timed passes follow one warm-up pass.
+    """
+    loads = [load_average()]  # before this process adds its own load
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     started = time.perf_counter()
-    setup = _setup(model, weights, pretrained, None, None, None, layers, transforms, dev)
+    setup = _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, dev)
     if channels_last:
         setup.model.to(memory_format=torch.channels_last)
     setup_seconds = time.perf_counter() - started
@@ -125,67 +143,103 @@ def benchmark(
         images = make_image_folder(max_images, Path(scratch.name))
     try:
         return _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last,
-                          workers, repeats, mask)
+                          workers, repeats, mask, loads)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
 def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last, workers,
-               repeats, mask) -> dict:
+               repeats, mask, loads) -> dict:
     cfg = setup.cfg
     batches = list(image_stream(images, cfg, batch_size, max_images))
-    n_images = sum(b.pixels.shape[0] for b in batches)
+    if not batches:
+        raise AlignscopeError("no readable images to benchmark; pass --images with readable files")
+    names = [name for batch in batches for name in batch.names]
+    n_images = len(names)
     fill = [-m / s for m, s in zip(cfg.mean, cfg.std)]
     feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(cfg.input_size[1:]), dev)
+    bare_model = copy.deepcopy(setup.model)  # before analyze() hooks setup.model
     spec = [t.spec for t in setup.transforms]
+    fed: dict[int, int] = {}  # images fed to the model per batch
 
-    def run_bare() -> float:
-        seconds, _ = bare_forward_seconds(setup.model, batches, feeder, dev, amp_dtype, channels_last)
-        return seconds
+    def prepare(k: int) -> list[torch.Tensor]:
+        inputs = model_inputs(feeder, batches[k], dev, channels_last)
+        fed[k] = sum(b.shape[0] for b in inputs)
+        return inputs
 
-    def run_analysis() -> tuple[float, dict]:
-        timer = PhaseTimer(dev, synchronize=dev.type == "cuda")
+    def interleaved_pass() -> tuple[PassTiming, dict]:
+        interleaver = Interleaver(
+            len(batches),
+            forward=lambda inputs: bare_forward(bare_model, inputs, dev, amp_dtype),
+            prepare=prepare,
+            sync=lambda: _sync(dev),
+        )
+        timer = BoundaryTimer(interleaver.boundary, dev, synchronize=dev.type == "cuda")
         report = analyze(setup.model, transforms=spec, images=images, layers=[layer.name for layer in setup.layers],
                          batch_size=batch_size, mask=mask, device=dev, max_images=max_images, input_size=cfg.input_size,
                          mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, timer=timer)
-        return report.meta["timings_seconds"]["analysis"], timer.as_dict()
+        if list(report.meta["images_used"]) != names:
+            raise AlignscopeError("the analysis read other images than the bare forward passes were built from "
+                                  "(a file changed during the benchmark?); run it again")
+        loads.append(load_average())
+        return interleaver.result(), timer.as_dict()
 
-    run_bare(), run_analysis()  # warm-up: allocator, kernel selection, file cache
-    bare, full, phases = [], [], []
+    interleaved_pass()  # warm-up: allocator, kernel selection, file cache
+    passes, phases = [], []
     for _ in range(max(1, repeats)):
-        bare.append(run_bare())
-        seconds, split = run_analysis()
-        full.append(seconds)
+        timing, split = interleaved_pass()
+        passes.append(timing)
         phases.append(split)
-    forward_seconds, analysis_seconds = statistics.median(bare), statistics.median(full)
+    summary = summarize_passes(passes)
+    machine = machine_info(dev)
+    noise = assess_noise(summary, loads, machine["cores"])
+    analysis_seconds = summary["analysis"]["median"]
     median_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
-    forward_images = sum(b.shape[0] for batch in batches for _, _, _, b in feeder.model_inputs(batch.pixels, batch.partner)
-                         if b is not None)
+    forward_images = sum(fed.values())
     return {
         "model": cfg.model_name,
         "pretrained": cfg.pretrained,
         "images": n_images,
         "batch_size": batch_size,
+        "batches": len(batches),
         "layers": [layer.name for layer in setup.layers],
         "transforms": spec,
         "forward_images_per_image": round(forward_images / n_images, 2),
-        "repeats": len(full),
+        "interleaving": "batch: each batch's bare forwards (A), then its analysis (B)",
+        "repeats": len(passes),
         "setup_seconds": round(setup_seconds, 3),
-        "forward_seconds": round(forward_seconds, 3),
+        "forward_seconds": round(summary["forward"]["median"], 3),
+        "forward_seconds_min": round(summary["forward"]["min"], 3),
         "analysis_seconds": round(analysis_seconds, 3),
-        "overhead_ratio": round(analysis_seconds / forward_seconds, 3),
+        "analysis_seconds_min": round(summary["analysis"]["min"], 3),
+        "overhead_ratio": round(summary["overhead_ratio"], 3),
+        "batch_ratio": {k: round(v, 3) if isinstance(v, float) else v for k, v in summary["batch_ratio"].items()},
+        "pass_ratios": [round(v, 3) for v in summary["pass_ratios"]],
         "images_per_second": round(n_images / analysis_seconds, 2),
         "phase_seconds": {k: round(v, 3) for k, v in median_phases.items()},
         "phase_share": {k: round(v / analysis_seconds, 3) for k, v in median_phases.items()},
-        "all_forward_seconds": [round(v, 3) for v in bare],
-        "all_analysis_seconds": [round(v, 3) for v in full],
+        "all_forward_seconds": [round(v, 3) for v in summary["forward"]["all"]],
+        "all_analysis_seconds": [round(v, 3) for v in summary["analysis"]["all"]],
+        "noisy": noise["noisy"],
+        "noise": _rounded(noise),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_of": "this process: analysis, bare forwards and the model's copy",
         "amp": amp or "off",
         "channels_last": channels_last,
         "workers": workers,
-        "machine": machine_info(dev),
+        "machine": machine,
     }
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def make_image_folder(n: int, folder: Path, seed: int = 0, size: int = 256) -> Path:
@@ -205,23 +259,97 @@ def make_image_folder(n: int, folder: Path, seed: int = 0, size: int = 256) -> P
     return folder
 
 
-def memory_scaling(counts: Sequence[int] = (32, 512), **options) -> dict:
-    """Peak RSS of the analysis for each image count, each in a fresh process (same batch size)."""
-    results = {}
+def _model_arguments(model: str, weights: str | None, pretrained: bool, transforms: Sequence[str] | None,
+                     layers: Sequence[str] | None, batch_size: int, device: str) -> list[str]:
+    """The command-line options that choose the same model, transforms, layers, batch size and device."""
+    args = ["--model", model, "--batch-size", str(batch_size), "--device", str(device)]
+    if weights not in (None, "auto"):
+        args += ["--weights", os.path.abspath(weights)]  # the children run in a scratch folder
+    if not pretrained:
+        args.append("--no-pretrained")
+    for spec in transforms or ():
+        args += ["--transform", spec]
+    for layer in layers or ():
+        args += ["--layers", layer]
+    return args
+
+
+def memory_scaling(counts: Sequence[int] = (32, 512), model: str = "tf_efficientnet_lite0", weights: str | None = "auto",
+                   pretrained: bool = True, transforms: Sequence[str] | None = None, layers: Sequence[str] | None = None,
+                   batch_size: int = 16, device: str = "cpu") -> dict:
+    """Peak RSS of ``alignscope analyze`` for each image count, each in a fresh process (same batch size).
+
+    Each run is the command line a user would type (``--no-plots``, report
+    written to a scratch folder, malloc set up as the command line does),
+    on distinct JPEGs cut from the bundled photos. Peak RSS in MiB, measured
+    by :func:`alignscope.peakmemory.run_measured`; ``seconds`` include
+    Python's start-up and model loading.
+    """
+    if len(set(counts)) < 2:
+        raise AlignscopeError(f"memory scaling needs two different image counts, got {list(counts)}")
+    options = _model_arguments(model, weights, pretrained, transforms, layers, batch_size, device)
+    results: dict[int, dict] = {}
+    launcher = []
     with tempfile.TemporaryDirectory(prefix="alignscope-mem-") as tmp:
         folder = make_image_folder(max(counts), Path(tmp) / "images")
         for count in counts:
-            child = dict(options, images=str(folder), max_images=count)
-            code = ("import json, sys; from alignscope.bench import _memory_child; "
-                    "print(json.dumps(_memory_child(**json.loads(sys.argv[1]))))")
-            out = subprocess.run([sys.executable, "-c", code, json.dumps(child)], capture_output=True, text=True, check=True)
-            results[count] = json.loads(out.stdout.strip().splitlines()[-1])
+            out = Path(tmp) / f"report-{count}"
+            argv = [sys.executable, "-m", "alignscope", "analyze", *options, "--images", str(folder),
+                    "--max-images", str(count), "--no-plots", "--quiet", "--out", str(out)]
+            run = run_measured(argv).check(f"the analysis of {count} images")
+            used = len(json.loads((out / "run.json").read_text())["images_used"])
+            if used != count:
+                raise AlignscopeError(f"the analysis asked for {count} images used {used}; its peak memory is not comparable")
+            results[count] = {"images": used, "peak_rss_mb": round(run.peak_mb, 1), "seconds": round(run.seconds, 2)}
+            launcher.append(run.launcher_mb)
     small, large = results[min(counts)], results[max(counts)]
-    return {"runs": results, "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
+    floor = max((v for v in launcher if v is not None), default=None)
+    return {"runs": results, "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "peak_rss_source": PEAK_SOURCE, "launcher_mb": None if floor is None else round(floor, 1)}
 
 
-def _memory_child(**options) -> dict:
-    started = time.perf_counter()
-    report = analyze(**options)
-    return {"images": len(report.meta["images_used"]), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "seconds": round(time.perf_counter() - started, 2)}
+def bench_arguments(model: str = "tf_efficientnet_lite0", weights: str | None = "auto", pretrained: bool = True,
+                    images=None, max_images: int | None = 64, transforms: Sequence[str] | None = None,
+                    layers: Sequence[str] | None = None, batch_size: int = 16, device: str = "cpu", amp: str | None = None,
+                    channels_last: bool | None = None, workers: int = 0, repeats: int = 3) -> list[str]:
+    """The ``alignscope bench`` options that repeat a :func:`benchmark` call with these arguments."""
+    args = _model_arguments(model, weights, pretrained, transforms, layers, batch_size, device)
+    if images is not None:
+        args += ["--images", os.path.abspath(images)]
+    if max_images is not None:
+        args += ["--max-images", str(max_images)]
+    if channels_last is not None:
+        args.append("--channels-last" if channels_last else "--no-channels-last")
+    return args + ["--amp", amp or "off", "--workers", str(workers), "--repeats", str(repeats)]
+
+
+def malloc_comparison(tuned_first: bool = True, **options) -> dict:
+    """:func:`benchmark` with ``options`` in two fresh processes: malloc set up as the command line does
+    (tuned), and with ``ALIGNSCOPE_NO_MALLOC_TUNING=1`` (untuned). Each run's result with its own peak RSS
+    (MiB), and untuned / tuned time ratios (``*_speedup``).
+
+    Both start from this environment without ``MALLOC_*`` variables (which
+    would tune the untuned run too). The two runs follow each other, so
+    unlike A and B inside one run they may see different load; each says
+    whether it was noisy, and ``noisy`` is set when either was.
+    """
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ALIGNSCOPE_MALLOC"))}
+    base.pop(MALLOC_OPT_OUT, None)
+    settings = {"tuned": base, "untuned": dict(base, **{MALLOC_OPT_OUT: "1"})}
+    order = ["tuned", "untuned"] if tuned_first else ["untuned", "tuned"]
+    argv = [sys.executable, "-m", "alignscope", "bench", *bench_arguments(**options), "--json"]
+    runs = {}
+    for name in order:
+        run = run_measured(argv, env=settings[name]).check(f"the {name} benchmark")
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        result["peak_rss_mb"] = round(run.peak_mb, 1)
+        result["peak_rss_of"] = PEAK_SOURCE
+        runs[name] = result
+    tuned, untuned = runs["tuned"], runs["untuned"]
+    return {
+        "runs": runs,
+        "order": order,
+        "forward_speedup": round(untuned["forward_seconds"] / tuned["forward_seconds"], 3),
+        "analysis_speedup": round(untuned["analysis_seconds"] / tuned["analysis_seconds"], 3),
+        "noisy": tuned["noisy"] or untuned["noisy"],
+    }

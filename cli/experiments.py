@@ -72,55 +72,95 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors (default: on for CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median) after a warm-up.")
-@click.option("--memory-scaling", is_flag=True, help="Also peak RSS for 32 and 512 images, each in a fresh process.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes after a warm-up.")
+@click.option("--memory-scaling", is_flag=True, help="Also peak RSS of 'alignscope analyze' on 32 and 512 images, each in a fresh process.")
+@click.option("--compare-malloc", is_flag=True,
+              help="Also run this benchmark in two fresh processes, malloc tuned and not (ALIGNSCOPE_NO_MALLOC_TUNING=1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def bench(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, device, amp, channels_last,
-          workers, repeats, memory_scaling, as_json, debug) -> None:
+          workers, repeats, memory_scaling, compare_malloc, as_json, debug) -> None:
     """Time the analysis against the bare forward passes it needs (overhead ratio).
 
     (A) full-model forward passes over exactly the inputs the analysis feeds
-    the model, (B) the analysis without plots or files; interleaved, median
-    of --repeats after a warm-up. Prints images/s, B/A, where the time goes,
-    peak RSS and the machine.
+    the model, (B) the analysis without plots or files; interleaved batch by
+    batch (each batch's bare forwards, then its analysis) so both see the same
+    load; a warm-up pass, then --repeats timed passes. Prints images/s, B/A as
+    a ratio of sums with its spread over batches, where the time goes, peak
+    RSS and the machine, and says when the run was too noisy to trust
+    (repeats more than 20% apart, or a load average above the core count).
 
     \b
     Examples:
       alignscope bench
       alignscope bench --model resnet50 --no-pretrained --json
-      alignscope bench --memory-scaling --batch-size 16
+      alignscope bench --memory-scaling --compare-malloc
     """
     import json
 
-    from alignscope.bench import benchmark
-    from alignscope.bench import memory_scaling as scaling
+    import alignscope.bench as benching
 
-    result = benchmark(model=model, weights=weights or "auto", pretrained=not no_pretrained, images=images,
-                       max_images=max_images, transforms=list(transforms) or None, layers=list(layers) or None,
-                       batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
-                       repeats=repeats)
+    options = dict(model=model, weights=weights or "auto", pretrained=not no_pretrained, transforms=list(transforms) or None,
+                   layers=list(layers) or None, batch_size=batch_size, device=device)
+    timing = dict(images=images, max_images=max_images, amp=amp, channels_last=channels_last, workers=workers, repeats=repeats)
+    result = benching.benchmark(**options, **timing)
     if memory_scaling:
-        result["memory_scaling"] = scaling(model=model, weights=weights or "auto", pretrained=not no_pretrained,
-                                           transforms=list(transforms) or None, layers=list(layers) or None,
-                                           batch_size=batch_size, device=device)
+        result["memory_scaling"] = benching.memory_scaling(**options)
+    if compare_malloc:
+        result["malloc_comparison"] = benching.malloc_comparison(**options, **timing)
     if as_json:
         click.echo(json.dumps(result))
         return
-    m = result["machine"]
-    click.echo(f"{result['model']} · {result['images']} images · batch {result['batch_size']} · {len(result['layers'])} layers · "
-               f"{len(result['transforms'])} transforms · {m['device']} ({m.get('gpu', m['cpu'])}, {m['cores']} cores, torch {m['torch']})")
-    click.echo(f"bare forward passes (A): {result['forward_seconds']:.2f} s  ({result['forward_images_per_image']} forward images per image)")
-    click.echo(f"analysis (B):            {result['analysis_seconds']:.2f} s  = {result['images_per_second']:.2f} images/s")
-    click.echo(f"overhead ratio B/A:      {result['overhead_ratio']:.3f}   (median of {result['repeats']})")
+    for line in _bench_lines(result):
+        click.echo(line)
+
+
+def _bench_lines(result: dict) -> list[str]:
+    """The text report of ``alignscope bench``."""
+    m, noise, batch = result["machine"], result["noise"], result["batch_ratio"]
+    loads = [v for v in noise["load_average"]["samples"] if v is not None]
+    spread = noise["repeat_spread"]
+    lines = [
+        f"{result['model']} · {result['images']} images · batch {result['batch_size']} · {len(result['layers'])} layers · "
+        f"{len(result['transforms'])} transforms · {m['device']} ({m.get('gpu', m['cpu'])}, {m['cores']} cores, "
+        f"{m['torch_threads']} torch threads, torch {m['torch']})",
+        "load average:            " + (f"{loads[0]:.2f} at the start, at most {max(loads):.2f}" if loads else "not available"),
+        f"interleaved batch by batch; {result['repeats']} timed passes after a warm-up "
+        f"({result['forward_images_per_image']} forward images per image)",
+        f"bare forward passes (A): median {result['forward_seconds']:.2f} s, min {result['forward_seconds_min']:.2f} s",
+        f"analysis (B):            median {result['analysis_seconds']:.2f} s, min {result['analysis_seconds_min']:.2f} s"
+        f" = {result['images_per_second']:.2f} images/s",
+        f"overhead ratio B/A:      {result['overhead_ratio']:.3f}   (sum of B / sum of A; per batch: min {batch['min']:.3f}, "
+        f"median {batch['median']:.3f}, max {batch['max']:.3f} over {batch['batches']} batches)",
+    ]
+    if any(v is not None for v in spread.values()):
+        lines.append("spread between repeats:  " + ", ".join(
+            f"{name} {spread[key]:.1%}" for key, name in (("forward", "A"), ("analysis", "B"), ("ratio", "B/A")))
+            + f"   (noisy above {noise['spread_limit']:.0%})")
     shares = ", ".join(f"{k} {v:.1%}" for k, v in result["phase_share"].items())
-    click.echo(f"time in the analysis:    {shares}")
-    click.echo(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB")
-    if memory_scaling:
-        runs = result["memory_scaling"]["runs"]
-        for count, run in runs.items():
-            click.echo(f"peak RSS, {count:>4} images:  {run['peak_rss_mb']:.0f} MiB (fresh process, {run['seconds']:.1f} s)")
-        click.echo(f"ratio:                   {result['memory_scaling']['rss_ratio']:.3f}")
+    lines.append(f"time in the analysis:    {shares}")
+    lines.append(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB ({result['peak_rss_of']})")
+    if "memory_scaling" in result:
+        scaling = result["memory_scaling"]
+        for count, run in scaling["runs"].items():
+            lines.append(f"peak RSS, {count:>4} images:  {run['peak_rss_mb']:.0f} MiB ('alignscope analyze' in a fresh process, "
+                         f"{run['seconds']:.1f} s)")
+        lines.append(f"ratio:                   {scaling['rss_ratio']:.3f}   (launcher floor {scaling['launcher_mb']} MiB)")
+    if "malloc_comparison" in result:
+        comparison = result["malloc_comparison"]
+        for name in comparison["order"]:
+            run = comparison["runs"][name]
+            lines.append(f"malloc {name + ':':<17}A {run['forward_seconds']:.2f} s, B {run['analysis_seconds']:.2f} s, "
+                         f"B/A {run['overhead_ratio']:.3f}, peak RSS {run['peak_rss_mb']:.0f} MiB"
+                         + ("  [noisy]" if run["noisy"] else ""))
+        lines.append(f"untuned / tuned time:    A {comparison['forward_speedup']:.3f}, B {comparison['analysis_speedup']:.3f}")
+    if noise["unchecked"]:
+        lines.append("not checked:             " + "; ".join(noise["unchecked"]))
+    noisy = noise["reasons"] + (["a malloc comparison run was noisy"] if result.get("malloc_comparison", {}).get("noisy") else [])
+    if noisy:
+        lines.append("NOISY RUN, do not quote these figures: " + "; ".join(noisy)
+                     + ". Re-run on a quiet machine.")
+    return lines
 
 
 @app.command()
