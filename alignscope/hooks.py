@@ -71,7 +71,7 @@ def _stage_entries(model: nn.Module) -> list[dict]:
     if info is None:
         return []
     if hasattr(info, "module_name"):  # timm FeatureInfo object (features_only models)
-        return [{"module": m, "reduction": r} for m, r in zip(info.module_name(), info.reduction())]
+        return [{"module": m, "reduction": r, "num_chs": c} for m, r, c in zip(info.module_name(), info.reduction(), info.channels())]
     try:
         return [dict(entry) for entry in info if "module" in entry]
     except (TypeError, KeyError, ValueError):
@@ -156,7 +156,7 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
 
     entries = _stage_entries(model)
     defaults = {entry["module"] for entry in entries}
-    reductions = {entry["module"]: entry.get("reduction") for entry in entries}
+    stage_of = {entry["module"]: entry for entry in entries}
     hints = ModelHints.from_model(model, (height, width), PROBE_BATCH, sorted(defaults))
     layers = []
     identities: dict[str, int] = {}
@@ -180,14 +180,10 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
                 identities[layer_name] = id(value)
             else:
                 layer.reason = f"output is a {type(value).__name__}, not a tensor"
-            layer.default = name in defaults and (element is None or _stride_matches(layer, reductions.get(name)))
+            layer.default = name in defaults and element is None
             layers.append(layer)
-        if len(elements) > 1:
-            # a list stage: when no element has the stage's reduction, every element stands for it
-            group = [layer for layer in layers if layer.module_name == name]
-            if name in defaults and not any(layer.default for layer in group):
-                for layer in group:
-                    layer.default = True
+        if name in defaults and elements[0][1] is not None:
+            _mark_list_stage([layer for layer in layers if layer.module_name == name], stage_of[name])
     _mark_duplicates(layers, identities)
     probed = {layer.source for layer in layers}
     for extra, stage in enumerate(entry["module"] for entry in entries if entry["module"] not in probed):
@@ -202,8 +198,15 @@ def _stride(height: int, map_height: int) -> float:
     return float(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 else ratio
 
 
-def _stride_matches(layer: LayerInfo, reduction: object) -> bool:
-    return isinstance(reduction, (int, float)) and layer.stride is not None and round(layer.stride) == round(float(reduction))
+def _mark_list_stage(group: list[LayerInfo], stage: dict) -> None:
+    """Which elements of a list-output stage stand for it: those with its reduction (and channel count, if
+    that narrows it down); every element when none has its reduction."""
+    reduction, channels = stage.get("reduction"), stage.get("num_chs")
+    picked = [layer for layer in group if layer.spatial and isinstance(reduction, (int, float))
+              and layer.stride is not None and round(layer.stride) == round(float(reduction))]
+    narrowed = [layer for layer in picked if layer.channels == channels]
+    for layer in (narrowed or picked or group):
+        layer.default = True
 
 
 def _mark_duplicates(layers: list[LayerInfo], identities: dict[str, int]) -> None:

@@ -241,6 +241,8 @@ def _resolve_4d(shape: Sequence[int], hints: ModelHints, resized: Sequence[int] 
     if not consistent:
         if _is_token_count(shape[2], hints):
             return Resolution(None, tuple(shape[1:]), f"attention tensor (B, heads, tokens, ...) {_shape_text(shape)}, not a map")
+        if min(shape[2], shape[3]) < 2 and min(shape[1], shape[2]) < 2:
+            return Resolution(None, tuple(shape[1:]), f"output {_shape_text(shape)} has no spatial extent, not a map")
         return Resolution(None, tuple(shape[1:]), f"output {_shape_text(shape)} has no pair of axes with the input's aspect ratio, not a map")
     evidence = "only reading with the input's aspect ratio"
     changing = _changing_axes(shape, resized)

@@ -237,6 +237,7 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
             "module": layer.module_type,
             "output": "x".join(map(str, layer.shape)) if layer.shape else "",
             "stride": layer.stride if layer.stride is not None else "",
+            "layout": str(layer.layout) if layer.spatial else "",
             "default": layer.default,
             "note": layer.reason,
         })
@@ -247,7 +248,8 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
         click.echo(table.to_json(orient="records"))
     else:
         click.echo(f"{model}: input {'x'.join(map(str, cfg.input_size))}, {len(table)} modules listed "
-                   f"(stride = input height / output height; default = stages from timm feature_info)")
+                   f"(output = C x H x W as read through layout; stride = input height / map height, a fraction means "
+                   f"translations are interpolated; default = stages from timm feature_info)")
         click.echo(table.drop(columns=[] if show_all else ["note"]).to_string(index=False))
 
 
