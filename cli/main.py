@@ -264,6 +264,10 @@ def models() -> None:
         click.echo(f"  {row['model']:<28} {row['weights']}")
     if not rows:
         click.echo("  (none)")
+    from alignscope.offline_weights import missing_offline_weights
+
+    for entry in missing_offline_weights():
+        click.echo(f"  {entry.name:<28} not installed: {entry.description}")
     click.echo(
         "\nEvery timm CNN works: with internet, timm fetches its pretrained weights from the hub; offline, pass a\n"
         "local checkpoint with --weights FILE, or --no-pretrained for random weights."
