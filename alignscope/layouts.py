@@ -236,11 +236,13 @@ def _is_token_count(count: int, hints: ModelHints) -> bool:
 
 def _resolve_4d(shape: Sequence[int], hints: ModelHints, resized: Sequence[int] | None,
                 module: nn.Module | None, stage_format: str | None) -> Resolution:
+    if _is_token_count(shape[2], hints):
+        # (B, heads, tokens, head_dim) or (B, heads, tokens, tokens): checked first, since a head_dim close to
+        # the token count would pass the aspect test
+        return Resolution(None, tuple(shape[1:]), f"attention tensor (B, heads, tokens, ...) {_shape_text(shape)}, not a map")
     readings = {"NCHW": (shape[1], shape[2], shape[3]), "NHWC": (shape[3], shape[1], shape[2])}
     consistent = [kind for kind, (_, h, w) in readings.items() if grid_fits(h, w, hints.input_hw)]
     if not consistent:
-        if _is_token_count(shape[2], hints):
-            return Resolution(None, tuple(shape[1:]), f"attention tensor (B, heads, tokens, ...) {_shape_text(shape)}, not a map")
         if min(shape[2], shape[3]) < 2 and min(shape[1], shape[2]) < 2:
             return Resolution(None, tuple(shape[1:]), f"output {_shape_text(shape)} has no spatial extent, not a map")
         return Resolution(None, tuple(shape[1:]), f"output {_shape_text(shape)} has no pair of axes with the input's aspect ratio, not a map")
