@@ -209,15 +209,21 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
 
 
 @app.command()
-@click.argument("model", default="tf_efficientnet_lite0")
+@click.argument("model_name", metavar="[MODEL]", required=False)
+@model_options
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="Also list modules without spatial output and duplicates.")
-def layers(model: str, fmt: str, show_all: bool) -> None:
-    """List MODEL's modules: output C x H x W, stride, default stage (no weights needed).
+def layers(model_name: str | None, model: str, weights: str | None, no_pretrained: bool, fmt: str, show_all: bool) -> None:
+    """List MODEL's modules: output C x H x W, layout, stride, default stage.
+
+    Shapes need no weights: the model is probed with random weights unless
+    --weights gives a checkpoint (which is then checked to fit); --no-pretrained
+    is accepted like everywhere else. MODEL may be given as argument or --model.
 
     \b
     Examples:
       alignscope layers tf_efficientnet_lite0
+      alignscope layers --model vit_tiny_patch16_224 --all
       alignscope layers resnet50 --format csv > layers.csv
     """
     import pandas as pd
@@ -225,7 +231,8 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
     from alignscope.hooks import probe_layers
     from alignscope.models import load_model
 
-    net, cfg = load_model(model, pretrained=False)
+    model = model_name or model
+    net, cfg = load_model(model, weights=weights or "auto", pretrained=bool(weights))
     probed = probe_layers(net, cfg.input_size)
     rows = []
     for index, layer in enumerate(probed):

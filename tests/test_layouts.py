@@ -288,3 +288,27 @@ def test_capture_checks_the_probed_shape():
     layer = next(l for l in probe_layers(net, (3, 8, 8)) if l.name == "0")
     with pytest.raises(LayerError, match="probe saw"), FeatureCapture(net, [layer]) as capture:
         capture(torch.randn(2, 3, 12, 12))
+
+
+# --- the command line ------------------------------------------------------------
+
+
+def _cli(*args):
+    from alignscope.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code
+
+
+def test_layers_command_shows_layouts_with_the_shared_model_options(capsys):
+    import io
+
+    import pandas as pd
+
+    assert _cli("layers", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--format", "csv") == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out)).set_index("name")
+    assert table.loc["blocks.0", "layout"] == "tokens 1+14x14" and table.loc["blocks.0", "output"] == "192x14x14"
+    assert table[table["default"]].index.tolist() == [f"blocks.{i}" for i in range(12)]
+    assert _cli("layers", "resnet18", "--weights", "missing.safetensors") == 2
+    assert "checkpoint not found" in capsys.readouterr().err
