@@ -87,11 +87,14 @@ PROBE_BATCH = 2  # more than one, so that a leading dimension of windows x batch
 RESIZE_PROBE_STEP = 64  # the second probe adds this many pixels to height and width
 
 
-def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Tensor, tolerate: bool = False):
+def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Tensor, tolerate: bool = False,
+                shapes_only: bool = False):
     """Run ``model`` on ``dummy`` with a hook on every module (the root included); remove them all after.
 
     Returns {name: output}, {name: output version at return}, {name: order}
     and the first line of the error if ``tolerate`` and the forward failed.
+    ``shapes_only`` keeps each tensor's shape instead of the tensor (an empty
+    meta tensor of that shape), so that the probe holds one set of outputs.
     """
     outputs: dict[str, object] = {}
     versions: dict[str, object] = {}
@@ -101,7 +104,7 @@ def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Te
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             order[name] = len(order)
-            outputs[name] = output
+            outputs[name] = _shapes(output) if shapes_only else output
             versions[name] = _versions(output)
 
         return hook
@@ -121,6 +124,14 @@ def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Te
         for handle in handles:
             handle.remove()
     return outputs, versions, order, failure
+
+
+def _shapes(output: object) -> object:
+    if isinstance(output, torch.Tensor):
+        return torch.empty(output.shape, device="meta")
+    if isinstance(output, (list, tuple)):
+        return [_shapes(t) for t in output]
+    return output
 
 
 def _versions(output: object) -> object:
@@ -152,7 +163,7 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
     outputs, versions, order, _ = _run_hooked(model, modules, torch.zeros((PROBE_BATCH, channels, height, width), device=device))
     resized, _, _, _ = _run_hooked(
         model, modules, torch.zeros((PROBE_BATCH, channels, height + RESIZE_PROBE_STEP, width + RESIZE_PROBE_STEP), device=device),
-        tolerate=True)
+        tolerate=True, shapes_only=True)
 
     entries = _stage_entries(model)
     defaults = {entry["module"] for entry in entries}
