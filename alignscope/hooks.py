@@ -31,7 +31,8 @@ class LayerInfo:
     ``shape`` is (C, H, W) for spatial maps, already in the (B, C, H, W)
     reading that :attr:`layout` gives; ``stride`` is input height divided by
     map height (not an integer for valid convolutions at sizes such as 299:
-    warps then interpolate instead of moving whole cells). ``order`` is the
+    translations then move the map by a fraction of a cell and are
+    interpolated). ``order`` is the
     position in execution order (hooks fire when a module returns, so a
     container comes after its children). ``module_name`` is the hooked module
     and ``element`` the index into its list/tuple output (``name`` is then
@@ -289,6 +290,22 @@ def select_layers(probed: list[LayerInfo], request: str | Sequence[str] | None =
     name of a module with a list output selects all its elements
     (``name[0]``, ...). Selected layers come in execution order.
     """
+    chosen, skipped = _select(probed, request)
+    _note_fractional_strides(chosen)
+    return chosen, skipped
+
+
+def _note_fractional_strides(layers: list[LayerInfo]) -> None:
+    fractional = [layer for layer in layers if layer.stride is not None and layer.stride != round(layer.stride)]
+    if fractional:
+        shown = ", ".join(f"{layer.name} ({layer.stride:.3f})" for layer in fractional[:4])
+        more = f" and {len(fractional) - 4} more" if len(fractional) > 4 else ""
+        log.info("fractional strides at %s%s (input height / map height): a translation there moves the map by a "
+                 "fraction of a cell and is interpolated, not exact; flips and quarter turns stay index operations",
+                 shown, more)
+
+
+def _select(probed: list[LayerInfo], request: str | Sequence[str] | None) -> tuple[list[LayerInfo], list[LayerInfo]]:
     by_name = {layer.name: layer for layer in probed}
     distinct = [layer for layer in probed if layer.spatial and not layer.reason]
     if request is None:

@@ -312,3 +312,15 @@ def test_layers_command_shows_layouts_with_the_shared_model_options(capsys):
     assert table[table["default"]].index.tolist() == [f"blocks.{i}" for i in range(12)]
     assert _cli("layers", "resnet18", "--weights", "missing.safetensors") == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_fractional_strides_are_said(caplog):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)).eval()  # valid conv: 19 px -> 9 cells, stride 2.111
+    with caplog.at_level(logging.INFO, logger="alignscope"):
+        chosen, _ = select_layers(probe_layers(net, (3, 19, 19)))
+    assert chosen[0].stride == pytest.approx(19 / 9)
+    assert "fractional strides at 0 (2.111)" in caplog.text
+    report = alignscope.analyze(net, transforms=["translate2,0", "hflip"], images=torch.randn(2, 3, 19, 19),
+                                input_size=(3, 19, 19), batch_size=2)
+    exact = report.table.set_index("transform")["exact"]
+    assert not exact["translate2,0"] and exact["hflip"]
