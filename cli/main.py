@@ -276,7 +276,7 @@ def models() -> None:
     for entry in missing_offline_weights():
         click.echo(f"  {entry.name:<28} not installed: {entry.description}")
     click.echo(
-        "\nEvery timm CNN works: with internet, timm fetches its pretrained weights from the hub; offline, pass a\n"
+        "\nEvery timm model works (CNNs, ViTs, Swins: see alignscope layers): with internet, timm fetches its pretrained weights from the hub; offline, pass a\n"
         "local checkpoint with --weights FILE, or --no-pretrained for random weights."
     )
 
