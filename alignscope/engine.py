@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum, gather_to_main, init_from_environment
 from .checks import warn_chance_collapse
+from .distributed import all_reduce_sum, gather_to_main, init_from_environment
 from .errors import ImageError, UsageError
 from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
