@@ -9,9 +9,14 @@ import timm
 import torch
 
 from alignscope.errors import ModelError
-from alignscope.images import bundled_photos, build_preprocess, read_rgb
+from alignscope.images import build_preprocess, bundled_photos, read_rgb
 from alignscope.models import load_model, offline_model_table
-from alignscope.offline_weights import LITE12_STAGE_DEPTHS, convert_lite_state_dict, lite_key_to_timm, offline_weights
+from alignscope.offline_weights import (
+    LITE12_STAGE_DEPTHS,
+    convert_lite_state_dict,
+    lite_key_to_timm,
+    offline_weights,
+)
 
 
 @pytest.mark.parametrize("variant", [1, 2])
