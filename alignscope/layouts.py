@@ -277,6 +277,11 @@ def _resolve_3d(shape: Sequence[int], hints: ModelHints, resized: Sequence[int] 
         return Resolution(None, tuple(shape[1:]), f"output {_shape_text(shape)} is no token grid at the input's aspect ratio, not a map")
     evidence = "tokens factor as the input's grid"
     changing = _changing_axes(shape, resized)
+    if changing is not None:
+        # a token axis grows with the input; one that does not (an ECA conv over channels, a latent array) is no grid
+        candidates = [c for c in candidates if c[0] in changing]
+        if not candidates:
+            return Resolution(None, tuple(shape[1:]), f"output {_shape_text(shape)} does not change with the input size, not a token grid")
     if len(candidates) > 1 and changing and len(changing) == 1:
         candidates = [c for c in candidates if c[0] == changing[0]] or candidates
         evidence = "token axis changes with the input size"

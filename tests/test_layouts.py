@@ -324,3 +324,22 @@ def test_fractional_strides_are_said(caplog):
                                 input_size=(3, 19, 19), batch_size=2)
     exact = report.table.set_index("transform")["exact"]
     assert not exact["translate2,0"] and exact["hflip"]
+
+
+class _ChannelConv(nn.Module):
+    """ECA-style: a 1-D conv along the channels of a pooled map, (B, 1, C); C = 64 would factor as 8 x 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * self.eca(y.mean((2, 3)).unsqueeze(1)).transpose(1, 2).unsqueeze(-1)
+
+
+def test_sequence_that_does_not_grow_with_the_input_is_no_token_grid():
+    probed = {l.name: l for l in probe_layers(_ChannelConv().eval(), (3, 16, 16))}
+    assert not probed["eca"].spatial and "does not change with the input size" in probed["eca"].reason
+    assert probed["conv"].spatial
