@@ -1,11 +1,15 @@
 """Forward hooks: which modules produce spatial feature maps, and capturing them.
 
-:func:`probe_layers` runs the model once on a dummy input and records, for
-every module, its output shape, its stride relative to the input and the
-order in which it ran. :func:`select_layers` turns a user's layer request into
-probed layers. :class:`FeatureCapture` attaches hooks to chosen modules,
-returns their outputs for a batch, stops the forward pass once the deepest
-chosen module has run, and removes every hook on exit, also on error.
+:func:`probe_layers` runs the model on dummy inputs and records, for every
+module (the root included; one entry per element of a list output), how its
+output reads as a (B, C, H, W) map (its layout, decided by
+:mod:`alignscope.layouts`), the map's shape, its stride relative to the input
+and the order in which it ran. :func:`select_layers` turns a user's layer
+request into probed layers and reports the default stages it drops.
+:class:`FeatureCapture` attaches hooks to chosen modules, returns their
+outputs for a batch already converted to (B, C, H, W), stops the forward pass
+once the deepest chosen module has run, and removes every hook on exit, also
+on error.
 """
 from __future__ import annotations
 
