@@ -96,19 +96,23 @@ def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Te
                 shapes_only: bool = False):
     """Run ``model`` on ``dummy`` with a hook on every module (the root included); remove them all after.
 
-    Returns {name: output}, {name: output version at return}, {name: order}
-    and the first line of the error if ``tolerate`` and the forward failed.
+    Returns {name: output}, {name: output version at return}, {name: order},
+    {name: number of calls} and the first line of the error if ``tolerate``
+    and the forward failed. A module called more than once keeps its last
+    output and the position of its last call.
     ``shapes_only`` keeps each tensor's shape instead of the tensor (an empty
     meta tensor of that shape), so that the probe holds one set of outputs.
     """
     outputs: dict[str, object] = {}
     versions: dict[str, object] = {}
     order: dict[str, int] = {}
+    calls: dict[str, int] = {}
     handles = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            order[name] = len(order)
+            calls[name] = calls.get(name, 0) + 1
+            order[name] = sum(calls.values()) - 1
             outputs[name] = _shapes(output) if shapes_only else output
             versions[name] = _versions(output)
 
@@ -128,7 +132,7 @@ def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Te
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, versions, order, failure
+    return outputs, versions, order, calls, failure
 
 
 def _shapes(output: object) -> object:
@@ -165,8 +169,8 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
     """
     modules = dict(model.named_modules())
     channels, height, width = (int(v) for v in input_size[-3:])
-    outputs, versions, order, _ = _run_hooked(model, modules, torch.zeros((PROBE_BATCH, channels, height, width), device=device))
-    resized, _, _, _ = _run_hooked(
+    outputs, versions, order, calls, _ = _run_hooked(model, modules, torch.zeros((PROBE_BATCH, channels, height, width), device=device))
+    resized, _, _, _, _ = _run_hooked(
         model, modules, torch.zeros((PROBE_BATCH, channels, height + RESIZE_PROBE_STEP, width + RESIZE_PROBE_STEP), device=device),
         tolerate=True, shapes_only=True)
 
@@ -188,6 +192,9 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
                 found = resolve_layout(value, hints, tuple(other.shape) if isinstance(other, torch.Tensor) else None,
                                        modules[name], name)
                 layer.spatial, layer.shape, layer.reason = found.spatial, found.shape, found.reason
+                if calls[name] > 1:
+                    # a shared module (one activation or dropout used at several places): which call is meant?
+                    layer.spatial, layer.reason = False, f"runs {calls[name]} times in one forward pass, so its output is ambiguous"
                 if found.layout is not None:
                     layer.layout = found.layout
                     layer.stride = _stride(height, found.shape[1])
@@ -226,7 +233,7 @@ def _mark_list_stage(group: list[LayerInfo], stage: dict) -> None:
 
 
 def _mark_duplicates(layers: list[LayerInfo], identities: dict[str, int]) -> None:
-    """Of layers holding the very same tensor, keep a default stage, else the one that ran last.
+    """Of layers holding the very same tensor, keep a default stage, else a map, else the one that ran last.
 
     A container returning its last child's output runs after it (the
     container is kept); an in-place activation runs after the module whose
@@ -239,7 +246,7 @@ def _mark_duplicates(layers: list[LayerInfo], identities: dict[str, int]) -> Non
         if layer.name in identities:
             by_identity.setdefault(identities[layer.name], []).append(layer)
     for group in by_identity.values():
-        keeper = max(group, key=lambda layer: (layer.default, layer.name != "", layer.order))
+        keeper = max(group, key=lambda layer: (layer.default, layer.spatial, layer.name != "", layer.order))
         for layer in group:
             if layer is not keeper and layer.spatial:
                 layer.reason = f"same output tensor as {keeper.name or 'the root module'}"

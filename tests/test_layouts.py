@@ -343,3 +343,19 @@ def test_sequence_that_does_not_grow_with_the_input_is_no_token_grid():
     probed = {l.name: l for l in probe_layers(_ChannelConv().eval(), (3, 16, 16))}
     assert not probed["eca"].spatial and "does not change with the input size" in probed["eca"].reason
     assert probed["conv"].spatial
+
+
+class _SharedActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv2(self.act(self.conv1(x))))
+
+
+def test_module_called_twice_is_skipped_as_ambiguous():
+    probed = {l.name: l for l in probe_layers(_SharedActivation().eval(), (3, 8, 8))}
+    assert not probed["act"].spatial and "runs 2 times" in probed["act"].reason
+    chosen, _ = select_layers(list(probed.values()), "all")
+    assert [l.name for l in chosen] == ["conv1", "conv2", ""]
