@@ -69,11 +69,11 @@ def _run(model: torch.nn.Module, size: int, mean, std, layers):
 
 
 def _reason_kind(reason: str) -> str:
-    for kind in ("window-partitioned", "attention", "not a tensor", "no spatial extent", "-D", "aspect ratio", "token grid",
-                 "same output tensor", "capped"):
-        if kind in reason:
-            return {"-D": "not 3/4-D", "aspect ratio": "no grid", "token grid": "no grid"}.get(kind, kind)
-    return "other"
+    labels = {"window-partitioned": "window-partitioned", "attention": "attention", "not a tensor": "not a tensor",
+              "no spatial extent": "no spatial extent", "-D": "not 3/4-D", "aspect ratio": "no grid", "token grid": "no grid",
+              "times in one forward": "shared module", "no module of this name": "missing stage",
+              "same output tensor": "same output tensor", "capped": "capped"}
+    return next((label for key, label in labels.items() if key in reason), "other")
 
 
 def sweep_one(name: str, size: int, kwargs: dict) -> dict:
