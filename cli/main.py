@@ -216,15 +216,21 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
 
 
 @app.command()
-@click.argument("model", default="tf_efficientnet_lite0")
+@click.argument("model_name", metavar="[MODEL]", required=False)
+@model_options
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="Also list modules without spatial output and duplicates.")
-def layers(model: str, fmt: str, show_all: bool) -> None:
-    """List MODEL's modules: output C x H x W, stride, default stage (no weights needed).
+def layers(model_name: str | None, model: str, weights: str | None, no_pretrained: bool, fmt: str, show_all: bool) -> None:
+    """List MODEL's modules: output C x H x W, layout, stride, default stage.
+
+    Shapes need no weights: the model is probed with random weights unless
+    --weights gives a checkpoint (which is then checked to fit); --no-pretrained
+    is accepted like everywhere else. MODEL may be given as argument or --model.
 
     \b
     Examples:
       alignscope layers tf_efficientnet_lite0
+      alignscope layers --model vit_tiny_patch16_224 --all
       alignscope layers resnet50 --format csv > layers.csv
     """
     import pandas as pd
@@ -232,7 +238,8 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
     from alignscope.hooks import probe_layers
     from alignscope.models import load_model
 
-    net, cfg = load_model(model, pretrained=False)
+    model = model_name or model
+    net, cfg = load_model(model, weights=weights or "auto", pretrained=bool(weights))
     probed = probe_layers(net, cfg.input_size)
     rows = []
     for index, layer in enumerate(probed):
@@ -244,6 +251,7 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
             "module": layer.module_type,
             "output": "x".join(map(str, layer.shape)) if layer.shape else "",
             "stride": layer.stride if layer.stride is not None else "",
+            "layout": str(layer.layout) if layer.spatial else "",
             "default": layer.default,
             "note": layer.reason,
         })
@@ -254,7 +262,8 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
         click.echo(table.to_json(orient="records"))
     else:
         click.echo(f"{model}: input {'x'.join(map(str, cfg.input_size))}, {len(table)} modules listed "
-                   f"(stride = input height / output height; default = stages from timm feature_info)")
+                   f"(output = C x H x W as read through layout; stride = input height / map height, a fraction means "
+                   f"translations are interpolated; default = stages from timm feature_info)")
         click.echo(table.drop(columns=[] if show_all else ["note"]).to_string(index=False))
 
 
@@ -269,8 +278,12 @@ def models() -> None:
         click.echo(f"  {row['model']:<28} {row['weights']}")
     if not rows:
         click.echo("  (none)")
+    from alignscope.offline_weights import missing_offline_weights
+
+    for entry in missing_offline_weights():
+        click.echo(f"  {entry.name:<28} not installed: {entry.description}")
     click.echo(
-        "\nEvery timm CNN works: with internet, timm fetches its pretrained weights from the hub; offline, pass a\n"
+        "\nEvery timm model works (CNNs, ViTs, Swins: see alignscope layers): with internet, timm fetches its pretrained weights from the hub; offline, pass a\n"
         "local checkpoint with --weights FILE, or --no-pretrained for random weights."
     )
 
