@@ -31,6 +31,25 @@ SUMMARY_COLUMNS = ("layer", "stride", "transform", "aligned_error", "unaligned_e
 HALF_CHANCE = 0.5
 
 
+def floor_above_aligned(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose floor error exceeds their aligned error: there the floor is no lower bound.
+
+    The floor compares F(x) with F(g^-1(g x)); the image round trip blacks out
+    content that deep layers' receptive fields reach even inside the compared
+    cells, which the aligned comparison never sees (scalings that enlarge).
+    """
+    return table[table["floor_error"] > table["aligned_error"]]
+
+
+def _floor_sentence(group: pd.DataFrame) -> str:
+    above = floor_above_aligned(group)
+    if above.empty:
+        return ""
+    cells = ", ".join(f"{r['layer']} ({r['floor_error']:.2f} > {r['aligned_error']:.2f})" for _, r in above.iterrows())
+    return (f". The floor is above the aligned error at {cells}: the image round trip g^-1(g x) loses content that "
+            f"these layers see, so there the floor is a reference, not a lower bound")
+
+
 def verdicts(table: pd.DataFrame) -> list[str]:
     """One sentence per (model, transform): where does g^-1 fail to bring the maps within half of chance?"""
     lines = []
@@ -52,6 +71,8 @@ def verdicts(table: pd.DataFrame) -> list[str]:
                 f"{prefix}: stays above half of chance after the inverse warp at {len(failing)}/{len(group)} layers "
                 f"({names}); worst {worst['aligned_error']:.3f} at {worst['layer']} (floor there {worst['floor_error']:.3f})"
             )
+        if worst is not None:
+            lines[-1] += _floor_sentence(group)
     return lines
 
 

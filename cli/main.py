@@ -300,27 +300,21 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    import pandas as pd
-
+    from alignscope.comparison import combine_runs, comparison_table
     from alignscope.plots import depth_figure, save_figures
     from alignscope.report import publish_folder, read_report_csv
 
-    tables = []
-    for index, path in enumerate(csvs):
-        table = read_report_csv(path)
-        if len(csvs) > 1 and table["model"].nunique() == 1 and any(t["model"].iloc[0] == table["model"].iloc[0] for t in tables):
-            table["model"] = f"{table['model'].iloc[0]} ({Path(path).parent.name or index})"
-        tables.append(table)
-    combined = pd.concat(tables, ignore_index=True)
+    combined = combine_runs([read_report_csv(path) for path in csvs], csvs)
 
     def write(folder: Path) -> None:
         combined.to_csv(folder / "comparison.csv", index=False)
         save_figures({"comparison_by_depth": depth_figure(combined)}, folder)
 
     publish_folder(Path(out), write, force)
-    wide = combined.pivot_table(index=["transform", "depth"], columns="model", values="aligned_error", sort=False)
-    click.echo("aligned_error by transform and depth:")
-    click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+    wide = comparison_table(combined)
+    if len(wide):
+        click.echo("aligned_error by transform and depth (transforms every run measured):")
+        click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\ncomparison written to {out}/")
 
 
