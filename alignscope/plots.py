@@ -207,7 +207,7 @@ def fitted_figure(table: pd.DataFrame) -> plt.Figure | None:
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.supxlabel(DEPTH_LABEL, fontsize=9)
     n_cal = int(one["n_calibration"].iloc[0]) if "n_calibration" in one else 0
-    fig.suptitle(f"Can any warp, or a channel re-mixing, align the maps? — {model} "
+    fig.suptitle(f"Can any warp, or a channel re-mixing, align the maps? — {model}\n"
                  f"(fitted on {n_cal} images, measured on {int(one['n_images'].max())} others){random_weights_note(table)}",
                  fontsize=11)
     return fig
