@@ -67,6 +67,7 @@ def depth_rows(table: pd.DataFrame) -> pd.DataFrame:
     the sweep rows of a transform another model shows, so runs compared with
     ``compare`` meet wherever they measured the same spec.
     """
+    table = table.reset_index(drop=True)
     sweep = table["sweep"].fillna("") != ""
     parts = []
     for _, group in table.groupby("model", sort=False):
