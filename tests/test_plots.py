@@ -149,3 +149,12 @@ def test_compare_table_keeps_only_shared_transforms(caplog):
     assert not wide.isna().any().any() and list(wide.columns) == ["a", "b"]
     assert set(wide.index.get_level_values("transform")) == {"rot90"}
     assert "hflip only in a" in caplog.records[0].getMessage()
+
+
+def test_compare_meets_a_sweep_value_of_one_run_with_a_plain_transform_of_another():
+    a = pd.concat([make_table(("rot90",), model="a"),
+                   make_table(("rotate0", "rotate45", "rotate90"), model="a", sweep="rotate:0:90:45", magnitudes=(0, 45, 90))])
+    b = make_table(("rotate45",), model="b")
+    shown = depth_rows(pd.concat([a, b], ignore_index=True))
+    assert sorted(set(zip(shown["model"], shown["transform"]))) == [("a", "rot90"), ("a", "rotate45"), ("b", "rotate45")]
+    assert set(depth_rows(a)["transform"]) == {"rot90"}  # alone, a's sweep stays in its sweep plot
