@@ -41,8 +41,8 @@ class ChannelExplanation:
     """Result of :func:`explain`: ``table`` one row per channel, ``example`` maps of one image.
 
     The example is the image named by ``image``, or else the one whose map at
-    the layer has the most structure (largest spatial variance inside the valid
-    mask, summed over channels), so the panels show features rather than speckle.
+    the layer has the most structure (see :func:`_pick_example`), so the panels
+    show features rather than speckle.
     """
 
     table: pd.DataFrame

@@ -6,7 +6,7 @@ be redrawn later with ``alignscope plot``. Conventions shared by every figure:
 - the x axis of a depth plot has one tick per selected layer (``depth`` is an
   integer position, so 1.5 does not exist), labelled with the layer's name;
 - the identity transform is left out of figures (it stays in the CSV): its
-  errors are 0 by construction;
+  errors are 0 by construction (so is a sweep value such as ``rotate0``);
 - sweep rows appear only in their sweep plot, unless a run has nothing else;
 - a run with random weights says so in every figure title.
 """
@@ -81,7 +81,9 @@ def depth_rows(table: pd.DataFrame) -> pd.DataFrame:
         shown = pd.concat([shown, extra])
     order = {spec: i for i, spec in enumerate(dict.fromkeys(table["transform"]))}
     shown = shown.sort_values("transform", key=lambda s: s.map(order), kind="stable")
-    non_identity = shown[shown["transform"] != "identity"]
+    # the identity, by name or in effect (a sweep's rotate0: every error exactly 0 at every layer)
+    zero = shown[["aligned_error", "unaligned_error"]].fillna(1).eq(0).all(axis=1).groupby(shown["transform"]).transform("all")
+    non_identity = shown[(shown["transform"] != "identity") & ~zero]
     return non_identity if len(non_identity) else shown
 
 

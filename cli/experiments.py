@@ -4,6 +4,8 @@ They register on the group defined in :mod:`alignscope.cli.main`.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from alignscope.cli.main import app, model_options
@@ -60,7 +62,8 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     click.echo(format_table(ranked.head(top), columns))
     click.echo(f"\nbest {top} channels:")
     click.echo(format_table(ranked.tail(top)[::-1], columns))
-    click.echo(f"\nwritten to {out_path}/ (channels.csv, channels.png)")
+    click.echo(f"\nchannels.png shows {Path(str(meta['example_image'])).name} ({meta['example_reason']})")
+    click.echo(f"written to {out_path}/ (channels.csv, channels.png)")
 
 
 @app.command()

@@ -158,3 +158,10 @@ def test_compare_meets_a_sweep_value_of_one_run_with_a_plain_transform_of_anothe
     shown = depth_rows(pd.concat([a, b], ignore_index=True))
     assert sorted(set(zip(shown["model"], shown["transform"]))) == [("a", "rot90"), ("a", "rotate45"), ("b", "rotate45")]
     assert set(depth_rows(a)["transform"]) == {"rot90"}  # alone, a's sweep stays in its sweep plot
+
+
+def test_a_sweep_value_that_is_the_identity_gets_no_panel():
+    table = make_table(("rotate0", "rotate45"), sweep="rotate:0:45:45", magnitudes=(0, 45))
+    table.loc[table["transform"] == "rotate0", ["aligned_error", "unaligned_error", "floor_error"]] = 0.0
+    assert set(_panels(depth_figure(table))) == {"rotate45"}
+    assert [t.get_text() for t in heatmap_figure(table).axes[0].get_yticklabels()] == ["rotate45"]
