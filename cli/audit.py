@@ -9,7 +9,7 @@ import click
 
 from alignscope.cli.main import app
 
-LIMIT_HELP = "COLUMN=NUMBER, repeatable: any numeric column of alignment.csv"
+LIMIT_HELP = "repeatable; any numeric column of alignment.csv"
 
 
 def enforce_limits(table, maximum=(), minimum=(), layers=(), transforms=()) -> None:

@@ -1,4 +1,4 @@
-"""``alignscope`` command line: analyze, layers, models, plot, compare (explain, bench, stn: experiments.py).
+"""``alignscope`` command line: analyze, layers, models, plot, compare (explain, bench, stn: experiments.py; check: audit.py).
 
 Errors the library raises on purpose print as one line and exit 2 (usage)
 or 1 (runtime); ``--debug`` shows the traceback instead.
