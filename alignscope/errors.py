@@ -38,3 +38,7 @@ class ImageError(UsageError):
 
 class ReportExistsError(UsageError):
     """An earlier report would be overwritten without ``force``."""
+
+
+class LimitsBroken(AlignscopeError):
+    """Rows of a report break the limits of a gate (``alignscope check``, ``--fail-above``): exit code 1."""

@@ -38,7 +38,12 @@ from .transforms import Transform, as_transforms
 
 @dataclass
 class ChannelExplanation:
-    """Result of :func:`explain`: ``table`` one row per channel, ``example`` maps of the first image."""
+    """Result of :func:`explain`: ``table`` one row per channel, ``example`` maps of one image.
+
+    The example is the image named by ``image``, or else the one whose map at
+    the layer has the most structure (see :func:`_pick_example`), so the panels
+    show features rather than speckle.
+    """
 
     table: pd.DataFrame
     example: dict[str, torch.Tensor]
@@ -77,8 +82,13 @@ def explain(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    image: str | None = None,
 ) -> ChannelExplanation:
-    """Per-channel alignment of ``layer`` (default: the deepest stage) under one ``transform``."""
+    """Per-channel alignment of ``layer`` (default: the deepest stage) under one ``transform``.
+
+    ``image`` picks the example drawn by :meth:`ChannelExplanation.figure` by
+    file name, stem or path (default: the image with the most structure at the layer).
+    """
     check_common_options(mask, batch_size)
     transforms = as_transforms(transform)
     if len(transforms) != 1:
@@ -92,12 +102,15 @@ def explain(
     stream = image_stream(images, setup.cfg, batch_size, max_images, seed)
     if len(stream) < 2:
         raise ImageError(f"need at least 2 images (chance compares different images), got {len(stream)}")
+    if image is not None and stream.paths is not None and not any(_matches(p, image) for p in stream.paths):
+        raise _unknown_image(image, [str(p) for p in stream.paths])  # before the work, not after it
     fill = [-m / s for m, s in zip(setup.cfg.mean, setup.cfg.std)]
     feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev)
     channels = info.shape[0]
     sums = {k: torch.zeros(channels, dtype=torch.float64) for k in ("aligned", "unaligned", "chance", "sq_b")}
     stat = ChannelStatistic(channels)
     example: dict[str, torch.Tensor] = {}
+    best_structure = -1.0
     with torch.inference_mode(), FeatureCapture(setup.model, setup.layers) as capture:
         for batch in stream:
             for pair in feeder.pairs(batch.pixels.to(dev), capture):
@@ -105,11 +118,15 @@ def explain(
                 for name, other in (("aligned", pair.aligned), ("unaligned", pair.moved), ("chance", pair.other)):
                     sums[name] += ((pair.reference - other).square() * m).sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
                 stat.update(pair.reference, pair.aligned, pair.mask)
-                if not example:
-                    example = {"reference": pair.reference[0].cpu().clone(), "aligned": pair.aligned[0].cpu().clone(),
-                               "mask": pair.mask.cpu().clone(), "image": batch.names[0]}
+                pick, score = _pick_example(pair.reference, m, batch.names, image)
+                if pick is not None and score > best_structure:
+                    best_structure = score
+                    example = {"reference": pair.reference[pick].cpu().clone(), "aligned": pair.aligned[pick].cpu().clone(),
+                               "mask": pair.mask.cpu().clone(), "image": batch.names[pick]}
     if len(stream.used) < 2:
         raise ImageError("fewer than 2 readable images; pass --images with readable files")
+    if not example:
+        raise _unknown_image(image, list(stream.used))
     perm, corr = stat.fit_permutation()
     # sum ||a_c - b'_j||^2 from the statistics: sum a_c^2 - 2 sum a_c b'_j + sum b'_j^2
     matched = stat.sq_a - 2 * stat.cross[torch.arange(channels), perm] + torch.diagonal(stat.gram)[perm]
@@ -129,8 +146,41 @@ def explain(
         "model": setup.cfg.model_name, "weights": setup.cfg.weights, "pretrained": setup.cfg.pretrained,
         "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": mask,
         "images_used": list(stream.used), "example_image": example.get("image"),
+        "example_reason": "chosen by name" if image else f"most structure at {info.name}",
         "layer_aligned_error": float(sums["aligned"].sum().sqrt() / sums["chance"].sum().sqrt()),
         "layer_matched_error": float(matched.clamp(min=0).sum().sqrt() / sums["chance"].sum().sqrt()),
         "channels_moved_by_permutation": int((perm != torch.arange(channels)).sum()),
     }
     return ChannelExplanation(table=table, example=example, meta=meta)
+
+
+def _unknown_image(image: str | None, names: list[str]) -> UsageError:
+    shown = ", ".join(Path(str(n)).name for n in names[:8])
+    return UsageError(f"image {image!r} is not among the {len(names)} images used ({shown}{', ...' if len(names) > 8 else ''}); "
+                      "pass one of their names or add it with --images")
+
+
+def _matches(name: str, wanted: str) -> bool:
+    path = Path(str(name))
+    return wanted in (str(name), path.name, path.stem)
+
+
+def _pick_example(reference: torch.Tensor, mask: torch.Tensor, names: list[str], wanted: str | None) -> tuple[int | None, float]:
+    """The batch index of the example candidate and its score (higher wins across batches).
+
+    With ``wanted``: the image of that name, score +inf. Otherwise the image
+    whose map has the most spatially coherent variation: the variance over the
+    valid cells of the map smoothed by a 3 x 3 mean (cell-to-cell speckle, as
+    in a star field, averages out), summed over channels, in float64.
+    """
+    if wanted is not None:
+        hits = [i for i, name in enumerate(names) if _matches(name, wanted)]
+        return (hits[0], float("inf")) if hits else (None, -1.0)
+    weight = mask.to(torch.float64).expand_as(reference[0])
+    count = weight.sum(dim=(1, 2)).clamp(min=1)
+    smooth = torch.nn.functional.avg_pool2d(reference.to(torch.float64) * weight, 3, stride=1, padding=1)
+    mean = (smooth * weight).sum(dim=(2, 3)) / count
+    variance = (((smooth - mean[..., None, None]) ** 2) * weight).sum(dim=(2, 3)) / count
+    score = variance.sum(dim=1)
+    best = int(score.argmax())
+    return best, float(score[best])

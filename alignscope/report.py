@@ -3,7 +3,8 @@
 A report folder holds ``alignment.csv`` (one row per model, layer and
 transform), ``per_image.csv`` when asked for, ``run.json`` (settings,
 versions, images, timings), ``fits.json`` when alignments were fitted (the
-searched warps, channel permutations) and PNG plots. A folder is written next to its
+searched warps, channel permutations), PNG plots and ``report.html`` (all of
+it on one self-contained page, see :mod:`alignscope.html_report`). A folder is written next to its
 destination and renamed into place, so a reader never sees half a report;
 an existing report is replaced only with ``force=True``, and only ever an
 alignscope folder (see :mod:`alignscope.files`).
@@ -33,6 +34,26 @@ NUMERIC_COLUMNS = (
 )
 SUMMARY_COLUMNS = ("layer", "stride", "transform", "aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "n_images")
 HALF_CHANCE = 0.5
+FLOOR_MARGIN = 0.01  # a floor above the aligned error by less than 1% of chance is rounding, not a finding
+
+
+def floor_above_aligned(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose floor error exceeds their aligned error (by more than ``FLOOR_MARGIN``): there the floor is no lower bound.
+
+    The floor compares F(x) with F(g^-1(g x)); the image round trip blacks out
+    content that deep layers' receptive fields reach even inside the compared
+    cells, which the aligned comparison never sees (scalings that enlarge).
+    """
+    return table[table["floor_error"] > table["aligned_error"] + FLOOR_MARGIN]
+
+
+def _floor_sentence(group: pd.DataFrame) -> str:
+    above = floor_above_aligned(group)
+    if above.empty:
+        return ""
+    cells = ", ".join(f"{r['layer']} ({r['floor_error']:.2f} > {r['aligned_error']:.2f})" for _, r in above.iterrows())
+    return (f". The floor is above the aligned error at {cells}: the image round trip g^-1(g x) loses content that "
+            f"these layers see, so there the floor is a reference, not a lower bound")
 
 
 def verdicts(table: pd.DataFrame) -> list[str]:
@@ -56,6 +77,58 @@ def verdicts(table: pd.DataFrame) -> list[str]:
                 f"{prefix}: stays above half of chance after the inverse warp at {len(failing)}/{len(group)} layers "
                 f"({names}); worst {worst['aligned_error']:.3f} at {worst['layer']} (floor there {worst['floor_error']:.3f})"
             )
+        if worst is not None:
+            lines[-1] += _floor_sentence(group)
+    return lines
+
+
+def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """Every caveat a reader of the report must see, one sentence each, from the table and run.json.
+
+    Restates what the run logged (unreadable images, images left out for a
+    zero chance distance) so the report carries it, and adds what the numbers
+    alone hide: random weights, skipped layers, rows without valid cells and
+    floors above the measurement.
+    """
+    lines = []
+    if meta.get("pretrained") is False or ("pretrained" in table and not table["pretrained"].astype(str).str.lower().eq("true").all()):
+        lines.append("RANDOM WEIGHTS: the model is not pretrained; the numbers describe an untrained network")
+    skipped = meta.get("images_skipped") or []
+    if skipped:
+        listed = "; ".join(f"{Path(str(s.get('path', s))).name} ({s.get('reason', '?')})" if isinstance(s, dict) else str(s)
+                           for s in skipped[:10])
+        lines.append(f"{len(skipped)} image(s) skipped as unreadable: {listed}{' ...' if len(skipped) > 10 else ''}")
+    for entry in meta.get("layers_skipped") or []:
+        lines.append(f"layer {entry.get('layer')} skipped: {entry.get('reason')}")
+    used = len(meta.get("images_used") or [])
+    nonfinite = table["n_nonfinite"] if "n_nonfinite" in table else pd.Series(0, index=table.index)
+    bad = table[nonfinite > 0]
+    if len(bad):
+        per_layer = bad.groupby("layer", sort=False)["n_nonfinite"].max()
+        lines.append("non-finite feature maps (NaN or inf) left images out at " + ", ".join(
+            f"{layer} ({int(count)} of {used} images)" for layer, count in per_layer.items()) + " (column n_nonfinite)")
+    from .checks import collapsed_layers
+
+    collapsed = collapsed_layers(table)
+    if collapsed:
+        lines.append("chance distance collapsed (chance / map norm) at " + ", ".join(
+            f"{layer} ({value:.1e})" for layer, value in collapsed[:8]) + "; the *_error values there are not meaningful")
+    if used and "n_images" in table:
+        short = table[table["n_images"] + nonfinite < used]
+        if len(short):
+            worst = short.loc[short["n_images"].idxmin()]
+            lines.append(f"{len(short)} of {len(table)} rows left images out for a zero chance distance; fewest "
+                         f"{int(worst['n_images'])} of {used} at {worst['layer']} / {worst['transform']}")
+    empty = table[table["aligned_error"].isna()]
+    if len(empty):
+        lines.append(f"{len(empty)} row(s) have no valid cells and no aligned_error: "
+                     + ", ".join(f"{r['layer']} / {r['transform']}" for _, r in empty.head(8).iterrows()))
+    above = floor_above_aligned(table)
+    if len(above):
+        cells = ", ".join(f"{r['transform']} at {r['layer']} ({r['floor_error']:.2f} > {r['aligned_error']:.2f})"
+                          for _, r in above.head(8).iterrows())
+        lines.append(f"floor above the aligned error: {cells}{' ...' if len(above) > 8 else ''}; the image round trip "
+                     "g^-1(g x) loses content these layers see, so there the floor is a reference, not a lower bound")
     return lines
 
 
@@ -109,6 +182,16 @@ class AlignmentReport:
     def verdicts(self) -> list[str]:
         return verdicts(self.table)
 
+    def warnings(self) -> list[str]:
+        """Every caveat of this report, one sentence each (see :func:`report_warnings`)."""
+        return report_warnings(self.table, self.meta)
+
+    def check(self, max=None, min=None, layers=None, transforms=None) -> pd.DataFrame:  # noqa: A002
+        """Rows that break ``max`` / ``min`` limits, e.g. ``report.check(max={"aligned_error": 0.5})`` (see :mod:`alignscope.gate`)."""
+        from .gate import check
+
+        return check(self.table, max=max, min=min, layers=layers, transforms=transforms)
+
     def to_csv(self, path: str | os.PathLike, force: bool = False) -> Path:
         return write_csv(self.table, path, force=force)
 
@@ -128,14 +211,23 @@ class AlignmentReport:
             self.table.to_csv(folder / "alignment.csv", index=False)
             if self.per_image is not None:
                 self.per_image.to_csv(folder / "per_image.csv", index=False)
-            meta = dict(self.meta, verdicts=self.verdicts())
+            meta = dict(self.meta, verdicts=self.verdicts(), warnings=self.warnings())
             (folder / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
             if self.fits:
                 (folder / "fits.json").write_text(json.dumps(self.fits, indent=1, default=_json_default), encoding="utf-8")
+            figures: dict[str, bytes] = {}
             if plots:
-                from .plots import save_figures
+                import matplotlib.pyplot as plt
 
-                save_figures(self.plot(), folder)
+                from .html_report import figure_png
+
+                for stem, fig in self.plot().items():
+                    figures[stem] = figure_png(fig)
+                    plt.close(fig)
+                    (folder / f"{stem}.png").write_bytes(figures[stem])
+            from .html_report import write_report_page
+
+            write_report_page(folder, self.table, self.meta, self.verdicts(), self.warnings(), figures)
 
         return publish_folder(Path(out), write, force, kind="report", inputs=inputs)
 
@@ -145,7 +237,10 @@ class AlignmentReport:
         return head + "\n" + format_table(self.table) + "\n" + "\n".join(self.verdicts())
 
     def _repr_html_(self) -> str:
-        return f"<p><b>AlignmentReport</b> {self.meta.get('model', '')}</p>" + self.table[list(SUMMARY_COLUMNS)].to_html(index=False, float_format=lambda v: f"{v:.3f}")
+        """The summary of ``report.html`` (verdicts, warnings, table, settings, images) without the figures."""
+        from .html_report import summary_html
+
+        return summary_html(self.table, self.meta, self.verdicts(), self.warnings())
 
 
 def read_report_csv(path: str | os.PathLike) -> pd.DataFrame:

@@ -4,6 +4,8 @@ They register on the group defined in :mod:`alignscope.cli.main`.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from alignscope.cli.main import app, model_options
@@ -19,19 +21,21 @@ from alignscope.cli.main import app, model_options
 @click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
+@click.option("--image", default=None, help="Image drawn in channels.png, by file name or stem. Default: the one with the most structure at the layer.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-explain", show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-channel table as JSON records.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def explain(model, weights, no_pretrained, layer, transform, images, max_images, batch_size, mask, device, top, out, force,
-            as_json, debug) -> None:
+def explain(model, weights, no_pretrained, layer, transform, images, max_images, batch_size, mask, device, top, image, out,
+            force, as_json, debug) -> None:
     """Show which channels of one layer carry the misalignment under one transform.
 
     Writes OUT/channels.csv (per channel: aligned_error, unaligned_error,
     share of the layer's misalignment, the channel the best permutation
     matches it with and the error after matching), OUT/explain.json and
     OUT/channels.png (a, b', a - b' and the matched channel for the worst
-    and best channels of the first image).
+    and best channels of one image: --image, or the one with the most
+    structure at the layer).
 
     \b
     Example:
@@ -43,7 +47,7 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     out_path = check_destination(out, force, inputs=images)
     result = explaining.explain(model=model, layer=layer, transform=transform, images=list(images) or None, batch_size=batch_size,
                                 mask=mask, device=device, max_images=max_images, weights=weights or "auto",
-                                pretrained=not no_pretrained)
+                                pretrained=not no_pretrained, image=image)
     result.save(out_path, force=force, top=top)
     if as_json:
         click.echo(result.table.to_json(orient="records"))
@@ -58,7 +62,8 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     click.echo(format_table(ranked.head(top), columns))
     click.echo(f"\nbest {top} channels:")
     click.echo(format_table(ranked.tail(top)[::-1], columns))
-    click.echo(f"\nwritten to {out_path}/ (channels.csv, channels.png)")
+    click.echo(f"\nchannels.png shows {Path(str(meta['example_image'])).name} ({meta['example_reason']})")
+    click.echo(f"written to {out_path}/ (channels.csv, channels.png)")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""``alignscope`` command line: analyze, layers, models, plot, compare (explain, bench, stn: experiments.py).
+"""``alignscope`` command line: analyze, layers, models, plot, compare (explain, bench, stn: experiments.py; check: audit.py).
 
 Errors the library raises on purpose print as one line and exit 2 (usage)
 or 1 (runtime); ``--debug`` shows the traceback instead.
@@ -142,26 +142,32 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--per-image", is_flag=True, help="Also write per_image.csv with one row per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON records on stdout instead of text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--fail-above", multiple=True, metavar="COLUMN=NUMBER",
+              help="Gate: after writing the report, print the rows above this limit and exit 1 (see 'alignscope check').")
+@click.option("--fail-below", multiple=True, metavar="COLUMN=NUMBER", help="Gate: the same for a lower limit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, amp,
             channels_last, workers, seed,
             optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, as_json, quiet,
-            debug) -> None:
+            fail_above, fail_below, debug) -> None:
     """Measure per layer how well the inverse warp aligns feature maps.
 
     Writes OUT/alignment.csv, OUT/run.json and plots, prints a compact table
     and one verdict per transform.
     """
     import alignscope
-    from alignscope.report import SUMMARY_COLUMNS, check_destination, format_table
+    from alignscope.report import check_destination
 
     from alignscope.distributed import launched_world_size
+    from alignscope.gate import parse_limit
 
     from alignscope.transforms import as_transforms
 
     ridge_value = _parse_ridge(ridge)
     if transforms:
         as_transforms(list(transforms))  # a typo fails in a moment, before the model loads
+    for text in fail_above + fail_below:  # malformed limits fail before the work
+        parse_limit(text, "--fail-above" if text in fail_above else "--fail-below")
     out_path = check_destination(out, force, inputs=images)  # before the work, not after it
     main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
@@ -197,9 +203,17 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
     report.save(out_path, force=force, plots=not no_plots, inputs=images)
     if as_json:
         click.echo(report.table.to_json(orient="records"))
-        return
-    if quiet:
-        return
+    elif not quiet:
+        _print_summary(report, out_path)
+    if fail_above or fail_below:
+        from alignscope.cli.audit import enforce_limits
+
+        enforce_limits(report.table, fail_above, fail_below)
+
+
+def _print_summary(report, out_path: Path) -> None:
+    from alignscope.report import SUMMARY_COLUMNS, format_table
+
     meta = report.meta
     weights_note = "" if meta.get("pretrained", True) else "  [RANDOM WEIGHTS: not pretrained]"
     split = ""
@@ -329,31 +343,25 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    import pandas as pd
-
+    from alignscope.comparison import combine_runs, comparison_table
     from alignscope.plots import depth_figure, save_figures
     from alignscope.report import publish_folder, read_report_csv
 
-    tables = []
-    for index, path in enumerate(csvs):
-        table = read_report_csv(path)
-        if len(csvs) > 1 and table["model"].nunique() == 1 and any(t["model"].iloc[0] == table["model"].iloc[0] for t in tables):
-            table["model"] = f"{table['model'].iloc[0]} ({Path(path).parent.name or index})"
-        tables.append(table)
-    combined = pd.concat(tables, ignore_index=True)
+    combined = combine_runs([read_report_csv(path) for path in csvs], csvs)
 
     def write(folder: Path) -> None:
         combined.to_csv(folder / "comparison.csv", index=False)
         save_figures({"comparison_by_depth": depth_figure(combined)}, folder)
 
     publish_folder(Path(out), write, force, kind="comparison", inputs=csvs)
-    wide = combined.pivot_table(index=["transform", "depth"], columns="model", values="aligned_error", sort=False)
-    click.echo("aligned_error by transform and depth:")
-    click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+    wide = comparison_table(combined)
+    if len(wide):
+        click.echo("aligned_error by transform and depth (transforms every run measured):")
+        click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\ncomparison written to {out}/")
 
 
-from alignscope.cli import experiments  # noqa: E402,F401  (registers explain, bench, stn)
+from alignscope.cli import audit, experiments  # noqa: E402,F401  (register check; explain, bench, stn)
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,0 +1,93 @@
+"""The gate: rows breaking numeric limits, from the API, the check command and analyze --fail-above."""
+import math
+
+import pytest
+from _tables import make_table
+
+from alignscope.cli.main import main
+from alignscope.errors import UsageError
+from alignscope.gate import check, parse_limit
+from alignscope.report import AlignmentReport
+
+
+def cli(*args):
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code
+
+
+@pytest.fixture()
+def table():
+    # aligned_error = 0.1 * (t + 1) + 0.01 * depth: rot90 0.21..0.23, hflip 0.31..0.33, identity 0
+    return make_table(("identity", "rot90", "hflip"), layers=("stem", "mid", "deep"))
+
+
+def test_max_returns_exactly_the_rows_above_the_limit(table):
+    failing = check(table, max={"aligned_error": 0.3})
+    assert sorted(zip(failing["layer"], failing["transform"])) == [("deep", "hflip"), ("mid", "hflip"), ("stem", "hflip")]
+    assert failing["breaks"].str.startswith("aligned_error 0.3").all()
+    assert check(table, max=["aligned_error=0.5"]).empty
+    assert len(check(table, max="aligned_error=0.22")) == 1 + 3  # rot90 at deep (0.23) and every hflip
+
+
+def test_min_filters_and_several_limits(table):
+    failing = check(table, min={"aligned_cosine": 0.8}, max={"aligned_error": 0.32}, layers=["deep"], transforms=["hflip", "rot*"])
+    assert list(failing["transform"]) == ["rot90", "hflip"]
+    assert failing.set_index("transform").loc["hflip", "breaks"] == "aligned_error 0.33 > 0.32; aligned_cosine 0.67 < 0.8"
+
+
+def test_nan_breaks_the_limit(table):
+    table.loc[(table["layer"] == "mid") & (table["transform"] == "rot90"), "aligned_error"] = math.nan
+    failing = check(table, max={"aligned_error": 10})
+    assert list(failing["breaks"]) == ["aligned_error is NaN (cannot be checked)"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"max": {"aligned_eror": 0.5}}, "no column 'aligned_eror'"),
+    ({"max": {"transform": 0.5}}, "not numeric"),
+    ({"max": ["aligned_error"]}, "not COLUMN=NUMBER"),
+    ({"max": ["aligned_error=abc"]}, "not COLUMN=NUMBER"),
+    ({}, "no limit given"),
+    ({"max": {"aligned_error": 0.5}, "layers": ["blocks.9"]}, "layer 'blocks.9' matches no row"),
+    ({"max": {"aligned_error": 0.5}, "transforms": ["rot91"]}, "transform 'rot91' matches no row"),
+])
+def test_a_typo_never_passes_the_gate(table, kwargs, needle):
+    with pytest.raises(UsageError, match=needle):
+        check(table, **kwargs)
+
+
+def test_parse_limit():
+    assert parse_limit("prediction_agreement=0.9") == ("prediction_agreement", 0.9)
+    with pytest.raises(UsageError, match="--min"):
+        parse_limit("=3", "--min")
+
+
+def test_report_check_is_the_same_gate(table):
+    report = AlignmentReport(table=table)
+    assert report.check(max={"aligned_error": 0.3}).equals(check(table, max={"aligned_error": 0.3}))
+
+
+def test_check_command_exit_codes(table, tmp_path, capsys):
+    csv = tmp_path / "alignment.csv"
+    table.to_csv(csv, index=False)
+    assert cli("check", str(csv), "--max", "aligned_error=0.3") == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("hflip") == 3 and "rot90" not in captured.out
+    assert "3 of 9 checked rows break the limits" in captured.err
+    assert cli("check", str(csv), "--max", "aligned_error=0.5", "--min", "aligned_cosine=0.5") == 0
+    assert "all 9 checked rows are within the limits" in capsys.readouterr().err
+    assert cli("check", str(csv), "--max", "aligned_error=0.3", "--transforms", "rot90", "--layers", "deep") == 0
+    assert cli("check", str(csv), "--max", "aligned_eror=0.3") == 2
+    assert cli("check", str(csv)) == 2
+    assert cli("check", str(tmp_path / "none.csv"), "--max", "aligned_error=1") == 2
+
+
+def test_analyze_fail_above(tmp_path, capsys):
+    common = ("--transform", "rot180", "--max-images", "2", "--layers", "blocks.6", "--no-plots", "-q")
+    assert cli("analyze", *common, "--out", str(tmp_path / "a"), "--fail-above", "aligned_error=0.001") == 1
+    assert "rot180" in capsys.readouterr().out
+    assert (tmp_path / "a" / "alignment.csv").is_file()  # the report is written before the gate
+    assert cli("analyze", *common, "--out", str(tmp_path / "b"), "--fail-above", "aligned_error=5",
+               "--fail-below", "aligned_cosine=-1") == 0
+    assert cli("analyze", *common, "--out", str(tmp_path / "c"), "--fail-above", "aligned_error") == 2
+    assert not (tmp_path / "c").exists()  # a malformed limit fails before the work
