@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,8 +48,11 @@ class WarpFit:
 
     ``matrix``: 3 x 3 normalized sampling matrix W (b'(q) = b(W q)).
     ``spec``: the found transform g* in the transform grammar (family) or
-    ``affine[w11,w12,w13;w21,w22,w23]``. ``loss`` and ``analytic_loss``:
-    mean squared aligned_error on the calibration images for W and for g^-1.
+    ``affine[w11,w12,w13;w21,w22,w23]``. ``loss``: the searched objective for
+    W on the calibration images (mean squared aligned_error, charged for
+    smoothing when ``smoothing_control``; see :class:`WarpObjective`);
+    ``plain_loss``: the same without the charge; ``analytic_loss``: g^-1's
+    (which no charge changes).
     """
 
     kind: str
@@ -57,20 +61,49 @@ class WarpFit:
     loss: float
     analytic_loss: float
     params: dict = field(default_factory=dict)
+    plain_loss: float = math.nan
+    smoothing_control: bool = True
+
+
+def _sampling_source(x: torch.Tensor, theta: torch.Tensor, circular: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map to sample and the (..., 2, 3) matrices in its frame: ``x`` itself, or for ``circular``
+    a circularly padded copy with the points rescaled into the padded map's normalized frame."""
+    if not circular:
+        return x, theta
+    height, width = x.shape[-2:]
+    pad_y, pad_x = height // 2, width // 2
+    x = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular")
+    scale = torch.tensor([[width / (width + 2 * pad_x)], [height / (height + 2 * pad_y)]], dtype=theta.dtype, device=theta.device)
+    return x, theta * scale
 
 
 def sample_with(x: torch.Tensor, matrix: np.ndarray | torch.Tensor, circular: bool = False) -> torch.Tensor:
-    """``out(q) = x(W q)`` bilinearly for a (B, C, H, W) map; zeros outside, or wrap-around if ``circular``."""
+    """``out(q) = x(W q)`` bilinearly for a (B, C, H, W) map; zeros outside, or wrap-around if ``circular``.
+
+    ``matrix``: the 3 x 3 (or 2 x 3) normalized sampling matrix W, output -> input (``align_corners=False``).
+    """
     theta = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)[:2]
     height, width = x.shape[-2:]
-    if circular:
-        # Sampling a circularly padded copy: points are rescaled into the padded map's normalized frame.
-        pad_y, pad_x = height // 2, width // 2
-        x = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular")
-        scale = torch.tensor([[width / (width + 2 * pad_x)], [height / (height + 2 * pad_y)]], dtype=theta.dtype, device=theta.device)
-        theta = theta * scale
+    source, theta = _sampling_source(x, theta, circular)
     grid = F.affine_grid(theta.unsqueeze(0).expand(x.shape[0], 2, 3), [x.shape[0], x.shape[1], height, width], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def sample_many(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False, mode: str = "bilinear") -> torch.Tensor:
+    """``x`` sampled with each of K matrices at once: (B, C, H, W) and (K, 3, 3) -> (B, C, K, H, W).
+
+    One ``grid_sample`` call: the K output grids are stacked along the output height, so the input is
+    not copied K times. Equal to stacking :func:`sample_with` over the matrices. ``mode``: ``bilinear``
+    or ``nearest`` (the value of the cell the point falls in: the same positions, no averaging).
+    """
+    height, width = x.shape[-2:]
+    theta = matrices[:, :2].to(x.dtype)
+    source, theta = _sampling_source(x, theta, circular)
+    k = theta.shape[0]
+    grid = F.affine_grid(theta, [k, 1, height, width], align_corners=False)  # (K, H, W, 2)
+    grid = grid.reshape(1, k * height, width, 2).expand(x.shape[0], -1, -1, -1)
+    out = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.reshape(x.shape[0], x.shape[1], k, height, width)
 
 
 class _Family:
@@ -129,6 +162,26 @@ class _Family:
         from_norm = torch.diag(torch.tensor([self.width / 2.0, self.height / 2.0, 1.0], dtype=torch.float64))
         return to_norm @ self.pixel_matrix(values) @ from_norm
 
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The family's parameter values whose normalized matrix is nearest ``matrix`` (least squares, from g's).
+
+        Exact for a matrix in the family, e.g. g^-1 composed with a shift.
+        """
+        target = torch.eye(3, dtype=torch.float64)
+        target[:2] = torch.as_tensor(matrix, dtype=torch.float64)[:2]
+        values = self.init.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([values], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (self.normalized(values) - target).square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return values.detach()
+
     def spec(self, values: torch.Tensor) -> str:
         pieces, free = [], iter(range(len(self.free)))
         for kind in self.kinds:
@@ -152,30 +205,138 @@ class _Family:
         return out
 
 
-def _mean_sq_error(reference, moved, mask, inv_chance_sq, theta, circular) -> torch.Tensor:
-    aligned = sample_with(moved, theta.to(moved.dtype), circular)
-    sq = ((reference - aligned).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
-    return (sq * inv_chance_sq).mean()
+class WarpObjective:
+    """Mean over calibration images of the squared aligned_error of candidate sampling matrices, in batches.
+
+    ``reference`` a and ``moved`` b: (N, C, h, w); ``mask``: (h, w) valid cells of g^-1;
+    ``chance``: (N,) chance distances; ``analytic``: the 3 x 3 normalized sampling matrix G of
+    g^-1 (b' = b(G .)). For a candidate W, with D = G^-1 W its warp relative to g^-1 and
+    e = a - b' the mismatch g^-1 leaves, image i contributes
+
+        ||M (a - b(W .))||^2 + smoothing_charge,
+        smoothing_charge = ||M e_nearest(D .)||^2 - ||M e_bilinear(D .)||^2
+
+    divided by chance_i^2. Bilinear resampling at fractional positions averages neighbouring
+    cells, which lowers an L2 distance by itself whenever part of the mismatch is fine-grained
+    and unrelated. The charge is what that averaging alone gains on g^-1's own mismatch: the
+    same resampling D applied to a and b' alike (their relative alignment unchanged), bilinear
+    against nearest-cell sampling at the same positions (no averaging), so moving the mismatch
+    against the mask costs nothing. A candidate counts as better than g^-1 only by what it gains
+    beyond resampling. The charge is 0 at D = I, so g^-1 scores its plain error.
+    ``smoothing_control=False`` drops the charge (the plain distance).
+    Candidates are evaluated ``K`` at a time with :func:`sample_many`, in chunks of at most
+    ``budget`` sampled values.
+    """
+
+    def __init__(self, reference: torch.Tensor, moved: torch.Tensor, mask: torch.Tensor, chance: torch.Tensor,
+                 analytic: torch.Tensor, circular: bool = False, smoothing_control: bool = True,
+                 budget: int = 2**24) -> None:
+        if reference.shape != moved.shape or reference.ndim != 4 or tuple(mask.shape) != tuple(reference.shape[-2:]) \
+                or tuple(chance.shape) != (reference.shape[0],):
+            raise ValueError(f"warp search needs reference and moved (N, C, h, w), mask (h, w) and chance (N,); got "
+                             f"{tuple(reference.shape)}, {tuple(moved.shape)}, {tuple(mask.shape)}, {tuple(chance.shape)}")
+        self.reference, self.moved = reference.detach().float(), moved.detach().float()
+        self.mask = mask.to(self.reference.device, self.reference.dtype)
+        inv = 1.0 / chance.to(self.reference.device, torch.float64).square()
+        self.inv_chance_sq = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
+        self.analytic = torch.as_tensor(analytic, dtype=torch.float64)
+        self.analytic_inverse = torch.linalg.inv(self.analytic)
+        self.circular, self.smoothing_control = circular, smoothing_control
+        self.budget = budget
+        if smoothing_control:
+            self.residual = self.reference - sample_with(self.moved, self.analytic, circular)
+
+    def _masked_sq(self, diff: torch.Tensor) -> torch.Tensor:
+        """(N, C, K, h, w) -> (N, K) float64 sums over channels and valid cells."""
+        return (diff.square() * self.mask).sum(dim=(1, 3, 4), dtype=torch.float64)
+
+    def plain(self, matrices: torch.Tensor) -> torch.Tensor:
+        """(K,) mean squared plain aligned_error of the (K, 3, 3) float64 matrices (no smoothing charge)."""
+        return self._evaluate(matrices, charge=False)
+
+    def __call__(self, matrices: torch.Tensor) -> torch.Tensor:
+        """(K,) objective of the (K, 3, 3) float64 sampling matrices; its gradient is the plain distance's."""
+        return self._evaluate(matrices, charge=self.smoothing_control)
+
+    def per_image(self, matrices: torch.Tensor, charge: bool | None = None) -> torch.Tensor:
+        """(N, K) float64 squared distances (not divided by chance), charged if ``charge`` (default: as configured)."""
+        charge = self.smoothing_control if charge is None else charge
+        n, c, h, w = self.reference.shape
+        per_chunk = max(1, self.budget // max(1, n * c * h * w * (3 if charge else 1)))
+        out = []
+        for chunk in torch.split(matrices, per_chunk):
+            chunk_dev = chunk.to(self.reference.device)
+            sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk_dev, self.circular))
+            if charge:
+                # The charge scores candidates; descent follows the plain distance's gradient (the nearest-cell
+                # term is piecewise constant, so half a gradient would be biased), and every point it visits is
+                # scored with the charge.
+                with torch.no_grad():
+                    relative = self.analytic_inverse.to(chunk_dev.device) @ chunk_dev.detach()
+                    charge = (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
+                              - self._masked_sq(sample_many(self.residual, relative, self.circular)))
+                sq = sq + charge
+            out.append(sq)
+        return torch.cat(out, dim=1)
+
+    def _evaluate(self, matrices: torch.Tensor, charge: bool) -> torch.Tensor:
+        return (self.per_image(matrices, charge) * self.inv_chance_sq[:, None]).mean(dim=0)
 
 
-def _descend(loss_of, start: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float]:
-    u = start.clone().requires_grad_(True)
+def charged_sq_distance(reference: torch.Tensor, moved: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor,
+                        matrix: np.ndarray | torch.Tensor, analytic: np.ndarray | torch.Tensor,
+                        circular: bool = False) -> torch.Tensor:
+    """(B,) float64 per-image squared distance of the warp ``matrix``, charged for smoothing as in :class:`WarpObjective`.
+
+    ``aligned`` is b' = g^-1 b as the analysis computes it; ``analytic`` is g^-1's sampling matrix.
+    A charge can make the sum dip below 0 by rounding (or, for a magnifying warp, by more); it is clamped at 0.
+    """
+    mask = mask.to(reference.dtype)
+    matrix = torch.as_tensor(matrix, dtype=torch.float64)
+    relative = torch.linalg.inv(torch.as_tensor(analytic, dtype=torch.float64)) @ matrix
+    residual = reference - aligned
+
+    def sq(x: torch.Tensor) -> torch.Tensor:
+        return (x.square() * mask).sum(dim=(1, 3, 4) if x.ndim == 5 else (1, 2, 3), dtype=torch.float64)
+
+    relative = relative.unsqueeze(0)
+    charge = sq(sample_many(residual, relative, circular, "nearest")) - sq(sample_many(residual, relative, circular))
+    return (sq(reference - sample_with(moved, matrix, circular)) + charge[:, 0]).clamp(min=0)
+
+
+def analytic_matrix(transform: Transform, height: int, width: int, stride: float = 1.0) -> np.ndarray:
+    """g^-1's 3 x 3 normalized sampling matrix (b' = b(G .)) for an (height, width) map of the given stride,
+    as the search builds it (see :func:`search_warp`)."""
+    family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
+    return family.normalized(family.init).numpy()
+
+
+def _descend(loss_of, starts: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam from S starts at once: ``loss_of`` maps (S, P) to (S,) independent losses.
+
+    Adam's update is elementwise, so descending the sum is S independent descents.
+    Returns each start's best point (S, P) and loss (S,).
+    """
+    u = starts.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([u], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr * 0.02)
-    best_u, best = start.clone(), math.inf
+    best_u = starts.clone()
+    best = torch.full((starts.shape[0],), math.inf, dtype=torch.float64)
     for _ in range(steps):
         optimizer.zero_grad()
         loss = loss_of(u)
-        value = float(loss.detach())
-        if value < best:
-            best, best_u = value, u.detach().clone()
-        loss.backward()
+        value = loss.detach().cpu()
+        better = value < best
+        best = torch.where(better, value, best)
+        best_u[better] = u.detach()[better]
+        loss.sum().backward()
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        final = float(loss_of(u))
-    if final < best:
-        best, best_u = final, u.detach().clone()
+        final = loss_of(u).cpu()
+    better = final < best
+    best = torch.where(better, final, best)
+    best_u[better] = u.detach()[better]
     return best_u, best
 
 
@@ -188,81 +349,89 @@ def search_warp(
     stride: float = 1.0,
     kind: str = "family",
     steps: int = 60,
-    start: np.ndarray | None = None,
+    starts: Sequence[np.ndarray | torch.Tensor] | None = None,
+    smoothing_control: bool = True,
+    start: np.ndarray | torch.Tensor | None = None,
 ) -> WarpFit:
     """Search the warp aligning ``moved`` = F(g x) with ``reference`` = F(x).
 
     ``reference``, ``moved``: (N, C, h, w) calibration maps; ``mask``: (h, w)
     valid cells of g^-1; ``chance``: (N,) chance distances; ``stride``: the
     map's stride (pixel parameters refer to the image of size stride * map).
-    ``start``: an extra starting sampling matrix (e.g. the family optimum
-    for the affine search). Gradients are taken here, so pass ordinary
-    tensors (not created under ``torch.inference_mode``).
+    ``starts``: extra starting sampling matrices (3 x 3 or 2 x 3, normalized,
+    output -> input like g^-1's), e.g. a lattice-registered g^-1 or the family
+    optimum for the affine search; g^-1 itself is always a start. A start
+    outside g's family is projected onto it (least squares on the matrix
+    entries). ``start``: one extra start (same as ``starts=[start]``).
+    ``smoothing_control``: charge candidates for the smoothing of resampling
+    (see :class:`WarpObjective`); ``False`` gives the plain distance.
+    Gradients are taken here, so pass ordinary tensors (not created under
+    ``torch.inference_mode``).
     """
     if kind not in SEARCH_KINDS:
         raise ValueError(f"kind must be one of {SEARCH_KINDS}, got {kind!r}")
-    reference, moved = reference.detach().float(), moved.detach().float()
-    mask = mask.to(reference.dtype)
-    inv_chance_sq = (1.0 / chance.to(torch.float64).square()).to(reference.device)
-    inv_chance_sq = torch.where(torch.isfinite(inv_chance_sq), inv_chance_sq, torch.zeros_like(inv_chance_sq))
+    extra = [torch.as_tensor(m, dtype=torch.float64) for m in (list(starts or []) + ([start] if start is not None else []))]
+    for m in extra:
+        if tuple(m.shape) not in ((3, 3), (2, 3)):
+            raise ValueError(f"a start must be a 3 x 3 or 2 x 3 sampling matrix, got shape {tuple(m.shape)}")
     height, width = reference.shape[-2:]
-    circular = transform.circular
     family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
     analytic = family.normalized(family.init)
+    objective = WarpObjective(reference, moved, mask, chance, analytic, transform.circular, smoothing_control)
 
-    def matrix_loss(theta: torch.Tensor) -> torch.Tensor:
-        return _mean_sq_error(reference, moved, mask, inv_chance_sq, theta.to(reference.device), circular)
-
-    with torch.no_grad():
-        analytic_loss = float(matrix_loss(analytic))
     if kind == "family":
         units = family.units(cell=stride)
 
-        def loss_of(u: torch.Tensor) -> torch.Tensor:
-            return matrix_loss(family.normalized(family.init + u * units))
+        def to_matrices(u: torch.Tensor) -> torch.Tensor:
+            return torch.stack([family.normalized(family.init + row * units) for row in u])
 
-        starts = _grid_starts(loss_of, len(units))
-        best_u, best = torch.zeros(len(units), dtype=torch.float64), analytic_loss
-        for u0 in starts:
-            u, loss = _descend(loss_of, u0, steps, lr=0.2)
-            if loss < best:
-                best_u, best = u, loss
-        values = family.init + best_u * units
-        matrix = family.normalized(values).numpy()
-        return WarpFit("family", matrix, family.spec(values), best, analytic_loss, family.params(values))
+        candidates = [(family.project(m) - family.init) / units for m in extra]
+    else:
+        cell = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64)
+        units = torch.cat([torch.full((2,), 0.05, dtype=torch.float64), cell[:1], torch.full((2,), 0.05, dtype=torch.float64), cell[1:]])
+        base = analytic[:2].reshape(-1)
+        bottom = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
 
-    cell = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64)
-    units = torch.cat([torch.full((2,), 0.05, dtype=torch.float64), cell[:1], torch.full((2,), 0.05, dtype=torch.float64), cell[1:]])
-    base = analytic[:2].reshape(-1)
+        def to_matrices(u: torch.Tensor) -> torch.Tensor:
+            top = (base + u * units).reshape(-1, 2, 3)
+            return torch.cat([top, bottom.expand(top.shape[0], 1, 3)], dim=1)
 
-    def loss_of_affine(u: torch.Tensor) -> torch.Tensor:
-        top = (base + u * units).reshape(2, 3)
-        return matrix_loss(torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)]))
+        candidates = [(m[:2].reshape(-1) - base) / units for m in extra]
 
-    candidates = [torch.zeros(6, dtype=torch.float64)]
-    if start is not None:
-        candidates.append((torch.as_tensor(start, dtype=torch.float64)[:2].reshape(-1) - base) / units)
-    best_u, best = candidates[0], analytic_loss
-    for u0 in candidates:
-        u, loss = _descend(loss_of_affine, u0, steps, lr=0.2)
-        if loss < best:
-            best_u, best = u, loss
-    matrix = np.eye(3)
-    matrix[:2] = (base + best_u * units).reshape(2, 3).numpy()
-    spec = "affine[" + ";".join(",".join(f"{v:.4g}" for v in row) for row in matrix[:2]) + "]"
-    return WarpFit("affine", matrix, spec, best, analytic_loss, {"matrix": matrix[:2].tolist()})
+    def loss_of(u: torch.Tensor) -> torch.Tensor:
+        return objective(to_matrices(u))
 
-
-def _grid_starts(loss_of, n_params: int, keep: int = 2) -> list[torch.Tensor]:
-    """g^-1 and the best point of a coarse one-parameter-at-a-time grid around it."""
-    origin = torch.zeros(n_params, dtype=torch.float64)
-    scored = []
+    origin = torch.zeros(len(units), dtype=torch.float64)
     with torch.no_grad():
-        for i in range(n_params):
-            steps = _GRID_STEPS if i < n_params - 2 else (-1.0, 1.0)
-            for step in steps:
-                u = origin.clone()
-                u[i] = step
-                scored.append((float(loss_of(u)), u))
-    scored.sort(key=lambda item: item[0])
-    return [origin] + [u for _, u in scored[: keep - 1]]
+        analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
+        starting = [origin, *candidates]
+        if kind == "family":
+            starting.append(_grid_best(loss_of, len(units)))
+    starting_u = torch.unique(torch.stack(starting), dim=0)
+    found, losses = _descend(loss_of, starting_u, steps, lr=0.2)
+    best_u, best = origin, analytic_loss
+    if float(losses.min()) < best:
+        index = int(losses.argmin())
+        best_u, best = found[index], float(losses[index])
+    matrix = to_matrices(best_u.unsqueeze(0))[0]
+    with torch.no_grad():
+        plain = float(objective.plain(matrix.unsqueeze(0))[0])
+    matrix = matrix.detach().numpy()
+    if kind == "family":
+        values = family.init + best_u * units
+        return WarpFit("family", matrix, family.spec(values), best, analytic_loss, family.params(values), plain,
+                       smoothing_control)
+    spec = "affine[" + ";".join(",".join(f"{v:.4g}" for v in row) for row in matrix[:2]) + "]"
+    return WarpFit("affine", matrix, spec, best, analytic_loss, {"matrix": matrix[:2].tolist()}, plain, smoothing_control)
+
+
+def _grid_best(loss_of, n_params: int) -> torch.Tensor:
+    """The best point of a coarse one-parameter-at-a-time grid around g^-1 (one batched evaluation)."""
+    points = []
+    for i in range(n_params):
+        for step in (_GRID_STEPS if i < n_params - 2 else (-1.0, 1.0)):
+            u = torch.zeros(n_params, dtype=torch.float64)
+            u[i] = step
+            points.append(u)
+    points = torch.stack(points)
+    return points[int(loss_of(points).argmin())]

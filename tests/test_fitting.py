@@ -42,7 +42,9 @@ def test_family_search_recovers_a_known_warp(known_warp):
     assert fit.params["rotate0"] == pytest.approx(20.0, abs=0.5)
     assert fit.params["translate_x_px"] == pytest.approx(3.0, abs=0.3)
     assert fit.params["translate_y_px"] == pytest.approx(-2.0, abs=0.3)
-    assert fit.loss < 0.1 * fit.analytic_loss
+    assert fit.plain_loss < 0.1 * fit.analytic_loss
+    # charged for what averaging would gain on g^-1's (large, here) mismatch: conservative, still a clear gain
+    assert fit.plain_loss < fit.loss < 0.25 * fit.analytic_loss
     assert fit.spec.startswith("rotate")
 
 
