@@ -255,7 +255,7 @@ class WarpObjective:
         return self._evaluate(matrices, charge=False)
 
     def __call__(self, matrices: torch.Tensor) -> torch.Tensor:
-        """(K,) objective of the (K, 3, 3) float64 sampling matrices; its gradient is the plain distance's."""
+        """(K,) objective of the (K, 3, 3) float64 sampling matrices (the charge carries no gradient)."""
         return self._evaluate(matrices, charge=self.smoothing_control)
 
     def per_image(self, matrices: torch.Tensor, charge: bool | None = None) -> torch.Tensor:
@@ -268,14 +268,11 @@ class WarpObjective:
             chunk_dev = chunk.to(self.reference.device)
             sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk_dev, self.circular))
             if charge:
-                # The charge scores candidates; descent follows the plain distance's gradient (the nearest-cell
-                # term is piecewise constant, so half a gradient would be biased), and every point it visits is
-                # scored with the charge.
-                with torch.no_grad():
+                with torch.no_grad():  # the nearest-cell term is piecewise constant: no gradient to follow
                     relative = self.analytic_inverse.to(chunk_dev.device) @ chunk_dev.detach()
-                    charge = (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
-                              - self._masked_sq(sample_many(self.residual, relative, self.circular)))
-                sq = sq + charge
+                    averaging_gain = (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
+                                      - self._masked_sq(sample_many(self.residual, relative, self.circular)))
+                sq = sq + averaging_gain
             out.append(sq)
         return torch.cat(out, dim=1)
 
@@ -315,29 +312,33 @@ def _descend(loss_of, starts: torch.Tensor, steps: int, lr: float) -> tuple[torc
     """Adam from S starts at once: ``loss_of`` maps (S, P) to (S,) independent losses.
 
     Adam's update is elementwise, so descending the sum is S independent descents.
-    Returns each start's best point (S, P) and loss (S,).
+    Returns every point visited, (steps + 1, S, P) with the starts first, and its loss (steps + 1, S).
     """
     u = starts.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([u], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr * 0.02)
-    best_u = starts.clone()
-    best = torch.full((starts.shape[0],), math.inf, dtype=torch.float64)
+    visited, losses = [], []
     for _ in range(steps):
         optimizer.zero_grad()
         loss = loss_of(u)
-        value = loss.detach().cpu()
-        better = value < best
-        best = torch.where(better, value, best)
-        best_u[better] = u.detach()[better]
+        visited.append(u.detach().clone())
+        losses.append(loss.detach().cpu())
         loss.sum().backward()
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        final = loss_of(u).cpu()
-    better = final < best
-    best = torch.where(better, final, best)
-    best_u[better] = u.detach()[better]
-    return best_u, best
+        losses.append(loss_of(u).cpu())
+    visited.append(u.detach().clone())
+    return torch.stack(visited), torch.stack(losses)
+
+
+def _checkpoints(visited: torch.Tensor, losses: torch.Tensor, every: int = 6) -> torch.Tensor:
+    """(K, P) distinct points worth scoring with the charge: each start, every ``every``-th step,
+    the last step and each descent's plain best."""
+    steps = visited.shape[0]
+    index = sorted(set(range(0, steps, every)) | {steps - 1})
+    points = [visited[index].reshape(-1, visited.shape[-1]), visited[losses.argmin(dim=0), torch.arange(visited.shape[1])]]
+    return torch.unique(torch.cat(points), dim=0)
 
 
 def search_warp(
@@ -401,18 +402,25 @@ def search_warp(
     def loss_of(u: torch.Tensor) -> torch.Tensor:
         return objective(to_matrices(u))
 
+    def plain_of(u: torch.Tensor) -> torch.Tensor:
+        return objective.plain(to_matrices(u))
+
     origin = torch.zeros(len(units), dtype=torch.float64)
     with torch.no_grad():
         analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
         starting = [origin, *candidates]
         if kind == "family":
             starting.append(_grid_best(loss_of, len(units)))
-    starting_u = torch.unique(torch.stack(starting), dim=0)
-    found, losses = _descend(loss_of, starting_u, steps, lr=0.2)
+    # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is
+    # piecewise constant); the points it visits are then scored with the charge, in one batch.
+    visited, plain_losses = _descend(plain_of, torch.unique(torch.stack(starting), dim=0), steps, lr=0.2)
+    points = _checkpoints(visited, plain_losses) if smoothing_control else visited.reshape(-1, len(units))
+    with torch.no_grad():
+        scores = loss_of(points).cpu() if smoothing_control else plain_losses.reshape(-1)
     best_u, best = origin, analytic_loss
-    if float(losses.min()) < best:
-        index = int(losses.argmin())
-        best_u, best = found[index], float(losses[index])
+    if float(scores.min()) < best:
+        index = int(scores.argmin())
+        best_u, best = points[index], float(scores[index])
     matrix = to_matrices(best_u.unsqueeze(0))[0]
     with torch.no_grad():
         plain = float(objective.plain(matrix.unsqueeze(0))[0])
