@@ -8,7 +8,10 @@ before the clock starts. (B) the analysis itself (``analyze`` without
 plotting or files; model loading and the layer probe are excluded from
 both and reported as ``setup_seconds``). Both run in one process,
 interleaved, after one warm-up of each; the median of ``repeats`` runs is
-reported. ``overhead_ratio`` = B / A.
+reported. ``overhead_ratio`` = B / A. With fitted alignments asked for
+(``optimal``, ``channel_map``), (C) the analysis with them runs interleaved
+too, and ``fit_seconds`` (the calibration pass plus the fits, as the
+analysis reports them) is set against B: ``fit_ratio`` = fits / B.
 
 ``memory_scaling`` runs the analysis in fresh processes for a small and a
 large image count (distinct JPEG images cut from the bundled photos) and
@@ -109,6 +112,9 @@ def benchmark(
     workers: int = 0,
     repeats: int = 3,
     mask: str = "auto",
+    optimal: Sequence[str] | None = None,
+    channel_map: Sequence[str] | None = None,
+    calibration_images: int | None = None,
 ) -> dict:
     """Time (A) bare forwards and (B) the analysis; see the module docstring. Returns a JSON-able dict."""
     dev = resolve_device(device)
@@ -124,15 +130,17 @@ def benchmark(
         scratch = tempfile.TemporaryDirectory(prefix="alignscope-bench-")
         images = make_image_folder(max_images, Path(scratch.name))
     try:
+        fits = {"optimal": list(optimal or []) or None, "channel_map": list(channel_map or []) or None,
+                "calibration_images": calibration_images}
         return _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last,
-                          workers, repeats, mask)
+                          workers, repeats, mask, fits)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
 def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last, workers,
-               repeats, mask) -> dict:
+               repeats, mask, fits: dict | None = None) -> dict:
     cfg = setup.cfg
     batches = list(image_stream(images, cfg, batch_size, max_images))
     n_images = sum(b.pixels.shape[0] for b in batches)
@@ -144,25 +152,39 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
         seconds, _ = bare_forward_seconds(setup.model, batches, feeder, dev, amp_dtype, channels_last)
         return seconds
 
-    def run_analysis() -> tuple[float, dict]:
+    fitting = bool(fits and (fits.get("optimal") or fits.get("channel_map")))
+
+    def run_analysis(with_fits: bool = False) -> tuple[float, dict]:
         timer = PhaseTimer(dev, synchronize=dev.type == "cuda")
         report = analyze(setup.model, transforms=spec, images=images, layers=[layer.name for layer in setup.layers],
                          batch_size=batch_size, mask=mask, device=dev, max_images=max_images, input_size=cfg.input_size,
-                         mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, timer=timer)
+                         mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, timer=timer,
+                         **(fits if with_fits else {}))
+        if with_fits:
+            return report.meta["fits"]["seconds"], {"analysis": report.meta["timings_seconds"]["analysis"]}
         return report.meta["timings_seconds"]["analysis"], timer.as_dict()
 
     run_bare(), run_analysis()  # warm-up: allocator, kernel selection, file cache
-    bare, full, phases = [], [], []
+    if fitting:
+        run_analysis(True)
+    bare, full, phases, fit_runs = [], [], [], []
     for _ in range(max(1, repeats)):
         bare.append(run_bare())
         seconds, split = run_analysis()
         full.append(seconds)
         phases.append(split)
+        if fitting:
+            fit_runs.append(run_analysis(True)[0])
     forward_seconds, analysis_seconds = statistics.median(bare), statistics.median(full)
     median_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
     forward_images = sum(b.shape[0] for batch in batches for _, _, _, b in feeder.model_inputs(batch.pixels, batch.partner)
                          if b is not None)
-    return {
+    fitted = {}
+    if fitting:
+        fit_seconds = statistics.median(fit_runs)
+        fitted = {"fits": {k: v for k, v in fits.items() if v}, "fit_seconds": round(fit_seconds, 3),
+                  "fit_ratio": round(fit_seconds / analysis_seconds, 3), "all_fit_seconds": [round(v, 3) for v in fit_runs]}
+    return fitted | {
         "model": cfg.model_name,
         "pretrained": cfg.pretrained,
         "images": n_images,

@@ -74,10 +74,14 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median) after a warm-up.")
 @click.option("--memory-scaling", is_flag=True, help="Also peak RSS for 32 and 512 images, each in a fresh process.")
+@click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]), help="Also time these warp searches (as analyze).")
+@click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
+              help="Also time these channel maps (as analyze).")
+@click.option("--calibration-images", type=click.IntRange(min=4), default=None, help="Images the fits calibrate on (as analyze).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def bench(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, device, amp, channels_last,
-          workers, repeats, memory_scaling, as_json, debug) -> None:
+          workers, repeats, memory_scaling, optimal, channel_map, calibration_images, as_json, debug) -> None:
     """Time the analysis against the bare forward passes it needs (overhead ratio).
 
     (A) full-model forward passes over exactly the inputs the analysis feeds
@@ -90,6 +94,7 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
       alignscope bench
       alignscope bench --model resnet50 --no-pretrained --json
       alignscope bench --memory-scaling --batch-size 16
+      alignscope bench --max-images 8 --optimal family --optimal affine --channel-map linear --channel-map permutation
     """
     import json
 
@@ -99,7 +104,8 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
     result = benchmark(model=model, weights=weights or "auto", pretrained=not no_pretrained, images=images,
                        max_images=max_images, transforms=list(transforms) or None, layers=list(layers) or None,
                        batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
-                       repeats=repeats)
+                       repeats=repeats, optimal=list(optimal), channel_map=list(channel_map),
+                       calibration_images=calibration_images)
     if memory_scaling:
         result["memory_scaling"] = scaling(model=model, weights=weights or "auto", pretrained=not no_pretrained,
                                            transforms=list(transforms) or None, layers=list(layers) or None,
@@ -115,6 +121,9 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
     click.echo(f"overhead ratio B/A:      {result['overhead_ratio']:.3f}   (median of {result['repeats']})")
     shares = ", ".join(f"{k} {v:.1%}" for k, v in result["phase_share"].items())
     click.echo(f"time in the analysis:    {shares}")
+    if "fit_seconds" in result:
+        click.echo(f"fits (C):                {result['fit_seconds']:.2f} s  = {result['fit_ratio']:.3f} x B "
+                   f"(calibration pass and {', '.join(v for vs in result['fits'].values() if isinstance(vs, list) for v in vs)})")
     click.echo(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB")
     if memory_scaling:
         runs = result["memory_scaling"]["runs"]

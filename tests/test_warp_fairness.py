@@ -52,7 +52,7 @@ def calibration_maps(net, images, spec):
 
 @pytest.fixture(scope="module")
 def held_out_table(crops):
-    report = alignscope.analyze(random_filter_cnn(), transforms=["rot90", "hflip"], images=crops, input_size=(3, SIZE, SIZE),
+    report = alignscope.analyze(random_filter_cnn(), transforms=["rot90", "hflip"], layers=["3"], images=crops, input_size=(3, SIZE, SIZE),
                                 mean=MEAN, std=STD, batch_size=8, optimal="family", calibration_images=8, search_steps=30)
     return report.table.set_index("transform")
 
