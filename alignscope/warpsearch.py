@@ -5,10 +5,12 @@ the normalized 3 x 3 matrix of g for the image the map covers (see
 :mod:`alignscope.transforms`). A search replaces G by a *sampling matrix*
 W and minimizes, over calibration images i,
 
-    mean_i ||M (a_i - b_i(W .))||^2 / chance_i^2,
+    mean_i (||M (a_i - b_i(W .))||^2 + smoothing charge_i) / chance_i^2,
 
 the mean squared ``aligned_error`` on the fixed valid mask M of g^-1, so the
-searched and analytic errors are measured on the same cells.
+searched and analytic errors are measured on the same cells. The charge
+(:class:`WarpObjective`) is what the averaging of bilinear resampling alone
+gains; without it a search wins by blurring b' even where g^-1 is exact.
 
 Two searches:
 
@@ -20,9 +22,11 @@ Two searches:
   image moves content where the search says it went).
 - ``affine``: all six entries of W free.
 
-Both use a coarse grid over the family, then Adam through ``grid_sample``
-from the best starts (g^-1 is always one), and never return anything worse
-than g^-1 on the calibration images.
+Both descend with Adam through ``grid_sample`` from several starts at once
+(g^-1, extra ``starts`` and, for ``family``, the best point of a coarse grid),
+all candidates of a step evaluated in one batched call; the descent follows
+the plain distance's gradient, the points it visits are scored with the
+charge, and nothing worse than g^-1 on the calibration images is returned.
 """
 from __future__ import annotations
 
