@@ -4,7 +4,11 @@
 same batch size, over exactly the inputs the analysis feeds it (the
 originals, their disk-masked copies where a transform uses the disk, every
 transformed batch, and the round-trip batches the floor needs). (B) the
-analysis itself (``analyze`` without plotting or files).
+analysis itself (``analyze`` without plotting or files). With fitted
+alignments asked for (``optimal``, ``channel_map``), (C) the analysis with
+them runs after each pass too, and ``fit_seconds`` (the calibration pass
+plus the fits, as the analysis reports them) is set against B:
+``fit_ratio`` = fits / B.
 
 A and B are interleaved batch by batch (see :mod:`alignscope.interleave`):
 just before the analysis reads batch k, the bare forwards of batch k's
@@ -122,6 +126,9 @@ def benchmark(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    optimal: Sequence[str] | None = None,
+    channel_map: Sequence[str] | None = None,
+    calibration_images: int | None = None,
 ) -> dict:
     """Time (A) bare forwards and (B) the analysis, interleaved; see the module docstring. Returns a JSON-able dict.
 
@@ -142,15 +149,17 @@ def benchmark(
         scratch = tempfile.TemporaryDirectory(prefix="alignscope-bench-")
         images = make_image_folder(max_images, Path(scratch.name))
     try:
+        fits = {"optimal": list(optimal or []) or None, "channel_map": list(channel_map or []) or None,
+                "calibration_images": calibration_images}
         return _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last,
-                          workers, repeats, mask, loads)
+                          workers, repeats, mask, loads, fits)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
 def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last, workers,
-               repeats, mask, loads) -> dict:
+               repeats, mask, loads, fits: dict | None = None) -> dict:
     cfg = setup.cfg
     batches = list(image_stream(images, cfg, batch_size, max_images))
     if not batches:
@@ -185,19 +194,37 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
         loads.append(load_average())
         return interleaver.result(), timer.as_dict()
 
+    fitting = bool(fits and (fits.get("optimal") or fits.get("channel_map")))
+
+    def fit_pass() -> float:
+        """(C): the analysis with the fitted alignments; the seconds of its calibration pass and fits."""
+        report = analyze(setup.model, transforms=spec, images=images, layers=[layer.name for layer in setup.layers],
+                         batch_size=batch_size, mask=mask, device=dev, max_images=max_images, input_size=cfg.input_size,
+                         mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, **fits)
+        return report.meta["fits"]["seconds"]
+
     interleaved_pass()  # warm-up: allocator, kernel selection, file cache
-    passes, phases = [], []
+    if fitting:
+        fit_pass()
+    passes, phases, fit_runs = [], [], []
     for _ in range(max(1, repeats)):
         timing, split = interleaved_pass()
         passes.append(timing)
         phases.append(split)
+        if fitting:
+            fit_runs.append(fit_pass())
     summary = summarize_passes(passes)
     machine = machine_info(dev)
     noise = assess_noise(summary, loads, machine["cores"])
     analysis_seconds = summary["analysis"]["median"]
     median_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
     forward_images = sum(fed.values())
-    return {
+    fitted = {}
+    if fitting:
+        fit_seconds = statistics.median(fit_runs)
+        fitted = {"fits": {k: v for k, v in fits.items() if v}, "fit_seconds": round(fit_seconds, 3),
+                  "fit_ratio": round(fit_seconds / analysis_seconds, 3), "all_fit_seconds": [round(v, 3) for v in fit_runs]}
+    return fitted | {
         "model": cfg.model_name,
         "pretrained": cfg.pretrained,
         "images": n_images,

@@ -14,9 +14,14 @@ shards). From it:
   :func:`choose_ridge` picks ``ridge`` by two-fold cross-validation between
   two halves of the calibration images, from the statistics alone (the
   squared error of any R is a quadratic form in them);
-- ``fit_permutation``: the one-to-one channel assignment maximizing the
-  summed Pearson correlation between a_i and b'_perm[i] (Hungarian
-  algorithm), i.e. a pure relabelling of channels.
+- ``fit_permutation``: the one-to-one channel assignment minimizing the
+  reported objective, sum_p ||a_p - P b'_p||^2 (Hungarian algorithm on the
+  C x C cost sum_p (a_i - b'_j)^2 = sum a_i^2 - 2 sum a_i b'_j + sum b'_j^2),
+  i.e. the best pure relabelling of channels in L2. The identity is one of
+  the candidates, so on the cells it was fitted on it is never worse than
+  no relabelling. The Pearson correlation of the matched channels is kept
+  as a description only: it ignores scale and offset, so matching on it
+  can do worse in L2 than no relabelling at all.
 
 ``apply_linear`` / ``apply_permutation`` map a (B, C, h, w) b' onto a's channels.
 """
@@ -42,6 +47,10 @@ class ChannelStatistic:
 
     def update(self, reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the valid cells (``mask`` (h, w) > 0) of a batch of (B, C, h, w) maps."""
+        if reference.shape != aligned.shape or reference.ndim != 4 or reference.shape[1] != self.channels \
+                or tuple(mask.shape) != tuple(reference.shape[-2:]):
+            raise ValueError(f"ChannelStatistic({self.channels}) needs reference and aligned (B, {self.channels}, h, w) "
+                             f"and mask (h, w); got {tuple(reference.shape)}, {tuple(aligned.shape)}, {tuple(mask.shape)}")
         keep = mask > 0
         a = reference.permute(0, 2, 3, 1)[:, keep].reshape(-1, self.channels).to("cpu", torch.float64)
         b = aligned.permute(0, 2, 3, 1)[:, keep].reshape(-1, self.channels).to("cpu", torch.float64)
@@ -91,15 +100,32 @@ class ChannelStatistic:
         """sum_p ||a_p - R b'_p||^2 over the cells seen, for a (C, C) float64 ``matrix`` R."""
         return float(self.sq_a.sum() - 2 * (matrix * self.cross).sum() + ((matrix @ self.gram) * matrix).sum())
 
+    def pair_costs(self) -> torch.Tensor:
+        """(C, C) float64: entry (i, j) = sum over the cells seen of (a_i - b'_j)^2."""
+        return self.sq_a[:, None] - 2 * self.cross + torch.diagonal(self.gram)[None, :]
+
+    def permuted_squared_error(self, perm: torch.Tensor) -> float:
+        """sum_p ||a_p - b'_perm(p)||^2 over the cells seen: the error after relabelling b' by ``perm``."""
+        return float(self.pair_costs()[torch.arange(self.channels), perm].sum())
+
     def fit_permutation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(perm, corr)``: a's channel i is matched with b''s channel ``perm[i]`` at correlation ``corr[i]``."""
+        """``(perm, corr)``: a's channel i is matched with b''s channel ``perm[i]``, minimizing the summed L2 cost.
+
+        ``corr[i]`` is the Pearson correlation of each matched pair (descriptive; not what is optimized).
+        When no relabelling beats the identity (ties included), the identity is returned.
+        """
         from scipy.optimize import linear_sum_assignment
 
-        corr = self.correlation()
-        rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+        if self.count == 0:
+            raise ValueError("no valid cells were seen; nothing to fit")
+        costs = self.pair_costs()
+        rows, cols = linear_sum_assignment(costs.numpy())
         perm = torch.empty(self.channels, dtype=torch.long)
         perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-        return perm, corr[torch.arange(self.channels), perm]
+        identity = torch.arange(self.channels)
+        if self.permuted_squared_error(perm) >= self.permuted_squared_error(identity):
+            perm = identity
+        return perm, self.correlation()[torch.arange(self.channels), perm]
 
 
 def choose_ridge(first: ChannelStatistic, second: ChannelStatistic, grid=RIDGE_GRID) -> tuple[float, dict[float, float]]:

@@ -7,9 +7,10 @@ Per channel c, over the valid cells of all images (float64 sums):
 - ``unaligned_error`` the same with b = F(g x) before the inverse warp;
 - ``share`` the channel's part of the layer's squared aligned distance;
 - ``match`` the b' channel the best permutation assigns to c (Hungarian on
-  channel correlation, as ``channel_map="permutation"`` in :func:`analyze`),
-  its correlation, and ``matched_error`` (aligned_error with b'_match
-  instead of b'_c).
+  the summed squared distance between channels, as
+  ``channel_map="permutation"`` in :func:`analyze`), the matched pair's
+  correlation (descriptive), and ``matched_error`` (aligned_error with
+  b'_match instead of b'_c).
 
 Unlike :func:`alignscope.analyze` with ``channel_map``, the permutation here
 is fitted and shown on the same images: it describes, it does not test.

@@ -16,19 +16,22 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .channels import CHANNEL_MAPS, ChannelStatistic, apply_linear, apply_permutation, choose_ridge
 from .errors import UsageError
 from .pairs import LayerPair
-from .warpsearch import SEARCH_KINDS, WarpFit, sample_with, search_warp
+from .warpsearch import SEARCH_KINDS, WarpFit, analytic_matrix, charged_sq_distance, sample_with, search_warp
 
 log = logging.getLogger("alignscope")
 
 MIN_IMAGES_FOR_FITS = 8
 MIN_PER_SPLIT = 4
-# The column each fitted alignment adds (its value is distance / chance, like aligned_error).
-FIT_QUANTITIES = {"family": "optimal", "affine": "optimal_affine", "linear": "channel_mapped", "permutation": "permuted"}
+# The columns each fitted alignment adds (values are distance / chance, like aligned_error). A searched warp
+# adds its error charged for the smoothing of resampling (the one it was chosen by) and its plain distance.
+FIT_QUANTITIES = {"family": ("optimal", "optimal_plain"), "affine": ("optimal_affine", "optimal_affine_plain"),
+                  "linear": ("channel_mapped",), "permutation": ("permuted",)}
 
 
 def _as_choices(value: str | Sequence[str] | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -50,6 +53,7 @@ class FitRequest:
     ridge: float | None = None  # None: chosen by two-fold cross-validation on the calibration images
     search_steps: int = 60
     calibration_images: int | None = None
+    smoothing_control: bool = True  # charge searched warps for the smoothing of resampling (see warpsearch)
 
     @classmethod
     def build(cls, optimal=None, channel_map=None, ridge: float | str | None = "auto", search_steps: int = 60,
@@ -73,7 +77,7 @@ class FitRequest:
 
     @property
     def quantities(self) -> tuple[str, ...]:
-        return tuple(FIT_QUANTITIES[k] for k in (*self.optimal, *self.channel_map))
+        return tuple(q for k in (*self.optimal, *self.channel_map) for q in FIT_QUANTITIES[k])
 
     def split(self, n_images: int) -> tuple[int, int]:
         """(calibration, held-out) image counts; refuses when either would be too small."""
@@ -100,14 +104,23 @@ class PairFit:
     ridge: float | None = None
     ridge_scores: dict | None = None
     circular: bool = False
+    analytic: np.ndarray | None = None  # g^-1's sampling matrix, which the searched warps are charged against
+    permutation_calibration: dict | None = None
 
     def aligned_maps(self, pair: LayerPair) -> dict[str, torch.Tensor]:
-        """The held-out maps each fit produces, keyed by quantity name (compare each with ``pair.reference``)."""
+        """What each fit compares with ``pair.reference`` on held-out images, keyed by quantity name.
+
+        A (B, C, h, w) map (compared with the reference like b'), or for a searched warp's charged error
+        the (B,) squared distances already measured (see :func:`~alignscope.warpsearch.charged_sq_distance`).
+        """
         out = {}
-        if self.family is not None:
-            out["optimal"] = sample_with(pair.moved, self.family.matrix, self.circular)
-        if self.affine is not None:
-            out["optimal_affine"] = sample_with(pair.moved, self.affine.matrix, self.circular)
+        for name, fit in (("optimal", self.family), ("optimal_affine", self.affine)):
+            if fit is None:
+                continue
+            plain = sample_with(pair.moved, fit.matrix, self.circular)
+            out[f"{name}_plain"] = plain
+            out[name] = plain if not fit.smoothing_control else charged_sq_distance(
+                pair.reference, pair.moved, pair.aligned, pair.mask, fit.matrix, self.analytic, self.circular)
         if self.linear is not None:
             out["channel_mapped"] = apply_linear(pair.aligned, self.linear)
         if self.permutation is not None:
@@ -119,6 +132,7 @@ class PairFit:
         out = {}
         if self.family is not None:
             out.update(optimal_transform=self.family.spec, optimal_calibration_error=self.family.loss ** 0.5,
+                       optimal_plain_calibration_error=self.family.plain_loss ** 0.5,
                        analytic_calibration_error=self.family.analytic_loss ** 0.5)
         if self.affine is not None:
             out.update(optimal_affine_matrix=self.affine.spec, analytic_calibration_error=self.affine.analytic_loss ** 0.5)
@@ -134,10 +148,13 @@ class PairFit:
         for fit in (self.family, self.affine):
             if fit is not None:
                 out[fit.kind] = {"transform": fit.spec, "sampling_matrix": fit.matrix[:2].tolist(), "params": fit.params,
-                                 "calibration_rms_error": fit.loss ** 0.5, "analytic_calibration_rms_error": fit.analytic_loss ** 0.5}
+                                 "smoothing_control": fit.smoothing_control,
+                                 "calibration_rms_error": fit.loss ** 0.5, "plain_calibration_rms_error": fit.plain_loss ** 0.5,
+                                 "analytic_calibration_rms_error": fit.analytic_loss ** 0.5}
         if self.permutation is not None:
             out["permutation"] = {"b_channel_for_a_channel": self.permutation.tolist(),
-                                  "correlation": [round(float(v), 6) for v in self.permutation_correlation]}
+                                  "correlation": [round(float(v), 6) for v in self.permutation_correlation],
+                                  "calibration_relative_squared_error": self.permutation_calibration}
         if self.linear is not None:
             out["linear"] = {"shape": list(self.linear.shape), "frobenius_norm": float(self.linear.norm()), "ridge": self.ridge,
                              "ridge_cv_relative_error": {str(k): v for k, v in (self.ridge_scores or {}).items()}}
@@ -189,13 +206,16 @@ class Calibrator:
             if self.request.optimal:
                 reference, moved, chance = torch.cat(slot.references), torch.cat(slot.moved), torch.cat(slot.chance)
                 family = None
+                control = self.request.smoothing_control
                 if "family" in self.request.optimal:
                     family = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "family",
-                                         self.request.search_steps)
+                                         self.request.search_steps, smoothing_control=control)
                     fit.family = family
                 if "affine" in self.request.optimal:
                     fit.affine = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "affine",
-                                             self.request.search_steps, start=None if family is None else family.matrix)
+                                             self.request.search_steps, starts=[] if family is None else [family.matrix],
+                                             smoothing_control=control)
+                fit.analytic = analytic_matrix(pair.transform, *reference.shape[-2:], pair.stride)
                 slot.references.clear()
                 slot.moved.clear()
             if slot.halves:
@@ -210,6 +230,10 @@ class Calibrator:
                     fit.linear = merged.fit_linear(fit.ridge).to(torch.float32)
                 if "permutation" in self.request.channel_map:
                     fit.permutation, fit.permutation_correlation = merged.fit_permutation()
+                    total = float(merged.sq_a.sum())
+                    fit.permutation_calibration = {
+                        "identity": merged.permuted_squared_error(torch.arange(merged.channels)) / total if total > 0 else None,
+                        "permuted": merged.permuted_squared_error(fit.permutation) / total if total > 0 else None}
             fits[key] = fit
             if progress is not None:
                 progress(done, len(self.collected))

@@ -62,7 +62,9 @@ def pair_distances(
     ``other`` the feature map of a different image (chance); ``roundtrip``
     F(g^-1 g x) (``None`` for exact transforms: floor 0); ``mask`` (H, W).
     ``extras`` maps a name to another alignment of b (e.g. a searched warp)
-    and adds ``name`` and ``name_error`` measured the same way as aligned.
+    and adds ``name`` and ``name_error`` measured the same way as aligned;
+    a (B,) value is taken as per-image squared distances measured by the
+    caller (a fit with its own comparison, e.g. a smoothing-charged warp).
     Errors are divided by the chance distance; a chance distance of 0
     (no valid cells, or identical images) gives NaN. ``terms``: the
     :func:`reference_terms` of (reference, other, mask), if already computed.
@@ -80,7 +82,13 @@ def pair_distances(
     safe_chance = torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
     extra_values = {}
     for name, candidate in (extras or {}).items():
-        distance = _masked_sq_dist(reference, candidate, mask).sqrt()
+        if candidate.ndim == 1 and candidate.shape[0] == reference.shape[0]:  # already a per-image squared distance
+            distance = candidate.to(torch.float64).sqrt()
+        elif candidate.shape == reference.shape:
+            distance = _masked_sq_dist(reference, candidate, mask).sqrt()
+        else:
+            raise ValueError(f"extra {name!r} must be a map like the reference {tuple(reference.shape)} or (B,) squared "
+                             f"distances, got {tuple(candidate.shape)}")
         extra_values[name] = distance
         extra_values[f"{name}_error"] = distance / safe_chance
     return extra_values | {

@@ -5,10 +5,12 @@ the normalized 3 x 3 matrix of g for the image the map covers (see
 :mod:`alignscope.transforms`). A search replaces G by a *sampling matrix*
 W and minimizes, over calibration images i,
 
-    mean_i ||M (a_i - b_i(W .))||^2 / chance_i^2,
+    mean_i (||M (a_i - b_i(W .))||^2 + smoothing charge_i) / chance_i^2,
 
 the mean squared ``aligned_error`` on the fixed valid mask M of g^-1, so the
-searched and analytic errors are measured on the same cells.
+searched and analytic errors are measured on the same cells. The charge
+(:class:`WarpObjective`) is what the averaging of bilinear resampling alone
+gains; without it a search wins by blurring b' even where g^-1 is exact.
 
 Two searches:
 
@@ -20,20 +22,23 @@ Two searches:
   image moves content where the search says it went).
 - ``affine``: all six entries of W free.
 
-Both use a coarse grid over the family, then Adam through ``grid_sample``
-from the best starts (g^-1 is always one), and never return anything worse
-than g^-1 on the calibration images.
+Both descend with Adam through ``grid_sample`` from several starts at once
+(g^-1, extra ``starts`` and, for ``family``, the best point of a coarse grid),
+all candidates of a step evaluated in one batched call; the descent follows
+the plain distance's gradient, the points it visits are scored with the
+charge, and nothing worse than g^-1 on the calibration images is returned.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .transforms import Transform, _fmt
+from .warpscore import WarpObjective, charged_sq_distance, sample_many, sample_with  # noqa: F401 (re-exported)
 
 SEARCH_KINDS = ("family", "affine")
 # Search units: one Adam step moves a parameter by about lr * unit.
@@ -47,8 +52,11 @@ class WarpFit:
 
     ``matrix``: 3 x 3 normalized sampling matrix W (b'(q) = b(W q)).
     ``spec``: the found transform g* in the transform grammar (family) or
-    ``affine[w11,w12,w13;w21,w22,w23]``. ``loss`` and ``analytic_loss``:
-    mean squared aligned_error on the calibration images for W and for g^-1.
+    ``affine[w11,w12,w13;w21,w22,w23]``. ``loss``: the searched objective for
+    W on the calibration images (mean squared aligned_error, charged for
+    smoothing when ``smoothing_control``; see :class:`WarpObjective`);
+    ``plain_loss``: the same without the charge; ``analytic_loss``: g^-1's
+    (which no charge changes).
     """
 
     kind: str
@@ -57,20 +65,8 @@ class WarpFit:
     loss: float
     analytic_loss: float
     params: dict = field(default_factory=dict)
-
-
-def sample_with(x: torch.Tensor, matrix: np.ndarray | torch.Tensor, circular: bool = False) -> torch.Tensor:
-    """``out(q) = x(W q)`` bilinearly for a (B, C, H, W) map; zeros outside, or wrap-around if ``circular``."""
-    theta = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)[:2]
-    height, width = x.shape[-2:]
-    if circular:
-        # Sampling a circularly padded copy: points are rescaled into the padded map's normalized frame.
-        pad_y, pad_x = height // 2, width // 2
-        x = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular")
-        scale = torch.tensor([[width / (width + 2 * pad_x)], [height / (height + 2 * pad_y)]], dtype=theta.dtype, device=theta.device)
-        theta = theta * scale
-    grid = F.affine_grid(theta.unsqueeze(0).expand(x.shape[0], 2, 3), [x.shape[0], x.shape[1], height, width], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    plain_loss: float = math.nan
+    smoothing_control: bool = True
 
 
 class _Family:
@@ -129,6 +125,26 @@ class _Family:
         from_norm = torch.diag(torch.tensor([self.width / 2.0, self.height / 2.0, 1.0], dtype=torch.float64))
         return to_norm @ self.pixel_matrix(values) @ from_norm
 
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The family's parameter values whose normalized matrix is nearest ``matrix`` (least squares, from g's).
+
+        Exact for a matrix in the family, e.g. g^-1 composed with a shift.
+        """
+        target = torch.eye(3, dtype=torch.float64)
+        target[:2] = torch.as_tensor(matrix, dtype=torch.float64)[:2]
+        values = self.init.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([values], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (self.normalized(values) - target).square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return values.detach()
+
     def spec(self, values: torch.Tensor) -> str:
         pieces, free = [], iter(range(len(self.free)))
         for kind in self.kinds:
@@ -152,31 +168,44 @@ class _Family:
         return out
 
 
-def _mean_sq_error(reference, moved, mask, inv_chance_sq, theta, circular) -> torch.Tensor:
-    aligned = sample_with(moved, theta.to(moved.dtype), circular)
-    sq = ((reference - aligned).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64)
-    return (sq * inv_chance_sq).mean()
+def analytic_matrix(transform: Transform, height: int, width: int, stride: float = 1.0) -> np.ndarray:
+    """g^-1's 3 x 3 normalized sampling matrix (b' = b(G .)) for an (height, width) map of the given stride,
+    as the search builds it (see :func:`search_warp`)."""
+    family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
+    return family.normalized(family.init).numpy()
 
 
-def _descend(loss_of, start: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float]:
-    u = start.clone().requires_grad_(True)
+def _descend(loss_of, starts: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam from S starts at once: ``loss_of`` maps (S, P) to (S,) independent losses.
+
+    Adam's update is elementwise, so descending the sum is S independent descents.
+    Returns every point visited, (steps + 1, S, P) with the starts first, and its loss (steps + 1, S).
+    """
+    u = starts.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([u], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr * 0.02)
-    best_u, best = start.clone(), math.inf
+    visited, losses = [], []
     for _ in range(steps):
         optimizer.zero_grad()
         loss = loss_of(u)
-        value = float(loss.detach())
-        if value < best:
-            best, best_u = value, u.detach().clone()
-        loss.backward()
+        visited.append(u.detach().clone())
+        losses.append(loss.detach().cpu())
+        loss.sum().backward()
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        final = float(loss_of(u))
-    if final < best:
-        best, best_u = final, u.detach().clone()
-    return best_u, best
+        losses.append(loss_of(u).cpu())
+    visited.append(u.detach().clone())
+    return torch.stack(visited), torch.stack(losses)
+
+
+def _checkpoints(visited: torch.Tensor, losses: torch.Tensor, every: int = 6) -> torch.Tensor:
+    """(K, P) distinct points worth scoring with the charge: each start, every ``every``-th step,
+    the last step and each descent's plain best."""
+    steps = visited.shape[0]
+    index = sorted(set(range(0, steps, every)) | {steps - 1})
+    points = [visited[index].reshape(-1, visited.shape[-1]), visited[losses.argmin(dim=0), torch.arange(visited.shape[1])]]
+    return torch.unique(torch.cat(points), dim=0)
 
 
 def search_warp(
@@ -188,81 +217,96 @@ def search_warp(
     stride: float = 1.0,
     kind: str = "family",
     steps: int = 60,
-    start: np.ndarray | None = None,
+    starts: Sequence[np.ndarray | torch.Tensor] | None = None,
+    smoothing_control: bool = True,
+    start: np.ndarray | torch.Tensor | None = None,
 ) -> WarpFit:
     """Search the warp aligning ``moved`` = F(g x) with ``reference`` = F(x).
 
     ``reference``, ``moved``: (N, C, h, w) calibration maps; ``mask``: (h, w)
     valid cells of g^-1; ``chance``: (N,) chance distances; ``stride``: the
     map's stride (pixel parameters refer to the image of size stride * map).
-    ``start``: an extra starting sampling matrix (e.g. the family optimum
-    for the affine search). Gradients are taken here, so pass ordinary
-    tensors (not created under ``torch.inference_mode``).
+    ``starts``: extra starting sampling matrices (3 x 3 or 2 x 3, normalized,
+    output -> input like g^-1's), e.g. a lattice-registered g^-1 or the family
+    optimum for the affine search; g^-1 itself is always a start. A start
+    outside g's family is projected onto it (least squares on the matrix
+    entries). ``start``: one extra start (same as ``starts=[start]``).
+    ``smoothing_control``: charge candidates for the smoothing of resampling
+    (see :class:`WarpObjective`); ``False`` gives the plain distance.
+    Gradients are taken here, so pass ordinary tensors (not created under
+    ``torch.inference_mode``).
     """
     if kind not in SEARCH_KINDS:
         raise ValueError(f"kind must be one of {SEARCH_KINDS}, got {kind!r}")
-    reference, moved = reference.detach().float(), moved.detach().float()
-    mask = mask.to(reference.dtype)
-    inv_chance_sq = (1.0 / chance.to(torch.float64).square()).to(reference.device)
-    inv_chance_sq = torch.where(torch.isfinite(inv_chance_sq), inv_chance_sq, torch.zeros_like(inv_chance_sq))
+    extra = [torch.as_tensor(m, dtype=torch.float64) for m in (list(starts or []) + ([start] if start is not None else []))]
+    for m in extra:
+        if tuple(m.shape) not in ((3, 3), (2, 3)):
+            raise ValueError(f"a start must be a 3 x 3 or 2 x 3 sampling matrix, got shape {tuple(m.shape)}")
     height, width = reference.shape[-2:]
-    circular = transform.circular
     family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
     analytic = family.normalized(family.init)
+    objective = WarpObjective(reference, moved, mask, chance, analytic, transform.circular, smoothing_control)
 
-    def matrix_loss(theta: torch.Tensor) -> torch.Tensor:
-        return _mean_sq_error(reference, moved, mask, inv_chance_sq, theta.to(reference.device), circular)
-
-    with torch.no_grad():
-        analytic_loss = float(matrix_loss(analytic))
     if kind == "family":
         units = family.units(cell=stride)
 
-        def loss_of(u: torch.Tensor) -> torch.Tensor:
-            return matrix_loss(family.normalized(family.init + u * units))
+        def to_matrices(u: torch.Tensor) -> torch.Tensor:
+            return torch.stack([family.normalized(family.init + row * units) for row in u])
 
-        starts = _grid_starts(loss_of, len(units))
-        best_u, best = torch.zeros(len(units), dtype=torch.float64), analytic_loss
-        for u0 in starts:
-            u, loss = _descend(loss_of, u0, steps, lr=0.2)
-            if loss < best:
-                best_u, best = u, loss
-        values = family.init + best_u * units
-        matrix = family.normalized(values).numpy()
-        return WarpFit("family", matrix, family.spec(values), best, analytic_loss, family.params(values))
+        candidates = [(family.project(m) - family.init) / units for m in extra]
+    else:
+        cell = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64)
+        units = torch.cat([torch.full((2,), 0.05, dtype=torch.float64), cell[:1], torch.full((2,), 0.05, dtype=torch.float64), cell[1:]])
+        base = analytic[:2].reshape(-1)
+        bottom = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
 
-    cell = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64)
-    units = torch.cat([torch.full((2,), 0.05, dtype=torch.float64), cell[:1], torch.full((2,), 0.05, dtype=torch.float64), cell[1:]])
-    base = analytic[:2].reshape(-1)
+        def to_matrices(u: torch.Tensor) -> torch.Tensor:
+            top = (base + u * units).reshape(-1, 2, 3)
+            return torch.cat([top, bottom.expand(top.shape[0], 1, 3)], dim=1)
 
-    def loss_of_affine(u: torch.Tensor) -> torch.Tensor:
-        top = (base + u * units).reshape(2, 3)
-        return matrix_loss(torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)]))
+        candidates = [(m[:2].reshape(-1) - base) / units for m in extra]
 
-    candidates = [torch.zeros(6, dtype=torch.float64)]
-    if start is not None:
-        candidates.append((torch.as_tensor(start, dtype=torch.float64)[:2].reshape(-1) - base) / units)
-    best_u, best = candidates[0], analytic_loss
-    for u0 in candidates:
-        u, loss = _descend(loss_of_affine, u0, steps, lr=0.2)
-        if loss < best:
-            best_u, best = u, loss
-    matrix = np.eye(3)
-    matrix[:2] = (base + best_u * units).reshape(2, 3).numpy()
-    spec = "affine[" + ";".join(",".join(f"{v:.4g}" for v in row) for row in matrix[:2]) + "]"
-    return WarpFit("affine", matrix, spec, best, analytic_loss, {"matrix": matrix[:2].tolist()})
+    def loss_of(u: torch.Tensor) -> torch.Tensor:
+        return objective(to_matrices(u))
 
+    def plain_of(u: torch.Tensor) -> torch.Tensor:
+        return objective.plain(to_matrices(u))
 
-def _grid_starts(loss_of, n_params: int, keep: int = 2) -> list[torch.Tensor]:
-    """g^-1 and the best point of a coarse one-parameter-at-a-time grid around it."""
-    origin = torch.zeros(n_params, dtype=torch.float64)
-    scored = []
+    origin = torch.zeros(len(units), dtype=torch.float64)
     with torch.no_grad():
-        for i in range(n_params):
-            steps = _GRID_STEPS if i < n_params - 2 else (-1.0, 1.0)
-            for step in steps:
-                u = origin.clone()
-                u[i] = step
-                scored.append((float(loss_of(u)), u))
-    scored.sort(key=lambda item: item[0])
-    return [origin] + [u for _, u in scored[: keep - 1]]
+        analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
+        starting = [origin, *candidates]
+        if kind == "family":
+            starting.append(_grid_best(loss_of, len(units)))
+    # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is
+    # piecewise constant); the points it visits are then scored with the charge, in one batch.
+    visited, plain_losses = _descend(plain_of, torch.unique(torch.stack(starting), dim=0), steps, lr=0.2)
+    points = _checkpoints(visited, plain_losses) if smoothing_control else visited.reshape(-1, len(units))
+    with torch.no_grad():
+        scores = loss_of(points).cpu() if smoothing_control else plain_losses.reshape(-1)
+    best_u, best = origin, analytic_loss
+    if float(scores.min()) < best:
+        index = int(scores.argmin())
+        best_u, best = points[index], float(scores[index])
+    matrix = to_matrices(best_u.unsqueeze(0))[0]
+    with torch.no_grad():
+        plain = float(objective.plain(matrix.unsqueeze(0))[0])
+    matrix = matrix.detach().numpy()
+    if kind == "family":
+        values = family.init + best_u * units
+        return WarpFit("family", matrix, family.spec(values), best, analytic_loss, family.params(values), plain,
+                       smoothing_control)
+    spec = "affine[" + ";".join(",".join(f"{v:.4g}" for v in row) for row in matrix[:2]) + "]"
+    return WarpFit("affine", matrix, spec, best, analytic_loss, {"matrix": matrix[:2].tolist()}, plain, smoothing_control)
+
+
+def _grid_best(loss_of, n_params: int) -> torch.Tensor:
+    """The best point of a coarse one-parameter-at-a-time grid around g^-1 (one batched evaluation)."""
+    points = []
+    for i in range(n_params):
+        for step in (_GRID_STEPS if i < n_params - 2 else (-1.0, 1.0)):
+            u = torch.zeros(n_params, dtype=torch.float64)
+            u[i] = step
+            points.append(u)
+    points = torch.stack(points)
+    return points[int(loss_of(points).argmin())]

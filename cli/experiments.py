@@ -81,10 +81,14 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 @click.option("--memory-scaling", is_flag=True, help="Also peak RSS of 'alignscope analyze' on 32 and 512 images, each in a fresh process.")
 @click.option("--compare-malloc", is_flag=True,
               help="Also run this benchmark in two fresh processes, malloc tuned and not (ALIGNSCOPE_NO_MALLOC_TUNING=1).")
+@click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]), help="Also time these warp searches (as analyze).")
+@click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
+              help="Also time these channel maps (as analyze).")
+@click.option("--calibration-images", type=click.IntRange(min=4), default=None, help="Images the fits calibrate on (as analyze).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def bench(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, device, amp, channels_last,
-          workers, repeats, memory_scaling, compare_malloc, as_json, debug) -> None:
+          workers, repeats, memory_scaling, compare_malloc, optimal, channel_map, calibration_images, as_json, debug) -> None:
     """Time the analysis against the bare forward passes it needs (overhead ratio).
 
     (A) full-model forward passes over exactly the inputs the analysis feeds
@@ -100,6 +104,7 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
       alignscope bench
       alignscope bench --model resnet50 --no-pretrained --json
       alignscope bench --memory-scaling --compare-malloc
+      alignscope bench --max-images 8 --optimal family --optimal affine --channel-map linear --channel-map permutation
     """
     import json
 
@@ -108,7 +113,8 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
     options = dict(model=model, weights=weights or "auto", pretrained=not no_pretrained, transforms=list(transforms) or None,
                    layers=list(layers) or None, batch_size=batch_size, device=device)
     timing = dict(images=images, max_images=max_images, amp=amp, channels_last=channels_last, workers=workers, repeats=repeats)
-    result = benching.benchmark(**options, **timing)
+    fits = dict(optimal=list(optimal), channel_map=list(channel_map), calibration_images=calibration_images)
+    result = benching.benchmark(**options, **timing, **fits)
     if memory_scaling:
         result["memory_scaling"] = benching.memory_scaling(**options)
     if compare_malloc:
@@ -144,6 +150,9 @@ def _bench_lines(result: dict) -> list[str]:
             + f"   (noisy above {noise['spread_limit']:.0%})")
     shares = ", ".join(f"{k} {v:.1%}" for k, v in result["phase_share"].items())
     lines.append(f"time in the analysis:    {shares}")
+    if "fit_seconds" in result:
+        lines.append(f"fits (C):                {result['fit_seconds']:.2f} s  = {result['fit_ratio']:.3f} x B "
+                     f"(calibration pass and {', '.join(v for vs in result['fits'].values() if isinstance(vs, list) for v in vs)})")
     lines.append(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB ({result['peak_rss_of']})")
     if "memory_scaling" in result:
         scaling = result["memory_scaling"]
