@@ -160,10 +160,10 @@ def _tiny_benchmark(run=bench.benchmark, **kwargs):
 def test_each_batch_is_forwarded_bare_on_a_copy_right_before_its_analysis():
     LOG.clear()
     model, result = _tiny_benchmark()
-    # drop the layer probes (one zero image); the rest alternates: the copy (A) then the hooked model (B)
+    # drop the layer probes (all-zero batches); the rest alternates: the copy (A) then the hooked model (B)
     runs = []
     for owner, n, total in LOG:
-        if n == 1:
+        if total == 0.0:
             continue
         who = "B" if owner == id(model) else "A"
         if not runs or runs[-1][0] != who:
