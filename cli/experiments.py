@@ -150,7 +150,7 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
 @click.option("--test-passes", type=click.IntRange(min=1), default=10, show_default=True,
               help="Random transforms of the test set to average over.")
 @click.option("--warp", type=click.Choice(["affine", "rotation", "rotation_scale"]), default="affine", show_default=True)
-@click.option("--quick", is_flag=True, help="1 seed, 150 steps, 2 test passes, none/input/features@1/shared@1/deep@1: "
+@click.option("--quick", is_flag=True, help="1 seed, 150 steps of 64, 2 test passes, none/input/features@1/shared@1/deep@1: "
                                           "checks the set-up, learns little.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-stn", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
@@ -185,6 +185,7 @@ def stn(data, images, task, classifier, variants, seeds, optimizer, lr, loc_lr_m
     data = f"folder:{images}" if images else data
     if quick:
         seeds, iterations, test_passes = QUICK["seeds"], QUICK["iterations"], QUICK["test_passes"]
+        batch_size = QUICK["batch_size"]
         variants = ",".join(QUICK["variants"]) if variants == "default" else variants
     if variants.strip() == "all":
         chosen = list(variant_names(classifier))

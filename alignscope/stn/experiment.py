@@ -23,7 +23,7 @@ from .evaluate import evaluate
 from .models import WARPS, STNClassifier, check_variant, spatial_transform
 from .train import TrainConfig, parameter_counts, train_variant
 
-QUICK = {"seeds": 1, "iterations": 150, "test_passes": 2, "variants": ("none", "input", "features@1", "shared@1", "deep@1")}
+QUICK = {"seeds": 1, "iterations": 150, "batch_size": 64, "test_passes": 2, "variants": ("none", "input", "features@1", "shared@1", "deep@1")}
 
 
 @dataclass
