@@ -170,7 +170,7 @@ def load_data(spec: str = "digits", data_seed: int = 0) -> UprightData:
         raise UsageError(f"unknown data {spec!r}; use digits, mnist:DIR or folder:DIR")
     if name != "digits" and not arg:
         raise UsageError(f"--data {name} needs a folder: {name}:DIR")
-    return SOURCES[name](arg or None, data_seed)
+    return SOURCES[name](str(Path(arg).expanduser()) if arg else None, data_seed)
 
 
 # ------------------------------------------------------------------------------------------- transforms
