@@ -47,7 +47,8 @@ def angle_figure(experiment, max_points: int = 600) -> plt.Figure:
     summary = experiment.summary().set_index("variant")
     cols = min(4, len(variants))
     rows = math.ceil(len(variants) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False, constrained_layout=True,
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.0 * cols, 6.0), 3.0 * rows + 0.6), squeeze=False,
+                             constrained_layout=True,
                              sharex=True, sharey=True)
     line = np.array([-90.0, 90.0])
     for ax, variant in zip(axes.flat, variants):
@@ -67,8 +68,9 @@ def angle_figure(experiment, max_points: int = 600) -> plt.Figure:
         ax.set_xlabel("true rotation (deg)")
     for ax in axes[:, 0]:
         ax.set_ylabel("angle of the learned warp (deg)")
-    fig.suptitle(f"predicted against true angle (seed 0; colour: class; no compensation: std "
-                 f"{NO_COMPENSATION_STD:.1f} deg, slope 0)\n{_title(experiment)}", fontsize=8)
+    fig.suptitle(f"angle of the learned warp against the true rotation (seed 0, colour: class)\n"
+                 f"dashed: full compensation; no compensation: std {NO_COMPENSATION_STD:.1f} deg, slope 0\n"
+                 f"{_title(experiment)}", fontsize=7)
     return fig
 
 
