@@ -4,6 +4,7 @@ They register on the group defined in :mod:`alignscope.cli.main`.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -178,44 +179,98 @@ def _bench_lines(result: dict) -> list[str]:
 
 
 @app.command()
+@click.option("--data", default="digits", show_default=True,
+              help="digits (scikit-learn's, offline), mnist:DIR (the four MNIST IDX files in DIR) or folder:DIR "
+                   "(one sub-folder per class).")
+@click.option("--images", default=None, help="Same as --data folder:DIR.")
 @click.option("--task", type=click.Choice(["rotate", "scale"]), default="rotate", show_default=True,
-              help="rotate: digits rotated in [-90, 90] degrees; scale: zoomed in [0.5, 1].")
-@click.option("--variants", default="all", show_default=True,
-              help="Comma-separated: none, input, features@1..3, deep-input, shared@1..3, or 'all'.")
+              help="rotate: a fresh random angle in [-90, 90] degrees per sample; scale: a zoom in [0.5, 1].")
+@click.option("--classifier", type=click.Choice(["small", "classic"]), default="small", show_default=True,
+              help="small: 4 conv-ReLU-BN blocks; classic: conv9x64, conv7x64 (see the README).")
+@click.option("--variants", default="default", show_default=True,
+              help="Comma-separated: none, input, features@k, shared@k, deep@k; 'default' (none, input, features@1, "
+                   "features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--loc-lr-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Learning rate of the localization-only parameters, relative to --lr.")
+@click.option("--iterations", type=click.IntRange(min=1), default=3000, show_default=True,
+              help="Training steps per run (rate x0.1 at 1/2 and 3/4).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--ramp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Curriculum: the transforms grow from none to their full range over this fraction of the iterations.")
+@click.option("--test-passes", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Random transforms of the test set to average over.")
 @click.option("--warp", type=click.Choice(["affine", "rotation", "rotation_scale"]), default="affine", show_default=True)
-@click.option("--images", default=None, help="Folder with one sub-folder per class instead of the bundled digits.")
-@click.option("--quick", is_flag=True, help="1 seed, 12 epochs: all variants in about a minute on 2 CPU cores.")
+@click.option("--quick", is_flag=True, help="1 seed, 150 steps of 64, 2 test passes, none/input/features@1/shared@1/deep@1: "
+                                          "checks the set-up, learns little.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-stn", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON records.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def stn(task, variants, seeds, epochs, warp, images, quick, out, force, as_json, debug) -> None:
-    """Where should the spatial transformer go? Train STN variants on digits and compare.
+def stn(data, images, task, classifier, variants, seeds, optimizer, lr, loc_lr_multiplier, iterations, batch_size,
+        ramp, test_passes, warp, quick, out, force, as_json, debug) -> None:
+    """Where should the spatial transformer go? Train STN variants on transformed digits and compare.
 
-    Trains each variant (seeds 0..N-1) on scikit-learn's digits, rotated or
-    scaled (offline), and writes OUT/stn_results.csv (variant, task, seed,
-    parameters, test/train accuracy, epochs, seconds), stn_alignment.csv (how
-    far each trained model's maps of a transformed digit stay from those of
-    the upright digit, per layer, relative to chance), stn_summary.csv and
-    plots (accuracy by variant, learned warps).
+    Every training sample gets a fresh random transform in every epoch; the
+    test set is --test-passes fixed random transforms of each test image.
+    Writes OUT/stn_results.csv (per variant and seed: parameters, test
+    accuracy, angle_std_deg and deming_slope of the learned warps, seconds),
+    stn_alignment.csv (maps of the transformed digit against the upright
+    one's at the STN output and after each layer, relative to chance),
+    stn_angles.csv, stn_summary.csv and plots (accuracy, predicted against
+    true angle, learned warps).
 
     \b
     Examples:
       alignscope stn --quick
-      alignscope stn --task scale --variants none,input,features@2,shared@2 --seeds 3 --epochs 40
+      alignscope stn --variants none,input --seeds 3 --optimizer adam --lr 0.001 --batch-size 64
+      alignscope stn --data mnist:~/mnist --classifier classic --iterations 150000
     """
+    from alignscope.errors import UsageError
     from alignscope.report import check_destination
-    from alignscope.stn import VARIANTS, run_experiment
+    from alignscope.stn import TrainConfig, run_experiment, variant_names
     from alignscope.stn.experiment import QUICK
 
-    chosen = list(VARIANTS) if variants.strip() == "all" else [v.strip() for v in variants.split(",") if v.strip()]
+    if images and data != "digits":
+        raise UsageError("give either --data or --images, not both")
+    data = f"folder:{images}" if images else data
     if quick:
-        seeds, epochs = QUICK["seeds"], QUICK["epochs"]
-    out_path = check_destination(out, force, inputs=[images] if images else ())
-    echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
-    experiment = run_experiment(task, chosen, seeds, epochs, warp, images, progress=echo)
+        seeds, iterations, test_passes = QUICK["seeds"], QUICK["iterations"], QUICK["test_passes"]
+        batch_size = QUICK["batch_size"]
+        variants = ",".join(QUICK["variants"]) if variants == "default" else variants
+    if variants.strip() == "all":
+        chosen = list(variant_names(classifier))
+    elif variants.strip() == "default":
+        chosen = [v for v in ("none", "input", "features@1", "features@2", "shared@2", "deep@2")
+                  if v in variant_names(classifier)]
+        if classifier == "classic":
+            chosen = list(variant_names(classifier))
+    else:
+        chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    config = TrainConfig(optimizer=optimizer, lr=lr, loc_lr_multiplier=loc_lr_multiplier, iterations=iterations,
+                         batch_size=batch_size, ramp=ramp)
+    folder = data.partition(":")[2]
+    out_path = check_destination(out, force, inputs=[folder] if folder else ())
+    bar = None if as_json else click.progressbar(length=len(chosen) * seeds * iterations, label="training",
+                                                  file=sys.stderr, show_eta=True, show_percent=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.pos)
+
+    def log(line: str) -> None:
+        if bar is not None:
+            click.echo("\n" + line, err=True)  # below the bar, which redraws on its next update
+
+    if bar is not None:
+        bar.__enter__()
+    try:
+        experiment = run_experiment(data, task, chosen, seeds, config, classifier, warp, test_passes,
+                                    progress=None if bar is None else progress, log=log)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
     experiment.save(out_path, force=force)
     summary = experiment.summary()
     if as_json:
@@ -224,4 +279,4 @@ def stn(task, variants, seeds, epochs, warp, images, quick, out, force, as_json,
     from alignscope.report import format_table
 
     click.echo(format_table(summary, tuple(summary.columns)))
-    click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_summary.csv, plots)")
+    click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_angles.csv, stn_summary.csv, plots)")

@@ -1,102 +1,278 @@
-"""STN experiments: identity at init, truly shared parameters, training, reproducibility, data, CLI."""
+"""STN experiments: wiring with answers known by construction (no accuracy claims).
+
+Identity at init, shared gradients, features@k warps the map, the angle metric on
+hand-made rotations, the Deming slope, IDX parsing, fresh seeded transforms, the
+optimiser groups and the CLI.
+"""
+import gzip
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from alignscope.stn import STNClassifier, load_splits, spatial_transform, train_variant
-from alignscope.stn.data import apply_task
-from alignscope.stn.models import VARIANTS, theta_from_params
+from alignscope.errors import ImageError, UsageError
+from alignscope.stn import (CLASSIFIERS, STNClassifier, FixedTestSet, TrainConfig, TrainStream, angle_metrics, deming_slope,
+                            load_data, read_idx, spatial_transform, train_variant, variant_names, warp_angle_deg)
+from alignscope.stn.angles import NO_COMPENSATION_STD
+from alignscope.stn.data import apply_task, invert_affine, task_matrices
+from alignscope.stn.train import make_optimizer
 from alignscope.transforms import parse_transform
 from alignscope.warping import warp
 
 IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+ALL_VARIANTS = [(c, v) for c in CLASSIFIERS for v in variant_names(c) if v != "none"]
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return load_splits("rotate", seed=0)
+def digits():
+    return load_data("digits", data_seed=0)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "none"])
+@pytest.mark.parametrize("classifier,variant", ALL_VARIANTS)
 @pytest.mark.parametrize("warp_kind", ["affine", "rotation", "rotation_scale"])
-def test_stn_starts_as_the_identity(variant, warp_kind, splits):
+def test_stn_starts_as_the_identity(classifier, variant, warp_kind, digits):
     torch.manual_seed(0)
-    model = STNClassifier(variant, warp=warp_kind).eval()
-    x = splits.test_images[:4]
+    model = STNClassifier(variant, warp=warp_kind, classifier=classifier).eval()
+    x = digits.test_images[:4]
     theta = model.predict_theta(x)
     torch.testing.assert_close(theta, IDENTITY.expand(4, 2, 3), atol=1e-6, rtol=0)
     torch.testing.assert_close(spatial_transform(x, theta), x, atol=1e-5, rtol=0)
-
-
-def test_rotation_parameters_give_rotation_matrices():
-    theta = theta_from_params(torch.tensor([[torch.pi / 2, 0.0]]), "rotation_scale")
-    torch.testing.assert_close(theta[0], torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_shared_localization_uses_the_classifiers_own_parameters(k, splits):
-    torch.manual_seed(0)
-    model = STNClassifier(f"shared@{k}")
-    assert model.loc_body is None  # no copy of the blocks
     with torch.no_grad():
-        model.localization.fc2.weight.normal_(0, 0.1)  # leave the identity so gradients reach the blocks
-    x = splits.train_images[:8]
-    shared = model.blocks[0][0].weight
+        plain = STNClassifier("none", classifier=classifier).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(("layers.", "head."))})
+        if not variant.startswith("features"):  # an identity warp of the input changes nothing downstream
+            torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=0)
+
+
+def test_classifiers_have_the_documented_layers():
+    classic, small = STNClassifier("none", classifier="classic"), STNClassifier("none", classifier="small")
+    x = torch.zeros(2, 1, 28, 28)
+    assert [tuple(h.shape[1:]) for h in classic.stages(x).values()] == [(64, 10, 10), (64, 2, 2)]
+    assert [tuple(h.shape[1:]) for h in small.stages(x).values()] == [(16, 26, 26), (16, 12, 12), (32, 10, 10), (32, 4, 4)]
+    assert [m.kernel_size for m in classic.modules() if isinstance(m, torch.nn.Conv2d)] == [(9, 9), (7, 7)]
+    assert [m.stride for m in small.modules() if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (2, 2), (1, 1), (2, 2)]
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.15 for m in small.modules())
+    with pytest.raises(UsageError, match="does not fit"):
+        STNClassifier("features@2", classifier="classic")
+
+
+@pytest.mark.parametrize("classifier,k", [("small", 1), ("small", 3), ("classic", 1)])
+def test_shared_layers_get_gradients_from_both_paths(classifier, k, digits):
+    torch.manual_seed(0)
+    model = STNClassifier(f"shared@{k}", classifier=classifier)
+    assert model.loc_layers is None  # no copy of the layers
+    with torch.no_grad():
+        model.localization.last.weight.normal_(0, 0.1)  # leave the identity so gradients reach the layers
+    x = digits.train_images[:8]
+    shared = model.layers[0][0].weight
     loc_grad = torch.autograd.grad(model.predict_theta(x).square().sum(), shared)[0]
-    assert loc_grad.abs().sum() > 0  # the localization path reaches block 1's weights
-    model.zero_grad()
-    model(x).logsumexp(1).sum().backward()
-    # the same Parameter object: one .grad holding both paths (localization on x, classification on the warp)
-    assert shared.grad is not None and shared.grad.abs().sum() > 0
-    ids = {id(p) for p in model.parameters()}
-    assert len(ids) == len(list(model.parameters()))
-    assert all(id(p) in ids for p in model.blocks[:k].parameters())
+    assert loc_grad.abs().sum() > 0  # the localization path alone reaches layer 1's weights
+    # warping by a fixed theta: the classification path alone also reaches them
+    cls_grad = torch.autograd.grad(model.head(model.stages(x)[f"layer{len(model.layers)}"].flatten(1)).sum(), shared)[0]
+    both = torch.autograd.grad(model(x).logsumexp(1).sum(), shared)[0]
+    assert cls_grad.abs().sum() > 0 and both.abs().sum() > 0
+    assert shared not in set(model.localization_parameters())
+    assert all(p in set(model.parameters()) for p in model.layers[:k].parameters())
 
 
-def test_features_variant_warps_the_feature_map_not_the_image(splits):
+def test_deep_variant_has_its_own_freshly_initialised_layers(digits):
     torch.manual_seed(0)
-    model = STNClassifier("features@2").eval()
+    model = STNClassifier("deep@2", classifier="small")
+    assert len(model.loc_layers) == 2
+    own = {id(p) for p in model.loc_layers.parameters()}
+    assert own.isdisjoint(id(p) for p in model.layers.parameters())
+    assert not torch.equal(model.loc_layers[0][0].weight, model.layers[0][0].weight)
+    assert own <= {id(p) for p in model.localization_parameters()}
     with torch.no_grad():
-        model.localization.fc2.bias.copy_(torch.tensor([0.0, -1.0, 0.0, 1.0, 0.0, 0.0]))  # a 90-degree turn
-    stages = model.stages(splits.test_images[:2])
-    assert "stn" in stages and stages["stn"].shape == stages["block2"].shape
-    assert stages["stn"].shape[1] == 16  # block 2's channels
+        model.localization.last.weight.normal_(0, 0.1)
+    grad = torch.autograd.grad(model(digits.train_images[:8]).logsumexp(1).sum(), model.loc_layers[0][0].weight)[0]
+    assert grad.abs().sum() > 0
 
 
-def test_training_reduces_the_loss_and_is_reproducible(splits):
-    args = (splits.train_images[:256], splits.train_labels[:256], splits.test_images[:128], splits.test_labels[:128])
-    first = train_variant("shared@2", *args, seed=3, epochs=3, batch_size=32)
-    second = train_variant("shared@2", *args, seed=3, epochs=3, batch_size=32)
-    assert sum(first.losses[-4:]) / 4 < sum(first.losses[:4]) / 4
-    assert first.losses == second.losses and first.test_accuracy == second.test_accuracy
+def test_features_variant_warps_the_feature_map_not_the_image(digits):
+    torch.manual_seed(0)
+    model = STNClassifier("features@2", classifier="small").eval()
+    x = digits.test_images[:2]
+    with torch.no_grad():
+        model.localization.last.bias.copy_(torch.tensor([-1.0, -1.0, 0.0, 1.0, -1.0, 0.0]))  # theta = 90-degree turn
+        stages = model.stages(x)
+        layer2 = model.layers[1](model.layers[0](x))
+    assert stages["stn"].shape == stages["layer2"].shape == layer2.shape == (2, 16, 12, 12)
+    # theta [[0,-1],[1,0]]: output (x, y) samples the input at (-y, x): a quarter turn of the 12 x 12 map, exact
+    torch.testing.assert_close(stages["stn"], torch.rot90(layer2, 1, dims=(2, 3)), atol=1e-5, rtol=0)
 
 
-def test_task_data_are_fixed_stratified_and_match_alignscope_warp(splits):
-    again = load_splits("rotate", seed=0)
-    assert torch.equal(again.test_images, splits.test_images)
-    counts = torch.bincount(splits.test_labels, minlength=10)
-    assert int(counts.min()) >= 50 and len(splits.test_labels) + len(splits.train_labels) == 1797
-    assert float(splits.test_params.min()) >= -90 and float(splits.test_params.max()) <= 90
-    x, angle = splits.test_upright[:1], float(splits.test_params[0])
-    expected = warp(x, parse_transform(f"rotate{angle:.10f}")[0], 1.0, 0.0)
-    torch.testing.assert_close(apply_task(x, "rotate", splits.test_params[:1]), expected, atol=1e-5, rtol=0)
+def test_data_rotation_matches_alignscope_and_the_compensating_warp_undoes_it(digits):
+    x = digits.test_images[:3]
+    angles = torch.tensor([30.0, -61.5, 88.0], dtype=torch.float64)
+    for i, angle in enumerate(angles.tolist()):
+        expected = warp(x[i: i + 1], parse_transform(f"rotate{angle:.10f}")[0], 1.0, 0.0)
+        torch.testing.assert_close(apply_task(x[i: i + 1], "rotate", angles[i: i + 1]), expected, atol=1e-5, rtol=0)
+    # the STN that undoes theta samples with the data's forward matrix; its warp angle is -theta
+    forward = task_matrices("rotate", angles).float()
+    back = spatial_transform(apply_task(x, "rotate", angles), forward)
+    centre = (slice(None), slice(None), slice(8, 20), slice(8, 20))
+    assert float((back - x)[centre].abs().mean()) < 0.05 < float((apply_task(x, "rotate", angles) - x)[centre].abs().mean())
+    torch.testing.assert_close(warp_angle_deg(forward), -angles, atol=1e-4, rtol=0)
+    torch.testing.assert_close(warp_angle_deg(invert_affine(task_matrices("rotate", angles))), angles, atol=1e-9, rtol=0)
 
 
-def test_cli_stn_quick_subset(tmp_path, capsys):
+def test_angle_metric_on_hand_made_warps():
+    generator = torch.Generator().manual_seed(0)
+    n = 4000
+    theta = torch.rand(n, generator=generator, dtype=torch.float64) * 180 - 90
+    labels = torch.arange(n) % 10
+    pose = labels.to(torch.float64) * 17.0 - 60.0  # a different canonical pose per class
+    # full compensation (with per-class poses, some wrapping past 180 degrees)
+    full = angle_metrics(theta, torch.remainder(-theta + pose + 180, 360) - 180, labels)
+    assert full["angle_std_deg"] < 1e-6 and full["deming_slope"] == pytest.approx(-1.0, abs=1e-6)
+    none = angle_metrics(theta, torch.zeros(n, dtype=torch.float64), labels)
+    assert none["angle_std_deg"] == pytest.approx(NO_COMPENSATION_STD, abs=1.5)
+    assert none["deming_slope"] == pytest.approx(0.0, abs=1e-9)
+    half = angle_metrics(theta, -0.5 * theta, labels)
+    assert half["angle_std_deg"] == pytest.approx(NO_COMPENSATION_STD / 2, abs=1.0)
+    assert half["deming_slope"] == pytest.approx(-0.5, abs=0.02)
+    # read from real matrices: an STN whose sampling matrices are rotations by -theta + pose
+    sampling = invert_affine(task_matrices("rotate", -theta + pose))
+    read = angle_metrics(theta, warp_angle_deg(sampling), labels)
+    assert read["angle_std_deg"] < 1e-6 and read["deming_slope"] == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_deming_slope_known_lines():
+    x = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    assert deming_slope(x, -x) == pytest.approx(-1.0)
+    assert deming_slope(x, 2 * x + 3) == pytest.approx(2.0)
+    # orthogonal regression is symmetric: the slope of x on y is the reciprocal
+    y = 0.7 * x + 0.1 * torch.sin(13 * x)
+    assert deming_slope(x, y) * deming_slope(y, x) == pytest.approx(1.0)
+
+
+def _write_idx(path, array, gz=False):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(header + body)
+
+
+def _tiny_mnist(folder, n_train=12, n_test=6, gz=True):
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        suffix = ".gz" if gz else ""
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gz)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_files_are_read_exactly(tmp_path, gz):
+    arrays = _tiny_mnist(tmp_path / "mnist", gz=gz)
+    data = load_data(f"mnist:{tmp_path / 'mnist'}")
+    images, labels = arrays["train"]
+    torch.testing.assert_close(data.train_images[:, 0], torch.from_numpy(images.astype(np.float32) / 255), atol=0, rtol=0)
+    assert data.train_labels.tolist() == labels.tolist() and len(data.test_labels) == 6
+    big_endian = np.arange(6, dtype=np.int32).reshape(2, 3) * 70000
+    _write_idx(tmp_path / "ints", big_endian)
+    assert np.array_equal(read_idx(tmp_path / "ints"), big_endian)
+
+
+def test_bad_idx_files_fail_with_one_clear_error(tmp_path):
+    folder = tmp_path / "mnist"
+    _tiny_mnist(folder, gz=False)
+    raw = (folder / "train-labels-idx1-ubyte").read_bytes()
+    (folder / "train-labels-idx1-ubyte").write_bytes(raw[:-1])
+    with pytest.raises(ImageError, match="header says"):
+        load_data(f"mnist:{folder}")
+    (folder / "train-labels-idx1-ubyte").write_bytes(b"\x12\x34" + raw[2:])
+    with pytest.raises(ImageError, match="not an IDX file"):
+        load_data(f"mnist:{folder}")
+    _write_idx(folder / "train-labels-idx1-ubyte", np.arange(5, dtype=np.uint8))  # 12 images, 5 labels
+    with pytest.raises(ImageError, match="12 images"):
+        load_data(f"mnist:{folder}")
+    with pytest.raises(ImageError, match="no t10k-images"):
+        (folder / "t10k-images-idx3-ubyte").unlink()
+        _write_idx(folder / "train-labels-idx1-ubyte", np.arange(12, dtype=np.uint8) % 10)
+        load_data(f"mnist:{folder}")
+    with pytest.raises(UsageError, match="unknown data"):
+        load_data("cifar:x")
+
+
+def test_training_transforms_are_fresh_per_epoch_and_seeded(digits):
+    images, labels = digits.train_images[:8], digits.train_labels[:8]
+    first = TrainStream(images, labels, "rotate", 8, seed=5)
+    batches = [b for _, b in zip(range(2), first)]
+    (x0, y0, p0), (x1, y1, p1) = batches
+    # same 8 images each epoch (the batch is the whole set), but new angles
+    assert sorted(y0.tolist()) == sorted(y1.tolist()) and not torch.allclose(p0.sort().values, p1.sort().values)
+    again = [b for _, b in zip(range(2), TrainStream(images, labels, "rotate", 8, seed=5))]
+    assert all(torch.equal(a[2], b[2]) and torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert float(p0.abs().max()) <= 90
+    test = FixedTestSet.make(digits.test_images[:5], digits.test_labels[:5], "rotate", passes=3, seed=1)
+    assert test.params.shape == (3, 5) and not torch.equal(test.params[0], test.params[1])
+    assert torch.equal(test.params, FixedTestSet.make(digits.test_images[:5], digits.test_labels[:5], "rotate", 3, 1).params)
+
+
+def test_border_padding_repeats_the_edge():
+    bright = torch.ones(1, 1, 28, 28)
+    turned = apply_task(bright, "rotate", torch.tensor([45.0]))
+    torch.testing.assert_close(turned, bright, atol=1e-6, rtol=0)  # zeros padding would darken the corners
+    theta = task_matrices("rotate", torch.tensor([45.0])).float()
+    torch.testing.assert_close(spatial_transform(bright, theta), bright, atol=1e-6, rtol=0)
+
+
+def test_optimizer_groups_follow_the_recipe():
+    model = STNClassifier("shared@2", classifier="small")
+    optimizer = make_optimizer(model, TrainConfig(lr=0.01, loc_lr_multiplier=10.0))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0
+    main, loc = optimizer.param_groups
+    assert main["lr"] == 0.01 and loc["lr"] == pytest.approx(0.1)
+    assert {id(p) for p in loc["params"]} == {id(p) for p in model.localization.parameters()}
+    assert model.layers[0][0].weight in main["params"]
+    with pytest.raises(UsageError):
+        TrainConfig(optimizer="lbfgs")
+
+
+def test_training_is_reproducible_and_learns(digits):
+    config = TrainConfig(optimizer="adam", lr=3e-3, iterations=24, batch_size=16)
+    images, labels = digits.train_images[:160], digits.train_labels[:160]
+    first = train_variant("input", images, labels, "rotate", 3, config)
+    second = train_variant("input", images, labels, "rotate", 3, config)
+    assert first.losses == second.losses
+    assert sum(first.losses[-6:]) / 6 < sum(first.losses[:6]) / 6 - 0.2
+    decayed = train_variant("none", digits.train_images[:64], digits.train_labels[:64], "rotate", 0,
+                            TrainConfig(iterations=4, batch_size=16))
+    assert len(decayed.losses) == 4 and all(math.isfinite(v) for v in decayed.losses)
+
+
+def test_cli_stn_subset(tmp_path):
     from alignscope.cli.main import main
 
     with pytest.raises(SystemExit) as info:
-        main(["stn", "--variants", "none,shared@1", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "stn")])
+        main(["stn", "--variants", "none,shared@1", "--seeds", "1", "--iterations", "3", "--batch-size", "32",
+              "--test-passes", "2", "--out", str(tmp_path / "stn")])
     assert info.value.code == 0
     results = pd.read_csv(tmp_path / "stn" / "stn_results.csv")
     assert list(results["variant"]) == ["none", "shared@1"]
-    assert {"parameters", "test_accuracy", "train_accuracy", "epochs", "seconds"} <= set(results.columns)
+    assert {"parameters", "test_accuracy", "angle_std_deg", "deming_slope", "iterations", "seconds"} <= set(results.columns)
+    assert results.loc[0, "angle_std_deg"] == pytest.approx(NO_COMPENSATION_STD, abs=5)  # none: phi = 0
+    assert results.loc[0, "deming_slope"] == 0
     alignment = pd.read_csv(tmp_path / "stn" / "stn_alignment.csv")
-    assert set(alignment.loc[alignment["variant"] == "shared@1", "layer"]) == {"stn", "block1", "block2", "block3", "block4"}
-    assert (tmp_path / "stn" / "stn_accuracy.png").is_file() and (tmp_path / "stn" / "stn_warps.png").is_file()
-    with pytest.raises(SystemExit) as info:
-        main(["stn", "--variants", "middle@9", "--out", str(tmp_path / "bad")])
-    assert info.value.code == 2
+    assert set(alignment.loc[alignment["variant"] == "shared@1", "layer"]) == {"stn", "layer1", "layer2", "layer3", "layer4"}
+    angles = pd.read_csv(tmp_path / "stn" / "stn_angles.csv")
+    assert set(angles["variant"]) == {"shared@1"} and len(angles) == 535
+    for name in ("stn_accuracy.png", "stn_angles.png", "stn_warps.png", "stn_summary.csv"):
+        assert (tmp_path / "stn" / name).is_file()
+    for bad in (["--variants", "middle@9"], ["--classifier", "classic", "--variants", "features@2"],
+                ["--data", f"mnist:{tmp_path / 'nowhere'}"], ["--lr", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(["stn", *bad, "--out", str(tmp_path / "bad")])
+        assert info.value.code == 2
 
 
 def test_a_folder_of_labelled_images_is_a_dataset(tmp_path):
@@ -106,7 +282,6 @@ def test_a_folder_of_labelled_images_is_a_dataset(tmp_path):
         (tmp_path / label).mkdir()
         for i in range(8):
             Image.new("L", (40, 30), value + i).save(tmp_path / label / f"{i}.png")
-    data = load_splits("scale", seed=1, images=tmp_path)
+    data = load_data(f"folder:{tmp_path}", data_seed=1)
     assert data.classes == ["bright", "dark"]
     assert data.train_images.shape[1:] == (1, 28, 28) and len(data.test_labels) == 4
-    assert float(data.test_params.min()) >= 0.5 and float(data.test_params.max()) <= 1.0

@@ -1,13 +1,18 @@
-"""Spatial transformer experiments: where to put the STN, and what sharing the localization layers buys.
+"""Spatial transformer experiments: where to put the STN, and does it undo the rotation?
 
-See :mod:`alignscope.stn.models` (the variants), :mod:`alignscope.stn.data`
-(scikit-learn digits, rotated or scaled, offline) and
+See :mod:`alignscope.stn.data` (digits, MNIST IDX files or a labelled folder,
+freshly transformed per sample and epoch), :mod:`alignscope.stn.models` (the
+classifiers and the variants), :mod:`alignscope.stn.train` (the recipe),
+:mod:`alignscope.stn.angles` (the angle metric) and
 :func:`alignscope.stn.experiment.run_experiment`.
 """
-from .data import TASKS, load_splits
-from .experiment import STNExperiment, measure_alignment, run_experiment
-from .models import VARIANTS, WARPS, LocalizationHead, STNClassifier, spatial_transform
-from .train import train_variant
+from .angles import angle_metrics, deming_slope, warp_angle_deg
+from .data import TASKS, FixedTestSet, TrainStream, UprightData, load_data, read_idx
+from .evaluate import evaluate
+from .experiment import STNExperiment, run_experiment
+from .models import CLASSIFIERS, WARPS, STNClassifier, spatial_transform, variant_names
+from .train import TrainConfig, train_variant
 
-__all__ = ["TASKS", "VARIANTS", "WARPS", "LocalizationHead", "STNClassifier", "STNExperiment", "load_splits",
-           "measure_alignment", "run_experiment", "spatial_transform", "train_variant"]
+__all__ = ["CLASSIFIERS", "TASKS", "WARPS", "STNClassifier", "STNExperiment", "FixedTestSet", "TrainConfig", "TrainStream",
+           "UprightData", "angle_metrics", "deming_slope", "evaluate", "load_data", "read_idx", "run_experiment",
+           "spatial_transform", "train_variant", "variant_names", "warp_angle_deg"]

@@ -1,68 +1,59 @@
-"""A small CNN classifier with a spatial transformer placed in one of several ways.
+"""Classifiers with a spatial transformer placed in one of several ways.
 
-Classifier: four conv blocks (8, 16, 32, 32 channels; 3 x 3 conv, batch norm,
-ReLU; max-pool after blocks 2 and 3: 28 -> 28 -> 14 -> 7 -> 7) and a linear
-layer on the global average. Variants (``VARIANTS``):
+Classifiers (``CLASSIFIERS``), for 1 x 28 x 28 inputs, no padding:
 
-- ``none``: the classifier alone;
-- ``input``: a small localization net reads the input image, the warp is
-  applied to the input;
-- ``features@k`` (k = 1, 2, 3): a localization head reads the feature map after
-  block k and the warp is applied to that map;
-- ``deep-input``: a deeper separate localization net (four half-width blocks)
-  reads the input, the warp is applied to the input;
-- ``shared@k``: the localization head reads the classifier's *own* block-k
-  features of the input (shared parameters), the warp is applied to the input
-  image, which then goes through the whole classifier.
+- ``classic``: conv 9 x 9 x 64 -> maxpool 2 -> ReLU (layer 1, 64 x 10 x 10),
+  conv 7 x 7 x 64 -> maxpool 2 -> ReLU (layer 2, 64 x 2 x 2), linear to the
+  classes. Localization: bilinear x0.5 (inputs wider than 20) -> conv 5 x 5 x 20
+  -> maxpool 2 (maps of 8 or more after the conv) -> ReLU -> conv 5 x 5 x 20 -> ReLU
+  -> FC 20 -> ReLU.
+- ``small``: four blocks conv 3 x 3 -> ReLU -> BatchNorm with 16, 16 (stride 2),
+  32, 32 (stride 2) channels (maps 26, 12, 10, 4), then FC 100 -> ReLU ->
+  Dropout 0.15 -> linear to the classes. Localization: three 3 x 3 convs of 16
+  with ReLU, strides 2 (1 for maps of 14 or less), 2, 1.
 
-The localization head regresses warp parameters with its last layer
-initialized so that the warp starts as the identity. Warps: ``affine`` (6
-numbers), ``rotation`` (an angle), ``rotation_scale`` (an angle and a log
-zoom), all in normalized coordinates about the centre (``align_corners=False``).
+Every localization net ends in ``Linear(n, P)`` whose weight and bias start
+at zero, plus a fixed identity offset: the warp starts as the identity.
+
+Variants (``variant_names``): ``none``; ``input`` (the localization net reads
+and warps the input image); ``features@k`` (it reads the map after layer k and
+warps *that map*, which goes on through layers k+1..); ``shared@k`` (it reads
+the classifier's own layers 1..k applied to the input, warps *the input image*,
+and the whole classifier runs on the warped image: layers 1..k get gradients
+from both paths); ``deep@k`` (a separate, separately initialised copy of
+layers 1..k plus the localization net reads and warps the input).
+
+Warps (``WARPS``): ``affine`` (6 numbers), ``rotation`` (an angle),
+``rotation_scale`` (an angle and a log zoom), as sampling matrices theta in
+normalized coordinates (``align_corners=False``): output point q samples
+the input at theta q; border padding outside the input.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("none", "input", "features@1", "features@2", "features@3", "deep-input", "shared@1", "shared@2", "shared@3")
+from ..errors import UsageError
+
 WARPS = {"affine": 6, "rotation": 1, "rotation_scale": 2}
-WIDTHS = (8, 16, 32, 32)
-POOL_AFTER = (False, True, True, False)
-
-
-def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
-
-
-class LocalizationHead(nn.Module):
-    """Feature map -> warp parameters: conv, ReLU, 3 x 3 average pool, two linear layers (identity at init)."""
-
-    def __init__(self, channels: int, warp: str, hidden: int = 32) -> None:
-        super().__init__()
-        self.warp = warp
-        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
-        self.fc1 = nn.Linear(8 * 9, hidden)
-        self.fc2 = nn.Linear(hidden, WARPS[warp])
-        nn.init.zeros_(self.fc2.weight)
-        with torch.no_grad():
-            self.fc2.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1.0, 0]) if warp == "affine" else torch.zeros(WARPS[warp]))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h = F.adaptive_avg_pool2d(F.relu(self.conv(features)), 3).flatten(1)
-        return theta_from_params(self.fc2(F.relu(self.fc1(h))), self.warp)
+INPUT_SHAPE = (1, 28, 28)
+STN_PADDING = "border"
 
 
 def theta_from_params(params: torch.Tensor, warp: str) -> torch.Tensor:
-    """(B, P) parameters -> (B, 2, 3) sampling matrices (output point q samples the input at theta q)."""
+    """(B, P) head outputs -> (B, 2, 3) sampling matrices; all-zero outputs give the identity.
+
+    ``affine``: the 6 numbers are added to the identity; ``rotation``: an angle
+    in radians; ``rotation_scale``: an angle and a log zoom.
+    """
     if warp == "affine":
-        return params.reshape(-1, 2, 3)
+        identity = torch.tensor([1.0, 0, 0, 0, 1.0, 0], dtype=params.dtype, device=params.device)
+        return (params + identity).reshape(-1, 2, 3)
     angle = params[:, 0]
     scale = torch.exp(params[:, 1]) if warp == "rotation_scale" else torch.ones_like(angle)
     c, s = torch.cos(angle) * scale, torch.sin(angle) * scale
@@ -71,73 +62,175 @@ def theta_from_params(params: torch.Tensor, warp: str) -> torch.Tensor:
 
 
 def spatial_transform(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Bilinear sampling of x at theta q for each output point q (zeros outside)."""
+    """Bilinear sampling of x (B, C, H, W) at theta q (B, 2, 3) for each output point q, border padding."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=STN_PADDING, align_corners=False)
+
+
+class Localization(nn.Module):
+    """A localization body (map -> flat features) and the zero-initialised last layer: map -> theta (B, 2, 3)."""
+
+    def __init__(self, body: nn.Module, in_shape: tuple[int, int, int], warp: str) -> None:
+        super().__init__()
+        self.body, self.warp = body, warp
+        with torch.no_grad():
+            width = body(torch.zeros(2, *in_shape)).shape[1]
+        self.last = nn.Linear(width, WARPS[warp])
+        nn.init.zeros_(self.last.weight)
+        nn.init.zeros_(self.last.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return theta_from_params(self.last(self.body(features)), self.warp)
+
+
+class _Downsample(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+
+
+def _classic_layers(n_in: int) -> list[nn.Module]:
+    return [nn.Sequential(nn.Conv2d(n_in, 64, 9), nn.MaxPool2d(2), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(64, 64, 7), nn.MaxPool2d(2), nn.ReLU())]
+
+
+def _classic_localization(shape: tuple[int, int, int]) -> nn.Module:
+    channels, side = shape[0], shape[-1]
+    layers: list[nn.Module] = []
+    if side > 20:
+        layers.append(_Downsample())
+        side //= 2
+    layers.append(nn.Conv2d(channels, 20, 5))
+    side -= 4
+    if side >= 8:  # 28 -> 14 -> 10 -> 5 -> 1 on the input; 10 -> 6 -> 2 on layer 1's map
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.ReLU(), nn.Conv2d(20, 20, 5), nn.ReLU(), nn.Flatten(), nn.LazyLinear(20), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _small_layers(n_in: int) -> list[nn.Module]:
+    def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride), nn.ReLU(), nn.BatchNorm2d(c_out))
+
+    return [block(n_in, 16, 1), block(16, 16, 2), block(16, 32, 1), block(32, 32, 2)]
+
+
+def _small_localization(shape: tuple[int, int, int]) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(shape[0], 16, 3, stride=2 if shape[-1] > 14 else 1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten())
+
+
+def _linear_head(n_features: int, n_classes: int) -> nn.Module:
+    return nn.Linear(n_features, n_classes)
+
+
+def _small_head(n_features: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_features, 100), nn.ReLU(), nn.Dropout(0.15), nn.Linear(100, n_classes))
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """How to build one classifier: its layers, its head, its localization body and where an STN may go."""
+
+    layers: Callable[[int], list[nn.Module]]
+    head: Callable[[int, int], nn.Module]
+    localization: Callable[[tuple[int, int, int]], nn.Module]
+    placements: tuple[int, ...]  # k for features@k / shared@k / deep@k (maps large enough for the localization net)
+    description: str
+
+
+CLASSIFIERS: dict[str, ClassifierSpec] = {
+    "classic": ClassifierSpec(_classic_layers, _linear_head, _classic_localization, (1,),
+                              "conv9x64-pool-relu, conv7x64-pool-relu, linear"),
+    "small": ClassifierSpec(_small_layers, _small_head, _small_localization, (1, 2, 3),
+                            "4 x (conv3-relu-bn) 16,16/2,32,32/2, fc100-relu-dropout0.15, linear"),
+}
+
+
+def variant_names(classifier: str) -> tuple[str, ...]:
+    """Every variant the classifier supports, in the order of the comparison."""
+    ks = CLASSIFIERS[classifier].placements
+    return ("none", "input", *(f"features@{k}" for k in ks), *(f"shared@{k}" for k in ks), *(f"deep@{k}" for k in ks))
+
+
+def check_variant(variant: str, classifier: str) -> None:
+    if classifier not in CLASSIFIERS:
+        raise UsageError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if variant not in variant_names(classifier):
+        raise UsageError(f"variant {variant!r} does not fit the {classifier} classifier; choose from "
+                         f"{', '.join(variant_names(classifier))}")
 
 
 class STNClassifier(nn.Module):
-    """The classifier with the spatial transformer of ``variant`` (see the module docstring)."""
+    """A classifier with the spatial transformer of ``variant`` (see the module docstring).
 
-    def __init__(self, variant: str = "none", n_classes: int = 10, warp: str = "affine") -> None:
+    ``predict_theta(x)`` is the sampling matrix the model applies for ``x``;
+    ``stages(x)`` the maps after the STN (``stn``) and after each layer
+    (``layer1``...), for analysis; ``forward(x)`` the logits.
+    """
+
+    def __init__(self, variant: str = "none", n_classes: int = 10, warp: str = "affine", classifier: str = "small") -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        check_variant(variant, classifier)
         if warp not in WARPS:
-            raise ValueError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
-        self.variant, self.warp = variant, warp
-        channels = (1, *WIDTHS)
-        self.blocks = nn.ModuleList(conv_block(channels[i], channels[i + 1], POOL_AFTER[i]) for i in range(4))
-        self.head = nn.Linear(WIDTHS[-1], n_classes)
-        match = re.fullmatch(r"(features|shared)@(\d)", variant)
-        self.k = int(match.group(2)) if match else 0
-        self.localization: nn.Module | None = None
-        self.loc_body: nn.Module | None = None
-        if variant == "input":
-            self.loc_body = nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
-                                          nn.Conv2d(8, 8, 5, padding=2), nn.MaxPool2d(2), nn.ReLU())
-            self.localization = LocalizationHead(8, warp)
-        elif variant == "deep-input":
-            half = (1, *(w // 2 for w in WIDTHS))
-            self.loc_body = nn.Sequential(*(conv_block(half[i], half[i + 1], POOL_AFTER[i]) for i in range(4)))
-            self.localization = LocalizationHead(half[-1], warp)
-        elif self.k:
-            self.localization = LocalizationHead(WIDTHS[self.k - 1], warp)
+            raise UsageError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
+        spec = CLASSIFIERS[classifier]
+        self.variant, self.warp, self.classifier = variant, warp, classifier
+        self.layers = nn.ModuleList(spec.layers(INPUT_SHAPE[0]))
+        shapes = [INPUT_SHAPE]
+        with torch.no_grad():
+            h = torch.zeros(2, *INPUT_SHAPE)
+            for layer in self.layers.eval():
+                h = layer(h)
+                shapes.append(tuple(h.shape[1:]))
+        self.layers.train()
+        self.head = spec.head(int(torch.tensor(shapes[-1]).prod()), n_classes)
+        match = re.fullmatch(r"(features|shared|deep)@(\d+)", variant)
+        self.kind, self.k = (match.group(1), int(match.group(2))) if match else (variant, 0)
+        self.loc_layers: nn.ModuleList | None = None  # deep@k: the separate copy of layers 1..k
+        self.localization: Localization | None = None
+        if variant != "none":
+            self.localization = Localization(spec.localization(shapes[self.k]), shapes[self.k], warp)
+        if self.kind == "deep":
+            self.loc_layers = nn.ModuleList(spec.layers(INPUT_SHAPE[0])[: self.k])
 
     @property
     def warps_input(self) -> bool:
-        return self.variant in ("input", "deep-input") or self.variant.startswith("shared@")
+        return self.kind in ("input", "shared", "deep")
+
+    def _localization_input(self, x: torch.Tensor) -> torch.Tensor:
+        layers = self.loc_layers if self.kind == "deep" else self.layers[: self.k]
+        for layer in layers:
+            x = layer(x)
+        return x
 
     def predict_theta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The warp the model applies for input ``x`` (for ``features@k``: the one applied to block k's map)."""
+        """(B, 2, 3) sampling matrix applied for input x (features@k: to layer k's map); None without an STN."""
         if self.localization is None:
             return None
-        if self.loc_body is not None:
-            return self.localization(self.loc_body(x))
-        h = x
-        for block in self.blocks[: self.k]:
-            h = block(h)
-        return self.localization(h)
+        return self.localization(self._localization_input(x))
 
     def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Feature maps after each block (and the warped map ``stn`` at the insertion point), for analysis."""
+        """Maps after the STN (``stn``, at its insertion point) and after each layer (``layer1``...)."""
         out: dict[str, torch.Tensor] = {}
-        theta = self.predict_theta(x) if self.warps_input else None
-        if theta is not None:
-            x = spatial_transform(x, theta)
+        if self.warps_input:
+            x = spatial_transform(x, self.predict_theta(x))
             out["stn"] = x
         h = x
-        for index, block in enumerate(self.blocks, start=1):
-            h = block(h)
-            if self.variant.startswith("features@") and index == self.k:
+        for index, layer in enumerate(self.layers, start=1):
+            h = layer(h)
+            if self.kind == "features" and index == self.k:
                 h = spatial_transform(h, self.localization(h))
                 out["stn"] = h
-            out[f"block{index}"] = h
+            out[f"layer{index}"] = h
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stages(x)["block4"]
-        return self.head(h.mean(dim=(2, 3)))
+        return self.head(self.stages(x)[f"layer{len(self.layers)}"].flatten(1))
+
+    def localization_parameters(self) -> list[nn.Parameter]:
+        """Parameters only the localization path uses (shared@k's shared layers are the classifier's)."""
+        modules = [m for m in (self.localization, self.loc_layers) if m is not None]
+        return [p for m in modules for p in m.parameters()]
 
 
 def count_parameters(module: nn.Module) -> int:
