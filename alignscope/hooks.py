@@ -12,12 +12,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import LayerError
+
+if TYPE_CHECKING:
+    from .lattice import Lattice
 
 
 @dataclass
@@ -27,6 +30,8 @@ class LayerInfo:
     ``shape`` is (C, H, W) for spatial maps; ``stride`` is input height divided
     by output height. ``order`` is the position in execution order (hooks fire
     when a module returns, so a container comes after its children).
+    ``lattice``: where its cells sit on the input, once measured
+    (:func:`alignscope.lattice.attach_lattices`).
     """
 
     name: str
@@ -38,6 +43,7 @@ class LayerInfo:
     reason: str = ""
     default: bool = False
     overwritten_in_place: bool = False
+    lattice: Lattice | None = None
 
     @property
     def channels(self) -> int:
