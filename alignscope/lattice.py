@@ -155,8 +155,8 @@ def _probe_axis(model: nn.Module, layers: Sequence[LayerInfo], input_size: Seque
     """Measure one axis with probes long along it and short across it (cost grows with the probe's area)."""
     channels, height, width = (int(v) for v in input_size)
     along, across = (width, height) if axis == -1 else (height, width)
-    # across: just enough cells for the deepest layer; the support's extent along the axis does not depend on it
-    size_across = _probe_size(across, period, 4 * period)
+    # across: one cell of the deepest layer is enough; the support's extent along the axis does not depend on it
+    size_across = _probe_size(across, period, period)
     target = max(along, 64)
     results: dict[str, _AxisLattice | str] = {}
     pending = list(layers)

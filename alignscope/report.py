@@ -31,8 +31,29 @@ SUMMARY_COLUMNS = ("layer", "stride", "transform", "aligned_error", "unaligned_e
 HALF_CHANCE = 0.5
 
 
+def frame_comparison(group: pd.DataFrame) -> str:
+    """Which frame aligns better over ``group``'s layers: the centred one (aligned_error) or the lattice (registered_error)."""
+    if "registered_error" not in group:
+        return ""
+    both = group.dropna(subset=["registered_error", "aligned_error"])
+    if both.empty:
+        return ""
+    diff = both["registered_error"] - both["aligned_error"]
+    lower, higher = int((diff < 0).sum()), int((diff > 0).sum())
+    if lower == higher == 0:
+        return "; on the layers' lattices the same at every layer"
+    frame = "the layers' lattices align" if diff.mean() < 0 else "the centred frame aligns"
+    worst = both.loc[both["registered_error"].idxmax()]
+    return (f"; {frame} better (registered - centred: mean {diff.mean():+.3f}, lower at {lower}/{len(both)} layers, "
+            f"higher at {higher}; registered worst {worst['registered_error']:.3f} at {worst['layer']})")
+
+
 def verdicts(table: pd.DataFrame) -> list[str]:
-    """One sentence per (model, transform): where does g^-1 fail to bring the maps within half of chance?"""
+    """One sentence per (model, transform): where does g^-1 fail to bring the maps within half of chance?
+
+    Each sentence ends with the comparison of the centred frame with the
+    layers' measured lattices (:func:`frame_comparison`), where measured.
+    """
     lines = []
     for (model, transform), group in table.groupby(["model", "transform"], sort=False):
         group = group.sort_values("depth")
@@ -52,6 +73,8 @@ def verdicts(table: pd.DataFrame) -> list[str]:
                 f"{prefix}: stays above half of chance after the inverse warp at {len(failing)}/{len(group)} layers "
                 f"({names}); worst {worst['aligned_error']:.3f} at {worst['layer']} (floor there {worst['floor_error']:.3f})"
             )
+        if worst is not None:
+            lines[-1] += frame_comparison(group)
     return lines
 
 

@@ -212,8 +212,9 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
 @click.argument("model", default="tf_efficientnet_lite0")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="Also list modules without spatial output and duplicates.")
-def layers(model: str, fmt: str, show_all: bool) -> None:
-    """List MODEL's modules: output C x H x W, stride, default stage (no weights needed).
+@click.option("--lattice-all", is_flag=True, help="Measure offset_x/offset_y for every listed spatial module, not only the stages (one backward pass each).")
+def layers(model: str, fmt: str, show_all: bool, lattice_all: bool) -> None:
+    """List MODEL's modules: output C x H x W, stride, lattice offsets, default stage (no weights needed).
 
     \b
     Examples:
@@ -223,10 +224,13 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
     import pandas as pd
 
     from alignscope.hooks import probe_layers
+    from alignscope.lattice import Lattice, measure_lattices
     from alignscope.models import load_model
 
     net, cfg = load_model(model, pretrained=False)
     probed = probe_layers(net, cfg.input_size)
+    listed = [layer for layer in probed if layer.spatial and (show_all or not layer.reason)]
+    lattices = measure_lattices(net, [layer for layer in listed if lattice_all or layer.default] or listed, cfg.input_size)
     rows = []
     for index, layer in enumerate(probed):
         if not show_all and (not layer.spatial or layer.reason):
@@ -237,6 +241,8 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
             "module": layer.module_type,
             "output": "x".join(map(str, layer.shape)) if layer.shape else "",
             "stride": layer.stride if layer.stride is not None else "",
+            "offset_x": lattices[layer.name].offset_x if isinstance(lattices.get(layer.name), Lattice) else "",
+            "offset_y": lattices[layer.name].offset_y if isinstance(lattices.get(layer.name), Lattice) else "",
             "default": layer.default,
             "note": layer.reason,
         })
@@ -247,7 +253,9 @@ def layers(model: str, fmt: str, show_all: bool) -> None:
         click.echo(table.to_json(orient="records"))
     else:
         click.echo(f"{model}: input {'x'.join(map(str, cfg.input_size))}, {len(table)} modules listed "
-                   f"(stride = input height / output height; default = stages from timm feature_info)")
+                   f"(stride = input height / output height; default = stages from timm feature_info; cell (i, j) "
+                   f"sits at input pixel (stride j + offset_x, stride i + offset_y), measured"
+                   f"{'' if lattice_all else ' for the stages (--lattice-all: every module)'}; centred frame: (stride - 1) / 2)")
         click.echo(table.drop(columns=[] if show_all else ["note"]).to_string(index=False))
 
 

@@ -121,6 +121,11 @@ def _stage_lattices(name: str):
     import timm
 
     net = timm.create_model(name, pretrained=False).eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            # timm zero-initializes the last BatchNorm of each residual block: a fresh block would be the identity
+            # and its support that of its shortcut alone
+            nn.init.ones_(module.weight)
     stages, _ = select_layers(probe_layers(net, (3, 224, 224)), None)
     found = measure_lattices(net, stages, (3, 224, 224))
     return stages, [found[layer.name] for layer in stages]
@@ -171,3 +176,21 @@ def test_convention_flip_residual_formula(offset, shape):
         assert residual == ((expected, 0.0) if axis == 1 else (0.0, expected))
     # not exact on the grid: no residual (the registered warp interpolates instead)
     assert grid_residual(parse_transform("rotate30")[0], lattice, shape, image, stride) is None
+
+
+@pytest.mark.parametrize("size, expected", [(64, ["reference", "moved", "registered", "moved"]), (65, ["reference", "moved", "moved"])])
+def test_one_extra_forward_for_all_residuals_and_none_when_they_are_zero(size, expected):
+    from alignscope.lattice import attach_lattices
+    from alignscope.pairs import PairFeeder
+    from alignscope.transforms import parse_transforms
+
+    net = strided_net("hflip")
+    layers, _ = select_layers(probe_layers(net, (3, size, size)), ["1", "3", "5"])
+    assert attach_lattices(net, layers, (3, size, size)) == []
+    # hflip: residuals 1, 3, 7 px at the three layers, fed as one stacked batch; the second transform is hflip
+    # spelled differently (same residuals), so it reuses those maps; the odd input has no residual at all
+    feeder = PairFeeder(layers, parse_transforms(["hflip", "hflip+vflip+vflip"]), "none", [0.0] * 3, (size, size), torch.device("cpu"))
+    inputs = list(feeder.model_inputs(noise(size)[:4]))
+    assert [kind for _, _, kind, _ in inputs] == expected
+    if size == 64:
+        assert inputs[2][3].shape[0] == 3 * 4  # three distinct residuals, four images each
