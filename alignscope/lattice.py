@@ -15,13 +15,13 @@ padding puts it at 2 j + 1 (half a pixel after).
 
 How it is measured
 ------------------
-Not from module types: :func:`measure_lattices` back-propagates one interior
-cell (i, j) and its diagonal neighbour (i + 1, j + 1) to a random probe
-input and reads the support of the gradient (the pixels that influence the
-cell). The cell's centre is the midpoint of its support, the stride is the
-distance between the two centres, and the support's reach on either side
-is kept (the registered comparison masks the cells it reaches past a
-border). The probe is large enough that no support touches its border (it
+Not from module types: :func:`measure_lattices` back-propagates an interior
+cell and its neighbour along one axis to a random probe input and reads
+the support of each gradient (the pixels that influence the cell). A
+cell's centre is the midpoint of its support, the stride is the distance
+between the two centres, and the support's reach on either side is kept
+(the registered comparison leaves out the cells whose support reaches past
+the image). The probe is large enough that no support touches its border (it
 grows until none does; one long, thin probe per axis keeps it cheap) and has the model's input size modulo every stride,
 because "SAME" padding depends on the input size modulo the stride.
 """
