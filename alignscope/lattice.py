@@ -37,6 +37,10 @@ from torch import nn
 from .hooks import LayerInfo
 
 MAX_PROBE_SIZE = 2048
+_CACHE_SIZE = 16
+# measurements by (model fingerprint, input size, layers): the probe costs several forward and backward
+# passes on large inputs, and one process often analyzes the same model again (API loops, sweeps)
+_cache: dict[tuple, dict[str, "Lattice | str"]] = {}
 
 
 @dataclass(frozen=True)
@@ -183,10 +187,33 @@ def _probe_axis(model: nn.Module, layers: Sequence[LayerInfo], input_size: Seque
     return results
 
 
+def _fingerprint(model: nn.Module) -> tuple:
+    """Architecture and weights, cheaply: the support of a gradient depends on which weights are zero, not only on shapes."""
+    with torch.no_grad():
+        tensors = [(name, tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum()), int(torch.count_nonzero(t)))
+                   for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    return type(model).__qualname__, tuple(tensors)
+
+
 def measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int],
                      device: str | torch.device = "cpu", seed: int = 0,
                      max_size: int = MAX_PROBE_SIZE) -> dict[str, Lattice | str]:
     """Measure the lattice of each spatial layer; ``{name: Lattice}``, or ``{name: reason}`` where it failed.
+
+    See :func:`_measure_lattices`; results are kept for the same model
+    architecture and weights, input size and layers (a few, per process).
+    """
+    key = (_fingerprint(model), tuple(int(v) for v in input_size), tuple(layer.name for layer in layers), seed, max_size)
+    if key not in _cache:
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.pop(next(iter(_cache)))
+        _cache[key] = _measure_lattices(model, layers, input_size, device, seed, max_size)
+    return dict(_cache[key])
+
+
+def _measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int],
+                      device: str | torch.device, seed: int, max_size: int) -> dict[str, Lattice | str]:
+    """:func:`measure_lattices` without the cache.
 
     ``input_size`` (C, H, W) is the model's input. Each axis is measured on
     a batch of two random images long along that axis and short across it;
