@@ -188,11 +188,18 @@ def _probe_axis(model: nn.Module, layers: Sequence[LayerInfo], input_size: Seque
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Architecture and weights, cheaply: the support of a gradient depends on which weights are zero, not only on shapes."""
+    """Architecture and weights, cheaply.
+
+    Every module's class (the object itself: two classes of one name differ)
+    and settings (padding, stride), and per tensor its sums and non-zero
+    count: the support of a gradient depends on which weights are zero, not
+    only on shapes.
+    """
+    modules = tuple((name, id(type(m)), type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules())
     with torch.no_grad():
-        tensors = [(name, tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum()), int(torch.count_nonzero(t)))
-                   for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
-    return type(model).__qualname__, tuple(tensors)
+        tensors = tuple((name, tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum()), int(torch.count_nonzero(t)))
+                        for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point())
+    return modules, tensors
 
 
 def measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int],
