@@ -28,7 +28,7 @@ from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, ImageStream, image_stream, split_stream
 from .lattice import attach_lattices
-from .metrics import QUANTITIES, AlignmentStatistic, pair_distances, reference_terms, registered_distances
+from .metrics import QUANTITIES, REGISTERED_QUANTITIES, AlignmentStatistic, pair_distances, reference_terms, registered_distances
 from .models import DataConfig, data_config_for_module, load_model
 from .pairs import MASK_MODES, PairFeeder, registration_columns, uses_disk
 from .report import AlignmentReport
@@ -182,7 +182,7 @@ def analyze(
     timer = timer if timer is not None else PhaseTimer(dev)
     feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev, timer,
                         amp=amp_dtype, channels_last=channels_last)
-    quantities = QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
+    quantities = QUANTITIES + REGISTERED_QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
     stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic(quantities) for layer in setup.layers for t in setup.transforms}
     rows: list[tuple[int, dict]] = []
     used: list[tuple[int, list[str]]] = []
