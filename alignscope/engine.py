@@ -29,9 +29,10 @@ from .errors import AlignscopeError, ImageError, ModelError, UsageError
 from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, ImageStream, image_stream, split_stream
-from .metrics import QUANTITIES, AlignmentStatistic, pair_distances, reference_terms
+from .lattice import attach_lattices
+from .metrics import QUANTITIES, REGISTERED_QUANTITIES, AlignmentStatistic, pair_distances, reference_terms, registered_distances
 from .models import DataConfig, data_config_for_module, load_model
-from .pairs import MASK_MODES, PairFeeder, uses_disk
+from .pairs import MASK_MODES, PairFeeder, registration_columns, uses_disk
 from .report import AlignmentReport
 from .timing import PhaseTimer
 from .transforms import Transform, as_transforms
@@ -111,6 +112,8 @@ def _setup(model, weights, pretrained, input_size, mean, std, layers, transforms
     module = module.to(device)
     probed = probe_layers(module, cfg.input_size, device)
     chosen, skipped = select_layers(probed, layers)
+    for problem in attach_lattices(module, chosen, cfg.input_size, device):
+        log.warning("no lattice measured for %s; its registered_error is NaN", problem)
     deepest = max(layer.stride or 1 for layer in chosen)
     return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest))
 
@@ -203,7 +206,7 @@ def analyze(
     timer = timer if timer is not None else PhaseTimer(dev)
     feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev, timer,
                         amp=amp_dtype, channels_last=channels_last)
-    quantities = QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
+    quantities = QUANTITIES + REGISTERED_QUANTITIES + tuple(f"{q}_error" for q in request.quantities)
     stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic(quantities) for layer in setup.layers for t in setup.transforms}
     nonfinite = {key: torch.zeros(1, dtype=torch.float64) for key in stats}  # images with NaN/inf maps, per row
     rows: list[tuple[int, dict]] = []
@@ -233,6 +236,8 @@ def analyze(
                             mask=pair.mask, roundtrip=pair.roundtrip,
                             extras=fits[key].aligned_maps(pair) if key in fits else None, terms=shared[share_key],
                         )
+                        values.update(registered_distances(pair.reference, pair.registered_reference, pair.registered, pair.other,
+                                                           pair.registered_mask, shared[share_key] if pair.registered_mask is pair.mask else None))
                         stats[key].update(values)
                         nonfinite[key] += count_nonfinite(values)
                     if per_image:
@@ -255,7 +260,8 @@ def analyze(
     if measured < 2:
         raise ImageError(f"fewer than 2 readable images ({len(stream.skipped)} skipped as unreadable); pass --images with readable files")
     loop_seconds = time.perf_counter() - loop_started
-    table = _summary_table(setup, stats, feeder.masks, mask, fits, request, 0 if calibration is None else len(calibration.used))
+    table = _summary_table(setup, stats, feeder.masks, mask, fits, request, 0 if calibration is None else len(calibration.used),
+                           feeder.registered_masks)
     table["n_nonfinite"] = [int(nonfinite[(row.layer, row.transform, row.sweep)].item()) for row in table.itertuples()]
     nonfinite_layers = _check_nonfinite(table, measured)
     _warn_left_out(table, measured)
@@ -353,7 +359,8 @@ def _image_rows(setup: _Setup, layer: LayerInfo, transform: Transform, names: li
 
 
 def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str, fits: dict, request: FitRequest,
-                   n_calibration: int) -> pd.DataFrame:
+                   n_calibration: int, registered_masks: dict | None = None) -> pd.DataFrame:
+    registered_masks = registered_masks or {}
     height, width = setup.cfg.input_size[1:]
     records = []
     for depth, layer in enumerate(setup.layers, start=1):
@@ -403,6 +410,7 @@ def _summary_table(setup: _Setup, stats: dict, masks: dict, mask_mode: str, fits
                         records[-1][f"{quantity}_error{suffix}"] = result[f"{quantity}_error{suffix}"]
                 records[-1]["n_calibration"] = n_calibration
                 records[-1].update(fits[key].columns() if key in fits else {})
+            records[-1].update(registration_columns(layer, transform, (height, width), result, registered_masks.get((layer.name, transform.spec, disk)), valid))
     return pd.DataFrame.from_records(records)
 
 

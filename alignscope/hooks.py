@@ -17,7 +17,7 @@ import difflib
 import fnmatch
 import logging
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from .errors import LayerError
 from .layouts import NCHW, Layout, ModelHints, resolve_layout
 
 log = logging.getLogger("alignscope")
+
+if TYPE_CHECKING:
+    from .lattice import Lattice
 
 
 @dataclass
@@ -41,6 +44,8 @@ class LayerInfo:
     container comes after its children). ``module_name`` is the hooked module
     and ``element`` the index into its list/tuple output (``name`` is then
     ``"module[i]"``).
+    ``lattice``: where its cells sit on the input, once measured
+    (:func:`alignscope.lattice.attach_lattices`).
     """
 
     name: str
@@ -55,6 +60,7 @@ class LayerInfo:
     layout: Layout = NCHW
     module_name: str | None = None
     element: int | None = None
+    lattice: Lattice | None = None
 
     @property
     def channels(self) -> int:

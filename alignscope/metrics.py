@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 QUANTITIES = ("aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "chance_distance", "reference_norm")
+REGISTERED_QUANTITIES = ("registered_error",)  # the engine's, next to QUANTITIES (see registered_distances)
 
 
 def _masked_sq_norm(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,33 @@ def pair_distances(
         "floor_error": floor_d / safe_chance,
         "aligned_cosine": torch.where(norms > 0, dot / norms, torch.full_like(dot, float("nan"))),
     }
+
+
+def registered_distances(
+    original: torch.Tensor,
+    reference: torch.Tensor | None,
+    registered: torch.Tensor | None,
+    other: torch.Tensor,
+    mask: torch.Tensor | None,
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``registered`` and ``registered_error`` per image, (B,) float64: the comparison on the layer's lattice.
+
+    ``original`` F(x); ``reference`` F(tau_r x) (F(x) when the residual is 0
+    or g is not exact); ``registered`` g^-1 F(g x) on the lattice; ``other``
+    the chance partner's F; ``mask`` the registered mask. The chance distance
+    is ||M (F(x) - other)|| on the same mask, so the ratio is comparable with
+    ``aligned_error``. All NaN without a lattice. ``terms``:
+    :func:`reference_terms` of (original, other, mask) if already computed.
+    """
+    if reference is None or registered is None or mask is None:
+        nan = torch.full((other.shape[0],), float("nan"), dtype=torch.float64, device=other.device)
+        return {"registered": nan, "registered_error": nan}
+    mask = mask.to(reference.dtype)
+    chance = terms[0] if terms is not None else _masked_sq_dist(original, other, mask).sqrt()
+    distance = _masked_sq_dist(reference, registered, mask).sqrt()
+    safe_chance = torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
+    return {"registered": distance, "registered_error": distance / safe_chance}
 
 
 def t_quantile_975(dof: int) -> float:

@@ -13,9 +13,18 @@ one as :attr:`~alignscope.images.ImageBatch.partner`, which runs through the
 model with the batch's reference pass (one image more per batch). Pairs, and
 so every number, therefore depend only on the image order: not on the batch
 size, the worker count or which process handles which batch.
+
+Registration (a layer with a measured :class:`~alignscope.lattice.Lattice`):
+g^-1 is also applied in the layer's own lattice coordinates. For g exact on
+the grid, b' is compared with F(tau_r x), tau_r moving x by the grid
+residual -r (one extra forward per distinct residual and batch, none when
+every residual is 0), on the cells whose support no padding reaches; for
+other g, b is resampled at the lattice points g(L q). See
+:func:`registered_mask` and :mod:`alignscope.warping`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -25,9 +34,44 @@ from .errors import ImageError
 from .hooks import FeatureCapture, LayerInfo
 from .timing import NULL_TIMER
 from .transforms import Transform
-from .warping import disk_mask, inverse_warp, is_exact, valid_mask, warp
+from .warping import (
+    disk_mask, grid_residual, interior_mask, inverse_warp, is_exact, registered_sampling_matrix, registered_valid_mask,
+    registration_shift, sample_affine, valid_mask, warp,
+)
+
+log = logging.getLogger("alignscope")
 
 MASK_MODES = ("auto", "disk", "none")
+Residual = tuple[float, float]
+
+
+def layer_residual(layer: LayerInfo, transform: Transform, image_size: Sequence[int]) -> Residual | None:
+    """The grid residual of ``transform`` on ``layer``'s lattice, ``None`` if g is not exact there or no lattice."""
+    if layer.lattice is None or layer.shape is None:
+        return None
+    return grid_residual(transform, layer.lattice, layer.shape[1:], image_size, float(layer.stride or 1))
+
+
+def registered_mask(layer: LayerInfo, transform: Transform, image_size: Sequence[int], disk: bool,
+                    plain: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The mask of the registered comparison and how it was made (``"valid"``, ``"interior"`` or ``"valid, border"``).
+
+    Residual 0: ``plain`` (the comparison is the centred one). Residual r != 0:
+    ``plain`` and the cells whose measured support lies inside the image;
+    where no such cell exists (supports as large as the image) ``plain``
+    alone, with border effects. Not exact: the lattice warp's own valid mask.
+    """
+    if layer.lattice is None or layer.shape is None or transform.circular:
+        return plain, "valid"
+    residual = layer_residual(layer, transform, image_size)
+    if residual is None:
+        return registered_valid_mask(transform, layer.lattice, layer.shape[1:], image_size, disk, plain.device), "valid"
+    if residual == (0.0, 0.0):
+        return plain, "valid"
+    inside = plain * interior_mask(layer.lattice, residual, layer.shape[1:], image_size, plain.device)
+    if bool(inside.any()):
+        return inside, "interior"
+    return plain, "valid, border"
 
 
 def uses_disk(transform: Transform, mask: str) -> bool:
@@ -39,6 +83,37 @@ def keep_disk(x: torch.Tensor, disk: torch.Tensor, fill: Sequence[float]) -> tor
     """Keep the centred disk of each image and paint the rest black (``fill`` after normalization)."""
     fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return fill_t + (x - fill_t) * disk
+
+
+def _format_residual(residual: Residual) -> str:
+    return ",".join(f"{v:g}" for v in residual)
+
+
+def registration_columns(layer: LayerInfo, transform: Transform, image_size: Sequence[int], result: dict,
+                         mask: torch.Tensor | None, plain: torch.Tensor | None) -> dict:
+    """The table columns of the registered comparison for one (layer, transform).
+
+    ``offset_x``/``offset_y``: the lattice offsets (cell (i, j) at input pixel
+    (stride j + offset_x, stride i + offset_y)); ``grid_residual``: "dx,dy" in
+    input pixels for g exact on the lattice, "" where g^-1 was interpolated on
+    the lattice; ``registered_fraction``: the share of cells the registered
+    comparison used (below ``valid_fraction`` where supports reaching
+    past the image were left out).
+    """
+    lattice = layer.lattice
+    residual = layer_residual(layer, transform, image_size) if lattice is not None and not transform.circular else None
+    if lattice is not None and transform.circular:
+        residual = (0.0, 0.0)
+    used = mask if mask is not None else plain
+    return {
+        "offset_x": lattice.offset_x if lattice is not None else float("nan"),
+        "offset_y": lattice.offset_y if lattice is not None else float("nan"),
+        "grid_residual": _format_residual(residual) if residual is not None else "",
+        "registered_error": result["registered_error"],
+        "registered_error_ci_low": result["registered_error_ci_low"],
+        "registered_error_ci_high": result["registered_error_ci_high"],
+        "registered_fraction": float(used.mean()) if used is not None and lattice is not None else float("nan"),
+    }
 
 
 @dataclass
@@ -54,6 +129,10 @@ class LayerPair:
     other: torch.Tensor
     mask: torch.Tensor
     roundtrip: torch.Tensor | None
+    registered_reference: torch.Tensor | None = None
+    registered: torch.Tensor | None = None
+    registered_mask: torch.Tensor | None = None
+    residual: Residual | None = None
 
     @property
     def stride(self) -> float:
@@ -78,6 +157,8 @@ class PairFeeder:
         self.timer = timer
         self.amp, self.channels_last = amp, channels_last
         self.masks: dict[tuple[str, str, bool], torch.Tensor] = {}
+        self.registered_masks: dict[tuple[str, str, bool], torch.Tensor] = {}
+        self.image_size = tuple(int(v) for v in image_size)
         self.image_disk = disk_mask(*image_size, device=device)
 
     def _forward(self, capture: FeatureCapture, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -103,6 +184,28 @@ class PairFeeder:
             self.masks[key] = mask
         return self.masks[key]
 
+    def registered_mask_for(self, layer: LayerInfo, transform: Transform, disk: bool, plain: torch.Tensor) -> torch.Tensor:
+        """:func:`registered_mask`, cached; the plain mask object itself where they agree (shared chance terms)."""
+        key = (layer.name, transform.spec, disk)
+        if key not in self.registered_masks:
+            mask, how = registered_mask(layer, transform, self.image_size, disk, plain)
+            if how == "valid, border":
+                log.warning("%s / %s: every cell's support reaches past the image, so the registered comparison keeps "
+                            "the border effects of the %s px shift there (registered_fraction = valid_fraction)",
+                            layer.name, transform.spec, layer_residual(layer, transform, self.image_size))
+            self.registered_masks[key] = plain if torch.equal(mask, plain) else mask
+        return self.registered_masks[key]
+
+    def _shifts_needed(self, transform: Transform, disk: bool, done: set) -> list[tuple[bool, Residual]]:
+        """Residual shifts of ``transform`` not yet fed for this batch (``done`` is updated)."""
+        needed = []
+        for layer in self.layers:
+            residual = None if transform.circular else layer_residual(layer, transform, self.image_size)
+            if residual is not None and residual != (0.0, 0.0) and (disk, residual) not in done:
+                done.add((disk, residual))
+                needed.append((disk, residual))
+        return needed
+
     def model_inputs(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> Iterator[tuple[Transform, bool, str, torch.Tensor | None]]:
         """The batches the model is fed for the batch ``x``, as ``(transform, disk, kind, batch)``.
 
@@ -111,11 +214,14 @@ class PairFeeder:
         first transform that needs it, then ``"moved"`` (g x, exact) or
         ``"moved+roundtrip"`` (g x and g^-1 g x stacked) for each transform;
         ``batch`` is ``None`` for the identity, whose maps are the reference's.
+        Then ``"registered"``: tau_r x for the residuals r of this transform
+        not fed before in this batch, stacked in :meth:`_shifts_needed` order.
         """
         n = x.shape[0]
         if n < 2 and partner is None:
             raise ImageError("a batch of one image has no partner for the chance distance; use at least 2 images")
         inputs: dict[bool, torch.Tensor] = {}
+        shifted: set = set()
         for transform in self.transforms:
             disk = uses_disk(transform, self.mask_mode)
             if disk not in inputs:
@@ -134,6 +240,12 @@ class PairFeeder:
                 exact = is_exact(transform, x.shape, 1.0)
                 batch = xt if exact else torch.cat([xt, inverse_warp(xt, transform, 1.0, self.fill)])
             yield transform, disk, "moved" if exact else "moved+roundtrip", batch
+            shifts = self._shifts_needed(transform, disk, shifted)
+            if shifts:
+                with self.timer("warping"):
+                    # zero fill: what the network's own zero padding shows beyond the image
+                    batch = torch.cat([warp(inputs[disk], registration_shift(r), 1.0, 0.0) for _, r in shifts])
+                yield transform, disk, "registered", batch
 
     def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None) -> Iterator[LayerPair]:
         """All (transform, layer) pairs of the batch ``x`` (normalized images on the device).
@@ -145,7 +257,17 @@ class PairFeeder:
         n = x.shape[0]
         references: dict[bool, dict[str, torch.Tensor]] = {}
         partners: dict[bool, dict[str, torch.Tensor]] = {}
+        shifted_maps: dict[tuple[bool, Residual], dict[str, torch.Tensor]] = {}
+        shifted: set = set()
+        pending: list[tuple[Transform, bool, dict, torch.Tensor | None]] = []
         for transform, disk, kind, batch in self.model_inputs(x, partner):
+            if kind == "registered":
+                maps = self._forward(capture, batch)
+                for index, key in enumerate(self._shifts_needed(transform, disk, shifted)):
+                    shifted_maps[key] = {name: v[index * n:(index + 1) * n] for name, v in maps.items()}
+                continue
+            yield from self._emit(pending, references, partners, shifted_maps)
+            pending = []
             if kind == "reference":
                 maps = self._forward(capture, batch)
                 references[disk] = {name: v[:n] for name, v in maps.items()}
@@ -162,13 +284,37 @@ class PairFeeder:
                 moved = {k: v[:n] for k, v in maps.items()}
                 if kind == "moved+roundtrip":
                     roundtrip = {k: v[n:] for k, v in maps.items()}
+            # held back until the transform's residual shifts (the next input, if any) have run
+            pending = [(transform, disk, moved, roundtrip)]
+        yield from self._emit(pending, references, partners, shifted_maps)
+
+    def _emit(self, pending: list, references: dict, partners: dict, shifted_maps: dict) -> Iterator[LayerPair]:
+        for transform, disk, moved, roundtrip in pending:
+            reference = references[disk]
             for layer in self.layers:
                 a, b = reference[layer.name], moved[layer.name]
                 with self.timer("warping"):
                     aligned = inverse_warp(b, transform, float(layer.stride or 1))
                     mask = self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1])
+                    registered = self._register(layer, transform, disk, a, b, aligned, mask, shifted_maps)
                 yield LayerPair(
                     layer=layer, transform=transform, disk=disk, reference=a, moved=b, aligned=aligned,
                     other=partners[disk][layer.name], mask=mask,
-                    roundtrip=None if roundtrip is None else roundtrip[layer.name],
+                    roundtrip=None if roundtrip is None else roundtrip[layer.name], **registered,
                 )
+
+    def _register(self, layer: LayerInfo, transform: Transform, disk: bool, a: torch.Tensor, b: torch.Tensor,
+                  aligned: torch.Tensor, mask: torch.Tensor, shifted_maps: dict) -> dict:
+        """The registered comparison's fields of :class:`LayerPair` (none without a lattice)."""
+        if layer.lattice is None:
+            return {}
+        residual = None if transform.circular else layer_residual(layer, transform, self.image_size)
+        registered_mask_ = self.registered_mask_for(layer, transform, disk, mask)
+        if transform.circular or residual == (0.0, 0.0):
+            # a roll moves every lattice alike, and a zero residual is the centred comparison itself
+            return dict(registered_reference=a, registered=aligned, registered_mask=registered_mask_, residual=residual or (0.0, 0.0))
+        if residual is not None:
+            return dict(registered_reference=shifted_maps[(disk, residual)][layer.name], registered=aligned,
+                        registered_mask=registered_mask_, residual=residual)
+        matrix = registered_sampling_matrix(transform, layer.lattice, a.shape[-2:], self.image_size)
+        return dict(registered_reference=a, registered=sample_affine(b, matrix, 0.0), registered_mask=registered_mask_, residual=None)

@@ -56,8 +56,29 @@ def _floor_sentence(group: pd.DataFrame) -> str:
             f"these layers see, so there the floor is a reference, not a lower bound")
 
 
+def frame_comparison(group: pd.DataFrame) -> str:
+    """Which frame aligns better over ``group``'s layers: the centred one (aligned_error) or the lattice (registered_error)."""
+    if "registered_error" not in group:
+        return ""
+    both = group.dropna(subset=["registered_error", "aligned_error"])
+    if both.empty:
+        return ""
+    diff = both["registered_error"] - both["aligned_error"]
+    lower, higher = int((diff < 0).sum()), int((diff > 0).sum())
+    if lower == higher == 0:
+        return "; on the layers' lattices the same at every layer"
+    frame = "the layers' lattices align" if diff.mean() < 0 else "the centred frame aligns"
+    worst = both.loc[both["registered_error"].idxmax()]
+    return (f"; {frame} better (registered - centred: mean {diff.mean():+.3f}, lower at {lower}/{len(both)} layers, "
+            f"higher at {higher}; registered worst {worst['registered_error']:.3f} at {worst['layer']})")
+
+
 def verdicts(table: pd.DataFrame) -> list[str]:
-    """One sentence per (model, transform): where does g^-1 fail to bring the maps within half of chance?"""
+    """One sentence per (model, transform): where does g^-1 fail to bring the maps within half of chance?
+
+    Each sentence ends with the comparison of the centred frame with the
+    layers' measured lattices (:func:`frame_comparison`), where measured.
+    """
     lines = []
     for (model, transform), group in table.groupby(["model", "transform"], sort=False):
         group = group.sort_values("depth")
@@ -79,6 +100,7 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             )
         if worst is not None:
             lines[-1] += _floor_sentence(group)
+            lines[-1] += frame_comparison(group)
     return lines
 
 

@@ -139,3 +139,108 @@ def valid_mask(
     if disk:
         mask = mask * disk_mask(height, width, shrink_cells=1.0, device=device)
     return mask
+
+
+# --- registration on a layer's measured lattice ---------------------------------------------------
+# A lattice (see :mod:`alignscope.lattice`) says where cell (i, j) sits in input pixels (pixel k's
+# centre at k). The functions below apply g^-1 in those coordinates instead of the centred frame.
+
+
+def _normalized_from_index(height: int, width: int) -> np.ndarray:
+    """3 x 3 matrix: (column, row, 1) index coordinates -> normalized ``align_corners=False`` coordinates."""
+    return np.array([[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0], [0.0, 0.0, 1.0]])
+
+
+def pixel_matrix(transform: Transform, height: int, width: int) -> np.ndarray:
+    """g as a 3 x 3 matrix on input pixel coordinates (pixel k's centre at k) of an image ``height`` x ``width``."""
+    to_normalized = _normalized_from_index(height, width)
+    return np.linalg.inv(to_normalized) @ transform.matrix(height, width) @ to_normalized
+
+
+def _lattice_matrix(lattice) -> np.ndarray:
+    return lattice.cell_to_pixel().numpy()
+
+
+def registered_sampling_matrix(transform: Transform, lattice, map_size: Sequence[int], image_size: Sequence[int]) -> np.ndarray:
+    """Normalized sampling matrix W of g^-1 on the lattice: b'(q) = b(W q) for maps of ``map_size`` (h, w).
+
+    Cell q of the reference sits at input pixel p = L q (``lattice``); its
+    content is found in g x at g(p), which is cell L^-1 g(p) of b = F(g x).
+    On a centred lattice of an input of exactly ``stride`` pixels per cell
+    this is the matrix :func:`inverse_warp` samples with.
+    """
+    to_normalized = _normalized_from_index(int(map_size[0]), int(map_size[1]))
+    cells = _lattice_matrix(lattice)
+    g = pixel_matrix(transform, int(image_size[0]), int(image_size[1]))
+    return to_normalized @ np.linalg.inv(cells) @ g @ cells @ np.linalg.inv(to_normalized)
+
+
+def grid_residual(transform: Transform, lattice, map_size: Sequence[int], image_size: Sequence[int],
+                  stride: float) -> tuple[float, float] | None:
+    """The residual r (x, y input pixels) of an exact g on the lattice, or ``None`` if g is not exact there.
+
+    :func:`inverse_warp` with ``stride`` moves cell k of b = F(g x) to cell
+    q; that content came from input pixel g^-1(L k), which is L q + r. r is
+    the same for every cell when g maps the lattice onto itself shifted,
+    and then b' = g^-1 b compares exactly with F(tau x), tau moving the
+    original image by -r (see :func:`registration_shift`).
+    """
+    height, width = int(map_size[0]), int(map_size[1])
+    if not (transform.exact_on(int(image_size[0]), int(image_size[1]), 1.0) and transform.exact_on(height, width, stride)):
+        return None
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
+    index = torch.stack([cols, rows])[None]  # (1, 2, h, w): the (column, row) of every cell
+    source = inverse_warp(index, transform, stride, fill=float("nan"))[0].reshape(2, -1)
+    target = index[0].reshape(2, -1)
+    keep = torch.isfinite(source).all(dim=0)
+    if not bool(keep.any()):
+        return None
+    cells = torch.as_tensor(_lattice_matrix(lattice))
+    g_inv = torch.as_tensor(np.linalg.inv(pixel_matrix(transform, int(image_size[0]), int(image_size[1]))))
+    ones = torch.ones(1, int(keep.sum()), dtype=torch.float64)
+    came_from = g_inv @ cells @ torch.cat([source[:, keep], ones])
+    sits_at = cells @ torch.cat([target[:, keep], ones])
+    residual = (came_from - sits_at)[:2]
+    if float((residual - residual[:, :1]).abs().max()) > 1e-6:
+        return None  # not a shifted copy of the lattice: no single translation registers it
+    rx, ry = (float(v) for v in residual[:, 0])
+    return float(round(rx, 6)) + 0.0, float(round(ry, 6)) + 0.0
+
+
+def registration_shift(residual: tuple[float, float]) -> Transform:
+    """tau: the translation of the original image by -r, so that F(tau x) samples x at L q + r."""
+    from .transforms import Part
+
+    return Transform((Part("translate", (-residual[0], -residual[1])),))
+
+
+def interior_mask(lattice, residual: tuple[float, float], map_size: Sequence[int], image_size: Sequence[int],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h, w) 0/1 mask of cells of F(tau x) whose measured support lies inside the image in both frames.
+
+    Zero padding is anchored to each map's own edges (at every layer), and
+    tau moves the image against them by r: F(tau x) pads around pixels
+    [0, W - 1] of tau x, g^-1 F(g x) around [-r, W - 1 - r] in the same
+    coordinates. Only cells whose support stays inside both see no padding
+    in either and compare exactly.
+    """
+    height, width = int(map_size[0]), int(map_size[1])
+    image_h, image_w = int(image_size[0]), int(image_size[1])
+    xs = lattice.stride_x * torch.arange(width, dtype=torch.float64) + lattice.offset_x
+    ys = lattice.stride_y * torch.arange(height, dtype=torch.float64) + lattice.offset_y
+    rx, ry = residual
+    inside_x = (xs - lattice.reach_x[0] >= max(0.0, -rx)) & (xs + lattice.reach_x[1] <= image_w - 1 - max(0.0, rx))
+    inside_y = (ys - lattice.reach_y[0] >= max(0.0, -ry)) & (ys + lattice.reach_y[1] <= image_h - 1 - max(0.0, ry))
+    return (inside_y[:, None] & inside_x[None, :]).to(torch.float32).to(device)
+
+
+def registered_valid_mask(transform: Transform, lattice, map_size: Sequence[int], image_size: Sequence[int],
+                          disk: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h, w) mask of cells whose value after the interpolated lattice warp comes from inside the map (>= 0.999 weight)."""
+    height, width = int(map_size[0]), int(map_size[1])
+    ones = torch.ones(1, 1, height, width, device=device)
+    matrix = registered_sampling_matrix(transform, lattice, map_size, image_size)
+    mask = (sample_affine(ones, matrix, fill=0.0)[0, 0] >= 0.999).to(torch.float32)
+    if disk:
+        mask = mask * disk_mask(height, width, shrink_cells=1.0, device=device)
+    return mask

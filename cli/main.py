@@ -234,8 +234,10 @@ def _print_summary(report, out_path: Path) -> None:
 @model_options
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="Also list modules without spatial output and duplicates.")
-def layers(model_name: str | None, model: str, weights: str | None, no_pretrained: bool, fmt: str, show_all: bool) -> None:
-    """List MODEL's modules: output C x H x W, layout, stride, default stage.
+@click.option("--lattice-all", is_flag=True, help="Measure offset_x/offset_y for every listed spatial module, not only the stages (one backward pass each).")
+def layers(model_name: str | None, model: str, weights: str | None, no_pretrained: bool, fmt: str, show_all: bool,
+           lattice_all: bool) -> None:
+    """List MODEL's modules: output C x H x W, layout, stride, lattice offsets, default stage.
 
     Shapes need no weights: the model is probed with random weights unless
     --weights gives a checkpoint (which is then checked to fit); --no-pretrained
@@ -250,11 +252,14 @@ def layers(model_name: str | None, model: str, weights: str | None, no_pretraine
     import pandas as pd
 
     from alignscope.hooks import probe_layers
+    from alignscope.lattice import Lattice, measure_lattices
     from alignscope.models import load_model
 
     model = model_name or model
     net, cfg = load_model(model, weights=weights or "auto", pretrained=bool(weights))
     probed = probe_layers(net, cfg.input_size)
+    listed = [layer for layer in probed if layer.spatial and (show_all or not layer.reason)]
+    lattices = measure_lattices(net, [layer for layer in listed if lattice_all or layer.default] or listed, cfg.input_size)
     rows = []
     for index, layer in enumerate(probed):
         if not show_all and (not layer.spatial or layer.reason):
@@ -266,6 +271,8 @@ def layers(model_name: str | None, model: str, weights: str | None, no_pretraine
             "output": "x".join(map(str, layer.shape)) if layer.shape else "",
             "stride": layer.stride if layer.stride is not None else "",
             "layout": str(layer.layout) if layer.spatial else "",
+            "offset_x": lattices[layer.name].offset_x if isinstance(lattices.get(layer.name), Lattice) else "",
+            "offset_y": lattices[layer.name].offset_y if isinstance(lattices.get(layer.name), Lattice) else "",
             "default": layer.default,
             "note": layer.reason,
         })
@@ -277,7 +284,9 @@ def layers(model_name: str | None, model: str, weights: str | None, no_pretraine
     else:
         click.echo(f"{model}: input {'x'.join(map(str, cfg.input_size))}, {len(table)} modules listed "
                    f"(output = C x H x W as read through layout; stride = input height / map height, a fraction means "
-                   f"translations are interpolated; default = stages from timm feature_info)")
+                   f"translations are interpolated; default = stages from timm feature_info; cell (i, j) "
+                   f"sits at input pixel (stride j + offset_x, stride i + offset_y), measured"
+                   f"{'' if lattice_all else ' for the stages (--lattice-all: every module)'}; centred frame: (stride - 1) / 2)")
         click.echo(table.drop(columns=[] if show_all else ["note"]).to_string(index=False))
 
 

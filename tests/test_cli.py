@@ -102,6 +102,10 @@ def test_layers_and_models_commands(capsys):
     assert cli("layers", "tf_efficientnet_lite0", "--format", "csv") == 0
     table = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
     assert table[table["default"]]["name"].tolist() == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+    # measured lattices of the stages ("SAME" padding: cell j at s j + s - 1); other modules only with --lattice-all
+    stages = table[table["default"]]
+    assert stages["offset_x"].tolist() == stages["offset_y"].tolist() == [1, 3, 7, 15, 31]
+    assert table[~table["default"]]["offset_x"].isna().all()
     assert cli("models") == 0
     assert "tf_efficientnet_lite0" in capsys.readouterr().out
     assert cli("--version") == 0

@@ -23,9 +23,10 @@ def test_bench_json_counts_the_forward_inputs(capsys):
     result = json.loads(capsys.readouterr().out)
     for key in ("overhead_ratio", "images_per_second", "peak_rss_mb", "forward_seconds", "analysis_seconds", "machine"):
         assert key in result
-    # per image: the original, its disk-masked copy, rot90, rotate30 and rotate30's round trip; plus the
-    # second batch's carried chance partner in both reference passes (plain and disk): (4 * 5 + 2) / 4
-    assert result["forward_images_per_image"] == 5.5
+    # per image: the original, its disk-masked copy, rot90, rotate30, rotate30's round trip, and the original
+    # shifted by rot90's grid residual on blocks.1's lattice (-3, 0 px) for the registered comparison; plus the
+    # second batch's carried chance partner in both reference passes (plain and disk): (4 * 6 + 2) / 4
+    assert result["forward_images_per_image"] == 6.5
     assert result["images"] == 4 and result["forward_seconds"] > 0 and result["analysis_seconds"] > 0
     assert result["overhead_ratio"] == pytest.approx(result["analysis_seconds"] / result["forward_seconds"], rel=1e-2)
     assert set(result["phase_seconds"]) == {"loading", "warping", "forward", "metrics"}
