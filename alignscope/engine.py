@@ -297,7 +297,7 @@ def _timed(stream: ImageStream, timer: PhaseTimer):
 def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture, request: FitRequest,
                dev: torch.device, progress: ProgressCallback | None, total: int) -> tuple[dict, int]:
     """Feed the calibration split and fit; gradients are needed later, so no inference tensors here."""
-    calibrator = Calibrator(request)
+    calibrator = Calibrator(request, feeder.image_size)
     done = 0
     with torch.no_grad():
         for batch in stream:

@@ -175,10 +175,14 @@ class Calibrator:
 
     The warp search needs the maps themselves (kept on the device for the
     calibration split only); channel maps need only their statistics.
+    ``image_size`` (H, W): where given, a layer with a measured lattice also
+    starts the warp search from g^-1 applied on that lattice (the registered
+    warp), next to g^-1 in the centred frame.
     """
 
-    def __init__(self, request: FitRequest) -> None:
+    def __init__(self, request: FitRequest, image_size: Sequence[int] | None = None) -> None:
         self.request = request
+        self.image_size = None if image_size is None else tuple(int(v) for v in image_size)
         self.collected: dict[tuple[str, str, str], _Collected] = {}
         self.pairs: dict[tuple[str, str, str], LayerPair] = {}
 
@@ -198,6 +202,16 @@ class Calibrator:
             for half, stat in enumerate(slot.halves):
                 stat.update(pair.reference[half::2], pair.aligned[half::2], pair.mask)
 
+    def _registered_start(self, pair: LayerPair) -> list:
+        """g^-1 on the layer's measured lattice as a sampling matrix, when there is one to use."""
+        lattice = getattr(pair.layer, "lattice", None)
+        if lattice is None or self.image_size is None or pair.transform.is_identity:
+            return []
+        from .warping import registered_sampling_matrix
+
+        matrix = registered_sampling_matrix(pair.transform, lattice, pair.layer.shape[1:], self.image_size)
+        return [matrix] if np.isfinite(matrix).all() else []
+
     def fit(self, progress=None) -> dict[tuple[str, str, str], PairFit]:
         fits = {}
         for done, (key, slot) in enumerate(self.collected.items(), start=1):
@@ -207,13 +221,15 @@ class Calibrator:
                 reference, moved, chance = torch.cat(slot.references), torch.cat(slot.moved), torch.cat(slot.chance)
                 family = None
                 control = self.request.smoothing_control
+                starts = self._registered_start(pair)
                 if "family" in self.request.optimal:
                     family = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "family",
-                                         self.request.search_steps, smoothing_control=control)
+                                         self.request.search_steps, starts=starts, smoothing_control=control)
                     fit.family = family
                 if "affine" in self.request.optimal:
                     fit.affine = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "affine",
-                                             self.request.search_steps, starts=[] if family is None else [family.matrix],
+                                             self.request.search_steps,
+                                             starts=starts + ([] if family is None else [family.matrix]),
                                              smoothing_control=control)
                 fit.analytic = analytic_matrix(pair.transform, *reference.shape[-2:], pair.stride)
                 slot.references.clear()

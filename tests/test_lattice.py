@@ -193,3 +193,21 @@ def test_one_extra_forward_for_all_residuals_and_none_when_they_are_zero(size, e
     assert [kind for _, _, kind, _ in inputs] == expected
     if size == 64:
         assert inputs[2][3].shape[0] == 3 * 4  # three distinct residuals, four images each
+
+
+def test_the_warp_search_also_starts_from_the_registered_warp():
+    from types import SimpleNamespace
+
+    from alignscope.fitting import Calibrator, FitRequest
+
+    lattice = Lattice(stride_x=2.0, stride_y=2.0, offset_x=1.0, offset_y=1.0, reach_x=(1.0, 1.0), reach_y=(1.0, 1.0))
+    hflip = parse_transform("hflip")[0]
+    layer = SimpleNamespace(lattice=lattice, shape=(4, 16, 16))
+    calibrator = Calibrator(FitRequest.build(optimal="family"), image_size=(32, 32))
+    (start,) = calibrator._registered_start(SimpleNamespace(layer=layer, transform=hflip))
+    np.testing.assert_allclose(start, registered_sampling_matrix(hflip, lattice, (16, 16), (32, 32)))
+    # SAME-like offsets: the registered flip is the centred one shifted by half a cell, so the two starts differ
+    assert abs(start[0, 2]) > 1e-3
+    assert calibrator._registered_start(SimpleNamespace(layer=SimpleNamespace(lattice=None, shape=(4, 16, 16)),
+                                                        transform=hflip)) == []
+    assert Calibrator(FitRequest.build(optimal="family"))._registered_start(SimpleNamespace(layer=layer, transform=hflip)) == []
