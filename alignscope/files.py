@@ -98,15 +98,44 @@ def check_destination(out: str | os.PathLike, force: bool, inputs: Iterable[str 
                 "folders, even with --force: choose another --out")
         if not force:
             raise ReportExistsError(f"{out} already holds an alignscope result; pass --force to replace it or choose another --out")
+        foreign = foreign_entries(out)
+        if foreign:
+            raise ReportExistsError(
+                f"{out} holds {len(foreign)} item(s) alignscope did not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); --force would delete them: move them or choose another --out")
     _probe_writable(out)
     return out
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of an alignscope folder that its marker does not list (added by someone else); [] without a list."""
+    try:
+        listed = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in set(listed) | {MARKER})
+
+
 def mark_folder(folder: Path, kind: str) -> None:
-    """Write the marker that makes ``folder`` replaceable by a later ``--force``."""
+    """Write the marker that makes ``folder`` replaceable by a later ``--force``; it lists the files written so far."""
     from ._version import __version__
 
-    write_text_atomic(folder / MARKER, json.dumps({"tool": "alignscope", "kind": kind, "version": __version__}) + "\n")
+    files = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    write_text_atomic(folder / MARKER, json.dumps({"tool": "alignscope", "kind": kind, "version": __version__,
+                                                   "files": files}) + "\n")
+
+
+def record_files(folder: Path, names: Iterable[str]) -> None:
+    """Add ``names`` (files alignscope just wrote into an existing alignscope folder) to its marker's list."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(marker, dict) and isinstance(marker.get("files"), list):
+        marker["files"] = sorted(set(marker["files"]) | set(names))
+        write_text_atomic(folder / MARKER, json.dumps(marker) + "\n")
 
 
 def publish_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool, kind: str = "report",

@@ -29,8 +29,8 @@ def parse_limit(text: str, option: str = "--max") -> tuple[str, float]:
         value = float(number)
     except ValueError:
         value = math.nan
-    if not sep or not column or math.isnan(value):
-        raise UsageError(f"{option} {text!r} is not COLUMN=NUMBER; write e.g. {option} aligned_error=0.5")
+    if not sep or not column or not math.isfinite(value):
+        raise UsageError(f"{option} {text!r} is not COLUMN=NUMBER with a finite number; write e.g. {option} aligned_error=0.5")
     return column, value
 
 
@@ -41,7 +41,12 @@ def _limits(limits: Limits, option: str) -> dict[str, float]:
         return {str(k): float(v) for k, v in limits.items()}
     if isinstance(limits, str):
         limits = [limits]
-    return dict(parse_limit(text, option) for text in limits)
+    strictest = min if option == "--max" else max  # a repeated column keeps its strictest limit, never the last
+    parsed: dict[str, float] = {}
+    for text in limits:
+        column, value = parse_limit(text, option)
+        parsed[column] = strictest(parsed[column], value) if column in parsed else value
+    return parsed
 
 
 def _select(table: pd.DataFrame, column: str, patterns: Sequence[str] | None, what: str) -> pd.Series:

@@ -48,6 +48,8 @@ transform specs (repeat --transform for several):
   rotate:-90:90:15         sweep start:stop:step (inclusive); also scale:, translate:, shear:"""
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+MAX_DEGREES = 1e6  # float64 keeps sub-arcsecond precision here; beyond it an angle stops meaning anything
+MIN_SCALE = 1e-6  # and at most 1e6: beyond that no cell of any map keeps content
 _COMPOSE = re.compile(r"(?<![eE])\+")  # '+' composes, except as an exponent's sign (1e+3)
 
 
@@ -219,6 +221,10 @@ def _parse_part(text: str, spec: str) -> Part:
             part = build(match)
             if not all(math.isfinite(v) for v in part.values):
                 raise _bad(spec, "numbers must be finite")
+            if part.kind in ("rotate", "shear") and abs(part.values[0]) > MAX_DEGREES:
+                raise _bad(spec, f"angles beyond +-{MAX_DEGREES:g} degrees are not representable to a pixel's precision")
+            if part.kind == "scale" and not MIN_SCALE <= part.values[0] <= 1 / MIN_SCALE:
+                raise _bad(spec, f"scale must lie in [{MIN_SCALE:g}, {1 / MIN_SCALE:g}]")
             if part.kind == "scale" and not part.values[0] > 0:
                 raise _bad(spec, "scale must be positive")
             if part.kind == "shear" and abs(part.values[0]) >= 90:

@@ -318,7 +318,7 @@ def models() -> None:
 def plot(csv: str, out: str | None, force: bool) -> None:
     """Redraw the plots of a report from its alignment.csv."""
     from alignscope.errors import ReportExistsError
-    from alignscope.files import is_alignscope_folder, mark_folder
+    from alignscope.files import is_alignscope_folder, mark_folder, record_files
     from alignscope.plots import report_figures, save_figures
     from alignscope.report import read_report_csv
 
@@ -335,9 +335,12 @@ def plot(csv: str, out: str | None, force: bool) -> None:
     if clashes and not force:
         raise ReportExistsError(f"{clashes[0]} exists; pass --force to overwrite plots or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
+    saved = save_figures(figures, folder)
     if fresh:
         mark_folder(folder, "plots")
-    for path in save_figures(figures, folder):
+    else:
+        record_files(folder, [path.name for path in saved])
+    for path in saved:
         click.echo(str(path))
 
 

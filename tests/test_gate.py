@@ -1,6 +1,7 @@
 """The gate: rows breaking numeric limits, from the API, the check command and analyze --fail-above."""
 import math
 
+import pandas as pd
 import pytest
 from _tables import make_table
 
@@ -91,3 +92,14 @@ def test_analyze_fail_above(tmp_path, capsys):
                "--fail-below", "aligned_cosine=-1") == 0
     assert cli("analyze", *common, "--out", str(tmp_path / "c"), "--fail-above", "aligned_error") == 2
     assert not (tmp_path / "c").exists()  # a malformed limit fails before the work
+
+
+def test_a_repeated_limit_keeps_the_strictest():
+    from alignscope.gate import check
+
+    table = pd.DataFrame({"layer": ["a", "b"], "transform": ["t", "t"], "aligned_error": [0.4, 0.7]})
+    assert list(check(table, max=["aligned_error=0.5", "aligned_error=0.9"])["layer"]) == ["b"]
+    assert list(check(table, max=["aligned_error=0.9", "aligned_error=0.5"])["layer"]) == ["b"]
+    assert list(check(table, min=["aligned_error=0.5", "aligned_error=0.1"])["layer"]) == ["a"]
+    with pytest.raises(UsageError):
+        check(table, max=["aligned_error=inf"])

@@ -91,6 +91,19 @@ def test_force_never_deletes_a_folder_that_is_not_a_report(tmp_path):
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+def test_force_keeps_files_a_user_added_to_a_report_folder(tmp_path):
+    from alignscope.files import publish_folder
+
+    out = publish_folder(tmp_path / "r", lambda d: (d / "alignment.csv").write_text("1"), force=False)
+    (out / "mynotes.txt").write_text("mine")
+    with pytest.raises(ReportExistsError, match="mynotes.txt"):
+        publish_folder(out, lambda d: None, force=True)
+    assert (out / "mynotes.txt").read_text() == "mine"
+    (out / "mynotes.txt").unlink()
+    publish_folder(out, lambda d: (d / "alignment.csv").write_text("2"), force=True)
+    assert (out / "alignment.csv").read_text() == "2"
+
+
 def test_force_replaces_an_alignscope_folder_and_modes_follow_the_umask(tmp_path):
     from alignscope.files import MARKER, publish_folder
 
@@ -183,7 +196,7 @@ def fake_table():
 @pytest.mark.parametrize("value", [10.0, 10.0000001, 1e-05, 2.5e-07, 0.1, -0.3, 1 / 3, 3000000.0, 123456789.123, 1e-300 * 1e290])
 def test_canonical_specs_parse_back_bit_for_bit(value):
     for family in ("rotate", "scale", "shear"):
-        if family == "scale" and value <= 0 or family == "shear" and abs(value) >= 90:
+        if family == "scale" and not 1e-6 <= value <= 1e6 or family == "shear" and abs(value) >= 90 or abs(value) > 1e6:
             continue
         first = parse_transform(f"{family}{value!r}")[0]
         again = parse_transform(first.spec)[0]
@@ -211,6 +224,7 @@ def test_sweeps_with_tiny_or_huge_steps_read_back_what_they_write():
 
 
 @pytest.mark.parametrize("spec", ["rotate:nan:90:15", "rotate:0:inf:15", "rotate" + "9" * 400, "scale1e-320",
+                                  "scale1e308", "scale1e-300", "rotate1e300", "shear1e7",
                                   "translate1e300,0", "rotatenan", "scale-1"])
 def test_bad_numbers_in_specs_are_usage_errors(spec):
     with pytest.raises(TransformSpecError) as info:
