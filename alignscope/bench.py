@@ -18,7 +18,8 @@ model loading and the layer probe are in neither; model loading and probe
 are reported as ``setup_seconds``. One warm-up pass, then ``repeats`` timed
 passes. ``overhead_ratio`` = sum of B over sum of A; the run is flagged
 noisy when repeats spread by more than 20% or the load average exceeds the
-core count.
+core count by more than a quarter (the benchmark's own threads account for
+a load near the core count).
 
 ``memory_scaling`` runs ``alignscope analyze`` in fresh processes for a
 small and a large image count and reports each one's own peak resident

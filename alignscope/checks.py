@@ -39,6 +39,7 @@ def warn_chance_collapse(table: pd.DataFrame, ratio: float = CHANCE_COLLAPSE_RAT
         more = f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else ""
         log.warning(
             "chance distance collapsed at %d layer(s): %s%s (chance / map norm); these maps barely depend on the "
-            "image, so every *_error there divides by almost nothing and is not meaningful (random weights? use "
-            "pretrained ones)", len(collapsed), shown, more)
+            "image, so every *_error there divides by almost nothing and is not meaningful (%s)", len(collapsed), shown, more,
+            "an exact 0 means the maps of different images are identical: duplicate images, or a layer that ignores "
+            "its input" if any(value == 0 for _, value in collapsed) else "random weights? use pretrained ones")
     return collapsed

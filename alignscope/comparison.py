@@ -14,7 +14,21 @@ from typing import Sequence
 
 import pandas as pd
 
+from .errors import UsageError
+
 log = logging.getLogger("alignscope")
+
+
+def check_distinct_runs(paths: Sequence[str | Path]) -> None:
+    """Refuse fewer than two CSVs, or one file given twice: a comparison with itself shows nothing."""
+    if len(paths) < 2:
+        raise UsageError("compare needs at least two alignment.csv files; pass the reports to compare")
+    seen: dict[Path, str] = {}
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"{path} is the same file as {seen[key]}; pass each report once")
+        seen[key] = str(path)
 
 
 def combine_runs(tables: Sequence[pd.DataFrame], paths: Sequence[str | Path]) -> pd.DataFrame:

@@ -77,6 +77,19 @@ def suggest_model_names(name: str, limit: int = 5) -> list[str]:
     return ordered[:limit]
 
 
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy format's pickle protocol byte
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file that is neither format torch.save writes, so a text or image file is not called a pickle."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(_TORCH_FILE_MAGIC):
+        raise ModelError(
+            f"{path} is not a torch checkpoint (torch.save writes a zip archive) nor a safetensors file; "
+            "pass a .pth/.pt saved with torch.save(model.state_dict(), ...) or a .safetensors file to --weights")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file, never executing pickled code.
 
@@ -94,6 +107,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises several types for bad headers
             raise ModelError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
     else:
+        _check_torch_file(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

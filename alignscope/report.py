@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,12 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         worst = group.loc[group["aligned_error"].idxmax()] if group["aligned_error"].notna().any() else None
         prefix = f"{transform}" if table["model"].nunique() == 1 else f"{model} {transform}"
         if worst is None:
-            lines.append(f"{prefix}: no valid cells to compare")
+            if "n_images" in group and (group["n_images"] == 0).all():
+                lines.append(f"{prefix}: not measured, every image was left out for a zero chance distance "
+                             "(the maps of different images are identical: duplicate images, or layers that ignore "
+                             "their input)")
+            else:
+                lines.append(f"{prefix}: no valid cells to compare")
         elif failing.empty:
             lines.append(
                 f"{prefix}: below half of chance at every layer after the inverse warp (worst "
@@ -265,6 +271,21 @@ class AlignmentReport:
         return summary_html(self.table, self.meta, self.verdicts(), self.warnings())
 
 
+def _short_row(path: Path) -> tuple[int, int, int] | None:
+    """(line, fields, header fields) of the first row with fewer fields than the header, else None.
+
+    pandas fills a short row with NaN, which would read as "not measured";
+    a written row always has every field, empty ones included.
+    """
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        rows = csv.reader(handle)
+        header = next(rows, [])
+        for line, row in enumerate(rows, start=2):
+            if row and len(row) < len(header):
+                return line, len(row), len(header)
+    return None
+
+
 def read_report_csv(path: str | os.PathLike) -> pd.DataFrame:
     """Read an ``alignment.csv``; a usage error if it lacks the contract's columns."""
     path = Path(path)
@@ -277,6 +298,10 @@ def read_report_csv(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"{path} is not an alignscope alignment.csv (missing columns: {', '.join(missing)})")
+    short = _short_row(path)
+    if short is not None:
+        raise UsageError(f"{path}: row {short[0]} has {short[1]} of {short[2]} fields (a truncated or edited file); "
+                         "pass an unedited alignment.csv or re-run the analysis")
     if table.empty:
         raise UsageError(f"{path} has a header but no rows; pass the alignment.csv of a finished report")
     for column in NUMERIC_COLUMNS:

@@ -355,10 +355,11 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    from alignscope.comparison import combine_runs, comparison_table
+    from alignscope.comparison import check_distinct_runs, combine_runs, comparison_table
     from alignscope.plots import depth_figure, save_figures
     from alignscope.report import publish_folder, read_report_csv
 
+    check_distinct_runs(csvs)
     combined = combine_runs([read_report_csv(path) for path in csvs], csvs)
 
     def write(folder: Path) -> None:

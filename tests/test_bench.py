@@ -118,8 +118,8 @@ def test_spread_limit_is_twenty_percent_between_repeats(slow, noisy):
     assert [r.split(" ")[0] for r in noise["reasons"]] == (["analysis", "B/A"] if noisy else [])
 
 
-@pytest.mark.parametrize("load, noisy", [(2.0, False), (2.01, True)])
-def test_load_average_above_the_core_count_makes_the_run_noisy(load, noisy):
+@pytest.mark.parametrize("load, noisy", [(2.5, False), (2.51, True)])
+def test_load_average_a_quarter_above_the_core_count_makes_the_run_noisy(load, noisy):
     noise = assess_noise(_summary([10.0, 10.1], [11.0, 11.1]), [0.2, load, 1.0], cores=2)
     assert noise["noisy"] is noisy
     assert any("load average" in r for r in noise["reasons"]) is noisy

@@ -44,3 +44,15 @@ def test_chance_collapse_is_warned_only_when_chance_vanishes(caplog):
     assert (report.table["chance_distance"] / report.table["reference_norm"]).max() < 1e-3
     _, text = _warnings(caplog, 1.0)
     assert "chance distance collapsed" not in text
+
+
+def test_identical_images_are_named_as_such_not_blamed_on_the_weights(caplog):
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 16, 16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignscope"):
+        report = alignscope.analyze(_NearlyConstant(1.0), transforms=["hflip"], images=image.repeat(3, 1, 1, 1),
+                                    input_size=(3, 16, 16), batch_size=4)
+    assert "duplicate images" in caplog.text
+    assert "random weights?" not in caplog.text
+    assert any("not measured" in line and "duplicate images" in line for line in report.verdicts())

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,7 +91,10 @@ def test_plot_and_compare_from_csv(report_dir, tmp_path, capsys):
     assert (tmp_path / "plots" / "alignment_by_depth.png").stat().st_size > 10_000
     assert cli("plot", str(report_dir / "alignment.csv"), "--out", str(tmp_path / "plots")) == 2  # no --force
     csv = str(report_dir / "alignment.csv")
-    assert cli("compare", csv, csv, "--out", str(tmp_path / "cmp")) == 0
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    shutil.copy(csv, rerun / "alignment.csv")  # a second run of the same model: its folder tells it apart
+    assert cli("compare", csv, str(rerun / "alignment.csv"), "--out", str(tmp_path / "cmp")) == 0
     assert (tmp_path / "cmp" / "comparison_by_depth.png").exists()
     assert pd.read_csv(tmp_path / "cmp" / "comparison.csv")["model"].nunique() == 2
     bad = tmp_path / "bad.csv"

@@ -129,8 +129,12 @@ def test_plot_and_compare_refuse_user_folders_and_their_inputs(tmp_path):
     table.to_csv(report / "alignment.csv", index=False)
     folder = user_folder(tmp_path)
     assert cli("plot", str(report / "alignment.csv"), "--out", str(folder), "--force") == 2
-    assert cli("compare", str(report / "alignment.csv"), "--out", str(folder), "--force") == 2
-    assert cli("compare", str(report / "alignment.csv"), "--out", str(report), "--force") == 2  # holds the input
+    other = tmp_path / "other"
+    other.mkdir()
+    table.to_csv(other / "alignment.csv", index=False)
+    both = [str(report / "alignment.csv"), str(other / "alignment.csv")]
+    assert cli("compare", *both, "--out", str(folder), "--force") == 2
+    assert cli("compare", *both, "--out", str(report), "--force") == 2  # holds the input
     assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png", "notes.txt"]
     assert cli("plot", str(report / "alignment.csv"), "--out", str(tmp_path / "plots")) == 0
     assert cli("plot", str(report / "alignment.csv"), "--out", str(tmp_path / "plots"), "--force") == 0
@@ -349,8 +353,41 @@ def test_plot_and_compare_refuse_broken_csvs(tmp_path, content):
     else:
         header = ",".join(fake_table().columns) + "\n" if content == "" else content
         path.write_text(header)
+    good = tmp_path / "good" / "alignment.csv"
+    good.parent.mkdir()
+    fake_table().to_csv(good, index=False)
     assert cli("plot", str(path), "--out", str(tmp_path / "p")) == 2
-    assert cli("compare", str(path), "--out", str(tmp_path / "c")) == 2
+    assert cli("compare", str(good), str(path), "--out", str(tmp_path / "c")) == 2
+    assert not (tmp_path / "c").exists()
+
+
+def test_truncated_csv_row_is_refused_not_read_as_missing(tmp_path):
+    path = tmp_path / "alignment.csv"
+    fake_table().to_csv(path, index=False)
+    lines = path.read_text().splitlines()
+    lines[2] = ",".join(lines[2].split(",")[:4])  # a row cut short, as by an interrupted copy
+    path.write_text("\n".join(lines) + "\n")
+    assert cli("plot", str(path), "--out", str(tmp_path / "p")) == 2
+    assert not (tmp_path / "p").exists()
+
+
+def test_compare_needs_two_distinct_reports(tmp_path):
+    path = tmp_path / "r" / "alignment.csv"
+    path.parent.mkdir()
+    fake_table().to_csv(path, index=False)
+    assert cli("compare", str(path), "--out", str(tmp_path / "c1")) == 2
+    assert cli("compare", str(path), str(tmp_path / "r" / ".." / "r" / "alignment.csv"), "--out", str(tmp_path / "c2")) == 2
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
+
+
+def test_text_file_as_weights_is_not_called_a_pickle(tmp_path):
+    from alignscope.errors import ModelError
+    from alignscope.models import load_checkpoint
+
+    path = tmp_path / "weights.pth"
+    path.write_text("these are not weights\n")
+    with pytest.raises(ModelError, match="not a torch checkpoint"):
+        load_checkpoint(path)
 
 
 def test_repeated_images_options_use_the_union(tmp_path):
