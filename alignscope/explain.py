@@ -110,14 +110,18 @@ def explain(
     channels = info.shape[0]
     sums = {k: torch.zeros(channels, dtype=torch.float64) for k in ("aligned", "unaligned", "chance", "sq_b")}
     stat = ChannelStatistic(channels)
+    per_image: dict[str, list[torch.Tensor]] = {"aligned": [], "chance": []}  # (B,) squared distances, all channels
     example: dict[str, torch.Tensor] = {}
     best_structure = -1.0
     with torch.inference_mode(), FeatureCapture(setup.model, setup.layers) as capture:
         for batch in stream:
-            for pair in feeder.pairs(batch.pixels.to(dev), capture):
+            for pair in feeder.pairs(batch.pixels.to(dev), capture, batch.partner):  # chance partners as analyze forms them
                 m = pair.mask.to(pair.reference.dtype)
                 for name, other in (("aligned", pair.aligned), ("unaligned", pair.moved), ("chance", pair.other)):
-                    sums[name] += ((pair.reference - other).square() * m).sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
+                    squared = ((pair.reference - other).square() * m).sum(dim=(2, 3), dtype=torch.float64).cpu()
+                    sums[name] += squared.sum(dim=0)
+                    if name in per_image:
+                        per_image[name].append(squared.sum(dim=1))
                 stat.update(pair.reference, pair.aligned, pair.mask)
                 pick, score = _pick_example(pair.reference, m, batch.names, image)
                 if pick is not None and score > best_structure:
@@ -148,11 +152,22 @@ def explain(
         "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": mask,
         "images_used": list(stream.used), "example_image": example.get("image"),
         "example_reason": "chosen by name" if image else f"most structure at {info.name}",
-        "layer_aligned_error": float(sums["aligned"].sum().sqrt() / sums["chance"].sum().sqrt()),
+        # the mean over images of each image's ratio, exactly as alignment.csv's aligned_error ...
+        "layer_aligned_error": _mean_ratio(torch.cat(per_image["aligned"]), torch.cat(per_image["chance"])),
+        # ... and pooled over images (ratio of sums), the only form the fitted permutation has
+        "layer_aligned_error_pooled": float(sums["aligned"].sum().sqrt() / sums["chance"].sum().sqrt()),
         "layer_matched_error": float(matched.clamp(min=0).sum().sqrt() / sums["chance"].sum().sqrt()),
         "channels_moved_by_permutation": int((perm != torch.arange(channels)).sum()),
     }
     return ChannelExplanation(table=table, example=example, meta=meta)
+
+
+def _mean_ratio(aligned_sq: torch.Tensor, chance_sq: torch.Tensor) -> float:
+    """Mean over images of sqrt(aligned) / sqrt(chance), leaving out images whose chance distance is 0."""
+    keep = chance_sq > 0
+    if not keep.any():
+        return float("nan")
+    return float((aligned_sq[keep].sqrt() / chance_sq[keep].sqrt()).mean())
 
 
 def _unknown_image(image: str | None, names: list[str]) -> UsageError:

@@ -57,7 +57,8 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     ranked = result.table.sort_values("aligned_error", ascending=False)
     columns = ("channel", "aligned_error", "unaligned_error", "share", "match", "match_correlation", "matched_error")
     click.echo(f"{meta['model']} {meta['layer']} {tuple(meta['shape'])} under {meta['transform']} · {len(meta['images_used'])} images")
-    click.echo(f"layer aligned_error {meta['layer_aligned_error']:.3f}; after the best channel permutation "
+    click.echo(f"layer aligned_error {meta['layer_aligned_error']:.3f} (mean over images, as in alignment.csv); pooled "
+               f"over images {meta['layer_aligned_error_pooled']:.3f}, after the best channel permutation "
                f"{meta['layer_matched_error']:.3f} ({meta['channels_moved_by_permutation']} channels re-assigned; in-sample)")
     click.echo(f"\nworst {top} channels:")
     click.echo(format_table(ranked.head(top), columns))

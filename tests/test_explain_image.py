@@ -63,3 +63,15 @@ def test_channel_grid_has_a_colour_bar_per_row():
     colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(colorbars) == rows and len(fig.axes) == rows * 4 + rows
     plt.close(fig)
+
+
+def test_layer_number_is_the_tables_mean_of_per_image_ratios():
+    import alignscope
+
+    report = alignscope.analyze(Identity(), transforms=["rotate30"], images=_images(), input_size=(3, 24, 24),
+                                layers="conv", batch_size=3)
+    result = explain(Identity(), layer="conv", transform="rotate30", images=_images(), input_size=(3, 24, 24), batch_size=3)
+    row = report.table[report.table["transform"] == "rotate30"].iloc[0]
+    assert result.meta["layer_aligned_error"] == pytest.approx(row["aligned_error"], rel=1e-6)
+    # the pooled ratio of sums is another number (images weigh by their chance distance), kept under its own name
+    assert result.meta["layer_aligned_error_pooled"] != pytest.approx(row["aligned_error"], rel=1e-3)
