@@ -13,6 +13,7 @@ or the launcher's if that were larger. The launcher's peak (its
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,10 +57,23 @@ class CommandRun:
 
     def check(self, what: str) -> "CommandRun":
         """Raise with the command's last error line unless it exited 0."""
+        if self.returncode < 0:  # a signal: the child's last output line is whatever it printed before it died
+            name = _signal_name(-self.returncode)
+            hint = " (the kernel's out-of-memory killer sends this; free memory or run fewer jobs)" if name == "SIGKILL" else ""
+            raise AlignscopeError(f"{what} was killed by {name}{hint}")
         if self.returncode != 0:
             lines = [line for line in self.stderr.splitlines() if line.strip()]
-            raise AlignscopeError(f"{what} failed (exit {self.returncode}): {lines[-1] if lines else 'no error output'}")
+            errors = [line for line in lines if line.startswith("error")]
+            shown = errors[-1] if errors else lines[-1] if lines else "no error output"
+            raise AlignscopeError(f"{what} failed (exit {self.returncode}): {shown}")
         return self
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _maxrss_mb(value: int) -> float:

@@ -301,3 +301,17 @@ def test_readme_figures_script_prints_the_rows_and_refuses_noisy_runs(monkeypatc
     assert "memory: 32 images 100 MiB, 512 images 104 MiB, ratio 1.040" in out
     assert "resnet50: " in out and "NOISY: load average reached 9.00" in out
     assert json.loads((tmp_path / "memory.json").read_text())["memory_scaling"]["rss_ratio"] == 1.04
+
+
+def test_a_killed_child_is_named_by_its_signal_not_by_its_last_warning():
+    from alignscope.errors import AlignscopeError
+    from alignscope.peakmemory import CommandRun
+
+    killed = CommandRun(peak_mb=1.0, launcher_mb=None, seconds=1.0, returncode=-9, stdout="",
+                        stderr="warning: a border effect at blocks.6\n")
+    with pytest.raises(AlignscopeError, match="killed by SIGKILL.*out-of-memory"):
+        killed.check("the analysis of 512 images")
+    failed = CommandRun(peak_mb=1.0, launcher_mb=None, seconds=1.0, returncode=1, stdout="",
+                        stderr="error: no images\nwarning: something after it\n")
+    with pytest.raises(AlignscopeError, match="exit 1\\): error: no images"):
+        failed.check("the analysis")
