@@ -4,7 +4,9 @@
 same batch size, over exactly the inputs the analysis feeds it (the
 originals, their disk-masked copies where a transform uses the disk, every
 transformed batch, and the round-trip batches the floor needs). (B) the
-analysis itself (``analyze`` without plotting or files). With fitted
+analysis itself (``analyze`` without plotting or files), the output row
+included where the model has a classifier head (``output_row``): its
+forward passes then run to the end, as A's do. With fitted
 alignments asked for (``optimal``, ``channel_map``), (C) the analysis with
 them runs after each pass too, and ``fit_seconds`` (the calibration pass
 plus the fits, as the analysis reports them) is set against B:
@@ -172,6 +174,7 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
     bare_model = copy.deepcopy(setup.model)  # before analyze() hooks setup.model
     spec = [t.spec for t in setup.transforms]
     fed: dict[int, int] = {}  # images fed to the model per batch
+    measured_output: list[bool] = []  # whether B measured the output row (its forwards then run to the end, as A's)
 
     def prepare(k: int) -> list[torch.Tensor]:
         inputs = model_inputs(feeder, batches[k], dev, channels_last)
@@ -193,6 +196,7 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
             raise AlignscopeError("the analysis read other images than the bare forward passes were built from "
                                   "(a file changed during the benchmark?); run it again")
         loads.append(load_average())
+        measured_output.append(bool(report.meta["output"]["measured"]))
         return interleaver.result(), timer.as_dict()
 
     fitting = bool(fits and (fits.get("optimal") or fits.get("channel_map")))
@@ -234,6 +238,7 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
         "layers": [layer.name for layer in setup.layers],
         "transforms": spec,
         "forward_images_per_image": round(forward_images / n_images, 2),
+        "output_row": all(measured_output),
         "interleaving": "batch: each batch's bare forwards (A), then its analysis (B)",
         "repeats": len(passes),
         "setup_seconds": round(setup_seconds, 3),

@@ -33,6 +33,8 @@ from .lattice import attach_lattices
 from .metrics import QUANTITIES, REGISTERED_QUANTITIES, AlignmentStatistic, pair_distances, reference_terms, registered_distances
 from .models import DataConfig, data_config_for_module, load_model
 from .pairs import MASK_MODES, PairFeeder, registration_columns, uses_disk
+from .prediction import Head, PredictionMeter, find_head, image_rows
+from .prediction_table import output_layer_name, with_output_rows
 from .report import AlignmentReport
 from .timing import PhaseTimer
 from .transforms import Transform, as_transforms
@@ -144,6 +146,7 @@ def analyze(
     workers: int = 0,
     progress: ProgressCallback | None = None,
     timer: PhaseTimer | None = None,
+    output: bool = True,
 ) -> AlignmentReport:
     """Measure, per layer and transform, how well g^-1 aligns F(g x) with F(x).
 
@@ -171,6 +174,10 @@ def analyze(
     ``ridge`` regularizes the linear map (``"auto"``: two-fold
     cross-validation on the calibration images), ``search_steps`` is the number of
     gradient steps per start of the warp search.
+    ``output``: for a model with a classifier head, add the output row per
+    transform (top-1 agreement and softmax KL between x and g x; see
+    :mod:`alignscope.prediction`); the forward passes then run to the end.
+    ``False`` skips it; ``meta["output"]`` says whether it was measured and why not.
     """
     tune_malloc()
     check_common_options(mask, batch_size)
@@ -187,6 +194,7 @@ def analyze(
         channels_last = dev.type == "cuda"
     torch.manual_seed(seed)
     setup = _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, dev)
+    head = _output_head(setup, dev, output)
     if channels_last:
         setup.model.to(memory_format=torch.channels_last)
     stream = image_stream(images, setup.cfg, batch_size, max_images, seed, workers=workers, pin_memory=dev.type == "cuda")
@@ -214,7 +222,9 @@ def analyze(
     done = 0
     fit_seconds = 0.0
     loop_started = time.perf_counter()
-    with FeatureCapture(setup.model, setup.layers) as capture:
+    predictions = PredictionMeter(setup.transforms) if head.measured else None
+    output_name = output_layer_name([layer.name for layer in setup.layers])
+    with FeatureCapture(setup.model, setup.layers, output_classes=head.classes) as capture:
         fits: dict[tuple[str, str, str], PairFit] = {}
         if calibration is not None:
             fit_started = time.perf_counter()
@@ -242,13 +252,20 @@ def analyze(
                         nonfinite[key] += count_nonfinite(values)
                     if per_image:
                         rows.extend((batch.index, row) for row in _image_rows(setup, pair.layer, pair.transform, batch.names, values))
+                if predictions is not None:
+                    with timer("metrics"):
+                        for transform, values in predictions.update(feeder.output_pairs):
+                            if per_image:
+                                rows.extend((batch.index, row) for row in image_rows(
+                                    setup.cfg.model_name, output_name, transform, batch.names, values))
                 done += x.shape[0] * context.world_size
                 if progress is not None:
                     progress(min(done, total), total)
     measured_count = torch.tensor([float(len(stream.used))], dtype=torch.float64)
     if context.active:
         # the image count rides along, so every rank (not only rank 0, which gathers the names) knows it
-        all_reduce_sum([measured_count, *(stat.state for stat in stats.values()), *nonfinite.values()],
+        all_reduce_sum([measured_count, *(stat.state for stat in stats.values()), *nonfinite.values(),
+                        *(predictions.states() if predictions is not None else [])],
                        dev if dev.type == "cuda" else torch.device("cpu"))
         shards = gather_to_main((used, list(stream.skipped), rows), context)
         used = [item for shard in shards for item in shard[0]]
@@ -266,10 +283,13 @@ def analyze(
     nonfinite_layers = _check_nonfinite(table, measured)
     _warn_left_out(table, measured)
     warn_chance_collapse(table)
+    table = with_output_rows(table, [] if predictions is None else predictions.rows(
+        setup.cfg.model_name, output_name, len(setup.layers) + 1, head.classes, setup.cfg.input_size[1:], mask,
+        setup.cfg.pretrained, None if calibration is None else len(calibration.used)))
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
     meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
     meta.update(amp=amp, channels_last=channels_last, workers=workers, world_size=context.world_size, rank=context.rank,
-                malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite_layers)
+                malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite_layers, output=head.as_json())
     if calibration is not None:
         meta["fits"] = {
             "optimal": list(request.optimal), "channel_map": list(request.channel_map), "ridge": request.ridge,
@@ -281,6 +301,17 @@ def analyze(
     per_image_table = pd.DataFrame([row for _, row in rows]) if per_image else None
     fit_details = {f"{layer}|{spec}" + (f"|{sweep}" if sweep else ""): fit.as_json() for (layer, spec, sweep), fit in fits.items()}
     return AlignmentReport(table=table, per_image=per_image_table, meta=meta, fits=fit_details)
+
+
+def _output_head(setup: _Setup, dev: torch.device, output: bool) -> Head:
+    """The model's classifier head as the probe finds it, or why the output row is not measured (said in one line)."""
+    if not output:
+        head = Head(False, reason="skipped on request (output=False, --no-output)")
+    else:
+        head = find_head(setup.model, setup.cfg.input_size, dev)
+    if not head.measured:
+        log.info("no prediction row: %s", head.reason)
+    return head
 
 
 def _timed(stream: ImageStream, timer: PhaseTimer):

@@ -7,6 +7,13 @@ column saying which limit and by what value. A limit on a cell that is NaN
 breaks too: a gate must not pass what it could not check. Limits on a column
 the table does not have, or filters that select no row, are usage errors for
 the same reason.
+
+A table with output rows (the model's prediction, ``kind`` = ``"output"``)
+holds two kinds of row: a limit on a ``prediction_*`` column checks the
+output rows, a limit on any other column the layer rows, so that
+``--max aligned_error=0.5`` does not fail on the output rows' empty
+``aligned_error``. A limit that the filters leave no row of its kind for is
+a usage error too.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from .errors import UsageError
+from .prediction_table import is_output_row, is_prediction_column
 
 Limits = Mapping[str, float] | Iterable[str] | None
 
@@ -70,7 +78,8 @@ def check(table: pd.DataFrame, max: Limits = None, min: Limits = None, layers: S
 
     ``max`` / ``min``: ``{column: limit}`` or strings ``"column=limit"``;
     a row breaks ``max`` when its value is above the limit, ``min`` when below,
-    and either when the value is NaN. ``layers`` / ``transforms``: names or
+    and either when the value is NaN (``prediction_*`` limits apply to the
+    output rows only, all others to the layer rows; see the module docstring). ``layers`` / ``transforms``: names or
     globs the check is restricted to (each must match some row).
     """
     upper, lower = _limits(max, "--max"), _limits(min, "--min")
@@ -83,10 +92,16 @@ def check(table: pd.DataFrame, max: Limits = None, min: Limits = None, layers: S
         if column not in numeric:
             raise UsageError(f"column {column!r} is not numeric; limits apply to: {', '.join(numeric)}")
     scope = table[_select(table, "layer", layers, "layer") & _select(table, "transform", transforms, "transform")]
+    output = is_output_row(scope)
     reasons = pd.Series([[] for _ in range(len(scope))], index=scope.index, dtype=object)
     for column, limit, sign, word in [(c, v, 1, ">") for c, v in upper.items()] + [(c, v, -1, "<") for c, v in lower.items()]:
+        applies = output if is_prediction_column(column) else ~output
+        if not applies.any():
+            kind = "output rows (the model's prediction)" if is_prediction_column(column) else "layer rows"
+            raise UsageError(f"{column} is measured on the {kind}, and the --layers/--transforms filters leave none; "
+                             "widen the filters or drop the limit")
         values = scope[column].astype(float)
-        broken = values.isna() | (sign * (values - limit) > 0)
+        broken = applies & (values.isna() | (sign * (values - limit) > 0))
         for index in scope.index[broken]:
             value = values[index]
             reasons[index].append(f"{column} is NaN (cannot be checked)" if math.isnan(value) else f"{column} {value:.4g} {word} {limit:g}")

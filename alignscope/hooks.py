@@ -8,7 +8,8 @@ and the order in which it ran. :func:`select_layers` turns a user's layer
 request into probed layers and reports the default stages it drops.
 :class:`FeatureCapture` attaches hooks to chosen modules, returns their
 outputs for a batch already converted to (B, C, H, W), stops the forward pass
-once the deepest chosen module has run, and removes every hook on exit, also
+once the deepest chosen module has run (unless the model's own output is
+wanted too, see :data:`MODEL_OUTPUT`), and removes every hook on exit, also
 on error.
 """
 from __future__ import annotations
@@ -363,6 +364,9 @@ def _select(probed: list[LayerInfo], request: str | Sequence[str] | None) -> tup
     return sorted(chosen.values(), key=lambda layer: layer.order), sorted(skipped.values(), key=lambda layer: layer.order)
 
 
+MODEL_OUTPUT = "<model output>"  # key of the model's (B, K) output in a capture; no module name has this form
+
+
 class _StopForward(Exception):
     """Raised by the last hook so that layers after the deepest one are not computed."""
 
@@ -380,12 +384,17 @@ class FeatureCapture:
     later in-place operation would overwrite (see
     :attr:`LayerInfo.overwritten_in_place`) are cloned when captured. With
     ``stop_early`` the forward pass ends once every layer has been captured.
+    ``output_classes`` = K: the model's own output, checked to be a (B, K)
+    tensor, is returned too, under :data:`MODEL_OUTPUT`; the forward pass then
+    always runs to the end.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[LayerInfo], stop_early: bool = True) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[LayerInfo], stop_early: bool = True,
+                 output_classes: int | None = None) -> None:
         self.model = model
         self.layers = list(layers)
-        self.stop_early = stop_early
+        self.output_classes = output_classes
+        self.stop_early = stop_early and output_classes is None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captured: dict[str, torch.Tensor] = {}
         self._batch = 0
@@ -426,14 +435,22 @@ class FeatureCapture:
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured = {}
         self._batch = int(batch.shape[0])
+        result = None
         try:
-            self.model(batch)
+            result = self.model(batch)
         except _StopForward:
             pass
         captured, self._captured = self._captured, {}
         missing = [layer.name for layer in self.layers if layer.name not in captured]
         if missing:
             raise LayerError(f"layers {missing} did not run in the forward pass")
+        if self.output_classes is not None:
+            expected = (self._batch, self.output_classes)
+            if not isinstance(result, torch.Tensor) or tuple(result.shape) != expected:
+                got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                raise LayerError(f"the model's output is {got}, but the probe saw class scores of shape (batch, "
+                                 f"{self.output_classes}); pass images of the model's input size or analyze with output=False")
+            captured[MODEL_OUTPUT] = result
         return captured
 
     def close(self) -> None:

@@ -21,12 +21,18 @@ from typing import Any, Mapping
 import pandas as pd
 
 # Figures in reading order; any other stem (sweeps) follows.
-FIGURE_ORDER = ("alignment_heatmap", "alignment_by_depth", "alignment_by_depth_fitted")
+FIGURE_ORDER = ("alignment_heatmap", "alignment_by_depth", "prediction", "alignment_by_depth_fitted")
 FIGURE_CAPTIONS = {
     "alignment_heatmap": "aligned_error after the inverse warp, transform × layer (1 = chance)",
     "alignment_by_depth": "per transform: aligned error with its 95% CI band, unaligned and floor as reference lines",
     "alignment_by_depth_fitted": "searched warps and channel maps against the inverse warp (held-out images)",
+    "prediction": "the model's output: top-1 agreement between x and g x (95% Wilson CI) and mean KL(p(x) || p(g x)) "
+                  "in nats (95% CI), with chance (an unrelated image) and, for interpolated g, the floor",
 }
+PREDICTION_TABLE = ("model", "transform", "n_images", "prediction_agreement", "prediction_agreement_ci_low",
+                    "prediction_agreement_ci_high", "prediction_agreement_chance", "prediction_agreement_floor",
+                    "prediction_kl", "prediction_kl_ci_low", "prediction_kl_ci_high", "prediction_kl_chance",
+                    "prediction_kl_floor")
 # Lists in run.json shown in their own sections, not in the settings table.
 LISTED_KEYS = ("images_used", "images_skipped", "layers_skipped", "verdicts", "warnings", "versions", "machine")
 
@@ -118,6 +124,22 @@ def _figures_html(figures: Mapping[str, bytes]) -> str:
     return "".join(parts)
 
 
+def _prediction_html(table: pd.DataFrame, meta: Mapping[str, Any]) -> str:
+    """The output rows (the model's prediction under each transform), or why there are none."""
+    from .prediction_table import output_rows
+
+    rows = output_rows(table)
+    head = meta.get("output") or {}
+    if rows.empty:
+        reason = head.get("reason") or "this table has no output rows"
+        return f"<p>No prediction rows: {_esc(reason)}.</p>"
+    note = (f"<p>{_esc(head.get('evidence', ''))}. Agreement: share of images whose top-1 class is the same for x and "
+            "g x (95% Wilson interval); KL: mean KL(p(x) || p(g x)) of the softmax outputs in nats (95% Student-t "
+            "interval); <code>_chance</code>: x against an unrelated image; <code>_floor</code>: x against the image "
+            "round trip g<sup>-1</sup>(g x).</p>")
+    return note + _table_html(rows[[c for c in PREDICTION_TABLE if c in rows.columns]])
+
+
 def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[str], warnings: list[str],
                  figures: Mapping[str, bytes] | None = None) -> str:
     """The report as an HTML fragment: header, verdicts, warnings, figures (if given), table, settings, images."""
@@ -136,7 +158,8 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
               f"<h2>Warnings ({len(warnings)})</h2>", _list(warnings, "warnings", "No warnings.")]
     if figures is not None:
         parts += ["<h2>Figures</h2>", _figures_html(figures) if figures else "<p>No figures were drawn (--no-plots).</p>"]
-    parts += [f"<h2>Table ({len(table)} rows, every column of alignment.csv)</h2>", _table_html(table),
+    parts += ["<h2>Prediction (the model's output)</h2>", _prediction_html(table, meta),
+              f"<h2>Table ({len(table)} rows, every column of alignment.csv)</h2>", _table_html(table),
               "<h2>Settings and versions (run.json)</h2>", _settings_html(meta),
               "<h2>Images</h2>", _images_html(meta)]
     return "\n".join(parts)

@@ -5,7 +5,9 @@ count equally), accumulated in float64. :class:`AlignmentStatistic` follows
 the torchmetrics shape: ``update()`` with a batch, ``compute()`` for the
 result, ``merge()``/``sync()`` to reduce state across shards or processes.
 Its state is three float64 numbers per quantity (count, sum, sum of squares),
-so memory does not grow with the number of images.
+so memory does not grow with the number of images. Quantities that are 0/1
+per image (proportions, such as top-1 agreement) get a Wilson score interval
+instead of the Student-t one (see :func:`wilson_interval`).
 """
 from __future__ import annotations
 
@@ -147,15 +149,40 @@ def t_quantile_975(dof: int) -> float:
     )
 
 
+Z_975 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: float, n: float, z: float = Z_975) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``successes / n``; (NaN, NaN) for ``n = 0``.
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and does not
+    collapse to a point at 0 or n successes: 8 agreements out of 8 give
+    [0.676, 1], not [1, 1].
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denominator
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
 class AlignmentStatistic:
     """Streaming mean, std and 95% confidence interval of per-image quantities.
 
     Non-finite values (NaN from a zero chance distance) are left out and the
-    count says how many images did count.
+    count says how many images did count. ``proportions``: the quantities
+    that are 0 or 1 per image; their interval is :func:`wilson_interval`
+    (every other quantity's is the Student-t interval of the mean).
     """
 
-    def __init__(self, quantities: tuple[str, ...] = QUANTITIES) -> None:
+    def __init__(self, quantities: tuple[str, ...] = QUANTITIES, proportions: tuple[str, ...] = ()) -> None:
+        unknown = [name for name in proportions if name not in quantities]
+        if unknown:
+            raise ValueError(f"proportions {unknown} are not among the quantities {quantities}")
         self.quantities = quantities
+        self.proportions = tuple(proportions)
         # rows: quantities; columns: count, sum, sum of squares
         self.state = torch.zeros(len(quantities), 3, dtype=torch.float64)
 
@@ -179,13 +206,17 @@ class AlignmentStatistic:
             dist.all_reduce(self.state, op=dist.ReduceOp.SUM)
 
     def compute(self) -> dict[str, float]:
-        """``{q: mean, q_std: sample std, q_ci_low, q_ci_high, q_n}`` for each quantity."""
+        """``{q: mean, q_std: sample std, q_ci_low, q_ci_high, q_n}`` for each quantity (95% intervals)."""
         out: dict[str, float] = {}
         for row, name in enumerate(self.quantities):
             n, total, total_sq = (float(v) for v in self.state[row])
             mean = total / n if n else math.nan
             var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.nan
             std = math.sqrt(var) if n > 1 else math.nan
-            half = t_quantile_975(int(n) - 1) * std / math.sqrt(n) if n > 1 else math.nan
-            out.update({name: mean, f"{name}_std": std, f"{name}_ci_low": mean - half, f"{name}_ci_high": mean + half, f"{name}_n": n})
+            if name in self.proportions:
+                low, high = wilson_interval(total, n)
+            else:
+                half = t_quantile_975(int(n) - 1) * std / math.sqrt(n) if n > 1 else math.nan
+                low, high = mean - half, mean + half
+            out.update({name: mean, f"{name}_std": std, f"{name}_ci_low": low, f"{name}_ci_high": high, f"{name}_n": n})
         return out

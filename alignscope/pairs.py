@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ImageError
-from .hooks import FeatureCapture, LayerInfo
+from .hooks import MODEL_OUTPUT, FeatureCapture, LayerInfo
 from .timing import NULL_TIMER
 from .transforms import Transform
 from .warping import (
@@ -139,6 +139,22 @@ class LayerPair:
         return float(self.layer.stride or 1)
 
 
+@dataclass
+class OutputPair:
+    """The model's own outputs (B, K) for one transform and batch (see :mod:`alignscope.prediction`).
+
+    ``reference`` f(x), ``moved`` f(g x), ``other`` f of each image's chance
+    partner, ``roundtrip`` f(g^-1 g x) (``None`` where g is exact).
+    """
+
+    transform: Transform
+    disk: bool
+    reference: torch.Tensor
+    moved: torch.Tensor
+    other: torch.Tensor
+    roundtrip: torch.Tensor | None
+
+
 class PairFeeder:
     """Turns image batches into :class:`LayerPair` s, caching masks and chance partners.
 
@@ -146,7 +162,9 @@ class PairFeeder:
     what a warp brings in from outside the image. ``amp`` (``torch.bfloat16``
     or ``torch.float16``) runs the model under autocast; its maps are turned
     back into float32 before any warp or norm. ``channels_last`` feeds the
-    model NHWC tensors.
+    model NHWC tensors. When the capture returns the model's output too
+    (:data:`~alignscope.hooks.MODEL_OUTPUT`), :attr:`output_pairs` holds the
+    :class:`OutputPair` s of the batch last fed through :meth:`pairs`.
     """
 
     def __init__(self, layers: list[LayerInfo], transforms: list[Transform], mask: str, fill: Sequence[float],
@@ -160,6 +178,7 @@ class PairFeeder:
         self.registered_masks: dict[tuple[str, str, bool], torch.Tensor] = {}
         self.image_size = tuple(int(v) for v in image_size)
         self.image_disk = disk_mask(*image_size, device=device)
+        self.output_pairs: list[OutputPair] = []
 
     def _forward(self, capture: FeatureCapture, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -255,6 +274,7 @@ class PairFeeder:
         always needs one).
         """
         n = x.shape[0]
+        self.output_pairs = []
         references: dict[bool, dict[str, torch.Tensor]] = {}
         partners: dict[bool, dict[str, torch.Tensor]] = {}
         shifted_maps: dict[tuple[bool, Residual], dict[str, torch.Tensor]] = {}
@@ -302,6 +322,10 @@ class PairFeeder:
                     other=partners[disk][layer.name], mask=mask,
                     roundtrip=None if roundtrip is None else roundtrip[layer.name], **registered,
                 )
+            if MODEL_OUTPUT in moved:
+                self.output_pairs.append(OutputPair(
+                    transform, disk, reference[MODEL_OUTPUT], moved[MODEL_OUTPUT], partners[disk][MODEL_OUTPUT],
+                    None if roundtrip is None else roundtrip[MODEL_OUTPUT]))
 
     def _register(self, layer: LayerInfo, transform: Transform, disk: bool, a: torch.Tensor, b: torch.Tensor,
                   aligned: torch.Tensor, mask: torch.Tensor, shifted_maps: dict) -> dict:

@@ -78,11 +78,21 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     """One sentence per (model, transform): where does g^-1 fail to bring the maps within half of chance?
 
     Each sentence ends with the comparison of the centred frame with the
-    layers' measured lattices (:func:`frame_comparison`), where measured.
+    layers' measured lattices (:func:`frame_comparison`), where measured. A
+    transform with an output row gets a second sentence: how often the
+    model's top-1 class changes (:func:`~alignscope.prediction.prediction_sentence`).
     """
+    from .prediction_table import is_output_row, prediction_sentence
+
     lines = []
-    for (model, transform), group in table.groupby(["model", "transform"], sort=False):
-        group = group.sort_values("depth")
+    for (model, transform), rows in table.groupby(["model", "transform"], sort=False):
+        output = is_output_row(rows)
+        group = rows[~output].sort_values("depth")
+        prediction = [prediction_sentence(row, f"{transform}" if table["model"].nunique() == 1 else f"{model} {transform}")
+                      for _, row in rows[output].iterrows()]
+        if group.empty:
+            lines.extend(prediction)
+            continue
         failing = group[group["aligned_error"] > HALF_CHANCE]
         worst = group.loc[group["aligned_error"].idxmax()] if group["aligned_error"].notna().any() else None
         prefix = f"{transform}" if table["model"].nunique() == 1 else f"{model} {transform}"
@@ -107,6 +117,7 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         if worst is not None:
             lines[-1] += _floor_sentence(group)
             lines[-1] += frame_comparison(group)
+        lines.extend(prediction)
     return lines
 
 
@@ -118,6 +129,9 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     alone hide: random weights, skipped layers, rows without valid cells and
     floors above the measurement.
     """
+    from .prediction_table import is_output_row
+
+    output = is_output_row(table)
     lines = []
     if meta.get("pretrained") is False or ("pretrained" in table and not table["pretrained"].astype(str).str.lower().eq("true").all()):
         lines.append("RANDOM WEIGHTS: the model is not pretrained; the numbers describe an untrained network")
@@ -142,12 +156,12 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         lines.append("chance distance collapsed (chance / map norm) at " + ", ".join(
             f"{layer} ({value:.1e})" for layer, value in collapsed[:8]) + "; the *_error values there are not meaningful")
     if used and "n_images" in table:
-        short = table[table["n_images"] + nonfinite < used]
+        short = table[(table["n_images"] + nonfinite < used) & ~output]
         if len(short):
             worst = short.loc[short["n_images"].idxmin()]
             lines.append(f"{len(short)} of {len(table)} rows left images out for a zero chance distance; fewest "
                          f"{int(worst['n_images'])} of {used} at {worst['layer']} / {worst['transform']}")
-    empty = table[table["aligned_error"].isna()]
+    empty = table[table["aligned_error"].isna() & ~output]
     if len(empty):
         lines.append(f"{len(empty)} row(s) have no valid cells and no aligned_error: "
                      + ", ".join(f"{r['layer']} / {r['transform']}" for _, r in empty.head(8).iterrows()))
@@ -262,7 +276,11 @@ class AlignmentReport:
     def __repr__(self) -> str:
         head = f"AlignmentReport(model={self.meta.get('model', '?')!r}, layers={self.table['layer'].nunique()}, " \
                f"transforms={self.table['transform'].nunique()}, images={int(self.table['n_images'].max()) if len(self.table) else 0})"
-        return head + "\n" + format_table(self.table) + "\n" + "\n".join(self.verdicts())
+        from .prediction_table import PREDICTION_SUMMARY, layer_rows, output_rows
+
+        predictions = output_rows(self.table)
+        shown = format_table(layer_rows(self.table)) + ("\n" + format_table(predictions, PREDICTION_SUMMARY) if len(predictions) else "")
+        return head + "\n" + shown + "\n" + "\n".join(self.verdicts())
 
     def _repr_html_(self) -> str:
         """The summary of ``report.html`` (verdicts, warnings, table, settings, images) without the figures."""

@@ -139,7 +139,8 @@ def _bench_lines(result: dict) -> list[str]:
         f"{m['torch_threads']} torch threads, torch {m['torch']})",
         "load average:            " + (f"{loads[0]:.2f} at the start, at most {max(loads):.2f}" if loads else "not available"),
         f"interleaved batch by batch; {result['repeats']} timed passes after a warm-up "
-        f"({result['forward_images_per_image']} forward images per image)",
+        f"({result['forward_images_per_image']} forward images per image; output row "
+        f"{'measured in B, full forwards' if result.get('output_row') else 'not measured: B stops after the deepest layer'})",
         f"bare forward passes (A): median {result['forward_seconds']:.2f} s, min {result['forward_seconds_min']:.2f} s",
         f"analysis (B):            median {result['analysis_seconds']:.2f} s, min {result['analysis_seconds_min']:.2f} s"
         f" = {result['images_per_second']:.2f} images/s",

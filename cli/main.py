@@ -140,6 +140,9 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
 @click.option("--per-image", is_flag=True, help="Also write per_image.csv with one row per image.")
+@click.option("--no-output", is_flag=True,
+              help="Skip the output row (top-1 agreement and softmax KL between x and g x), measured by default for "
+                   "models with a classifier head; forward passes then stop after the deepest layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON records on stdout instead of text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--fail-above", multiple=True, metavar="COLUMN=NUMBER",
@@ -148,8 +151,8 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, amp,
             channels_last, workers, seed,
-            optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, as_json, quiet,
-            fail_above, fail_below, debug) -> None:
+            optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, no_output, as_json,
+            quiet, fail_above, fail_below, debug) -> None:
     """Measure per layer how well the inverse warp aligns feature maps.
 
     Writes OUT/alignment.csv, OUT/run.json and plots, prints a compact table
@@ -194,6 +197,7 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
             channels_last=channels_last,
             workers=workers,
             progress=update,
+            output=not no_output,
         )
     finally:
         if finish:
@@ -212,6 +216,7 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
 
 
 def _print_summary(report, out_path: Path) -> None:
+    from alignscope.prediction_table import PREDICTION_SUMMARY, layer_rows, output_rows
     from alignscope.report import SUMMARY_COLUMNS, format_table
 
     meta = report.meta
@@ -222,7 +227,10 @@ def _print_summary(report, out_path: Path) -> None:
     click.echo(f"{meta['model']} · {len(meta['images_used'])} images{split} · weights: {meta['weights']}{weights_note}")
     fitted = tuple(c for c in FITTED_COLUMNS if c in report.table.columns)
     columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
-    click.echo(format_table(report.table, columns))
+    click.echo(format_table(layer_rows(report.table), columns))
+    if len(output_rows(report.table)):
+        click.echo("")
+        click.echo(format_table(output_rows(report.table), PREDICTION_SUMMARY))
     click.echo("")
     for line in report.verdicts():
         click.echo(line)

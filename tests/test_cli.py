@@ -38,7 +38,8 @@ def test_analyze_writes_report_files_and_columns(report_dir):
             "sweep_rotate_0_30_15.png"} <= names
     table = pd.read_csv(report_dir / "alignment.csv")
     assert list(table.columns[: len(REQUIRED_COLUMNS)]) == list(REQUIRED_COLUMNS)
-    assert len(table) == 5 * 4  # 5 stages x (rot90 + 3 sweep steps)
+    assert len(table) == 5 * 4 + 4  # 5 stages x (rot90 + 3 sweep steps), and the output row of each transform
+    assert list(table["kind"]).count("output") == 4
     run = json.loads((report_dir / "run.json").read_text())
     assert run["model"] == "tf_efficientnet_lite0" and run["pretrained"] is True
     assert len(run["images_used"]) == 4 and run["images_skipped"] == []
@@ -57,7 +58,7 @@ def test_force_replaces_report(tmp_path):
     out = tmp_path / "r"
     assert cli("analyze", "--transform", "hflip", "--max-images", "2", "--layers", "blocks.6", "--out", str(out), "--no-plots", "-q") == 0
     assert cli("analyze", "--transform", "vflip", "--max-images", "2", "--layers", "blocks.6", "--out", str(out), "--no-plots", "-q", "--force") == 0
-    assert pd.read_csv(out / "alignment.csv")["transform"].tolist() == ["vflip"]
+    assert pd.read_csv(out / "alignment.csv")["transform"].unique().tolist() == ["vflip"]  # layer and output row
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folders left
 
 

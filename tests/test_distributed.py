@@ -31,5 +31,5 @@ def test_two_gloo_processes_match_one(tmp_path):
     np.testing.assert_allclose(b[numeric].to_numpy(), a[numeric].to_numpy(), rtol=1e-6, atol=1e-9)
     # 7 images in batches of 2: the last batch holds one image, measured on rank 1 against batch 2's last image (rank 0)
     pa, pb = pd.read_csv(single / "per_image.csv"), pd.read_csv(sharded / "per_image.csv")
-    assert list(pa["image"]) == list(pb["image"]) and len(pa) == 7 * 3 * 2
+    assert list(pa["image"]) == list(pb["image"]) and len(pa) == 7 * 3 * (2 + 1)  # 2 layers and the output row
     np.testing.assert_allclose(pb["chance_distance"], pa["chance_distance"], rtol=1e-6)
