@@ -193,7 +193,8 @@ def _bench_lines(result: dict) -> list[str]:
                    "features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--recipe", type=click.Choice(["digits", "paper"]), default="digits", show_default=True,
-              help="digits: the recipe that makes the input STN undo rotation on the offline digits in the CPU budget; "
+              help="digits: the recipe that brought the input STN closest to undoing rotation on the offline digits "
+                   "in the CPU budget; "
                    "paper: the papers' SGD recipe (see the README). The options below override single fields.")
 @click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]), default=None, help="Default: from --recipe.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: from --recipe.")

@@ -14,9 +14,9 @@ batch is freshly transformed (:class:`alignscope.stn.data.TrainStream`). The
 same seed gives the same model on CPU.
 
 ``TrainConfig()`` is the papers' recipe at a short length; the default of
-``alignscope stn`` is :data:`DIGITS_RECIPE`, the recipe that makes the input
-STN undo the rotation on the offline digits within the CPU budget (see the
-README's STN results).
+``alignscope stn`` is :data:`DIGITS_RECIPE`, the recipe that brought the
+input STN closest to undoing the rotation on the offline digits within the CPU
+budget (up to about +-60 degrees; see the README's STN results).
 """
 from __future__ import annotations
 
