@@ -3,7 +3,7 @@
 Run:  python examples/stn_placement.py [--data digits|mnist:DIR] [--seeds 3] [--recipe digits|paper]
                                        [--iterations N] [--out DIR] [--force]
 
-Trains the small classifier with no STN, with an STN on the input, on the
+Trains the narrow classifier with no STN, with an STN on the input, on the
 feature maps after layer 1 and 2, sharing the classifier's layers 1-2, and
 with a deep separate localization net (a copy of layers 1-2); prints test
 accuracy, how much rotation each learned warp undoes (angle_std_deg: 0 =
