@@ -187,32 +187,46 @@ def _bench_lines(result: dict) -> list[str]:
 @click.option("--images", default=None, help="Same as --data folder:DIR.")
 @click.option("--task", type=click.Choice(["rotate", "scale"]), default="rotate", show_default=True,
               help="rotate: a fresh random angle in [-90, 90] degrees per sample; scale: a zoom in [0.5, 1].")
-@click.option("--classifier", type=click.Choice(["small", "classic"]), default="small", show_default=True,
-              help="small: 4 conv-ReLU-BN blocks; classic: conv9x64, conv7x64 (see the README).")
+@click.option("--classifier", type=click.Choice(["small", "narrow", "classic"]), default="narrow", show_default=True,
+              help="small: 4 conv-ReLU-BN blocks of 16-32 channels; narrow: the same with 4-8; classic: conv9x64, "
+                   "conv7x64 (see the README).")
 @click.option("--variants", default="default", show_default=True,
               help="Comma-separated: none, input, features@k, shared@k, deep@k; 'default' (none, input, features@1, "
                    "features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
-@click.option("--loc-lr-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Learning rate of the localization-only parameters, relative to --lr.")
-@click.option("--iterations", type=click.IntRange(min=1), default=3000, show_default=True,
-              help="Training steps per run (rate x0.1 at 1/2 and 3/4).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--ramp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Curriculum: the transforms grow from none to their full range over this fraction of the iterations.")
+@click.option("--recipe", type=click.Choice(["digits", "paper"]), default="digits", show_default=True,
+              help="digits: the recipe that brought the input STN closest to undoing rotation on the offline digits "
+                   "in the CPU budget; "
+                   "paper: the papers' SGD recipe (see the README). The options below override single fields.")
+@click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]), default=None, help="Default: from --recipe.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: from --recipe.")
+@click.option("--loc-lr-multiplier", type=click.FloatRange(min=0), default=None,
+              help="Learning rate of the localization-only parameters, relative to --lr. Default: from --recipe.")
+@click.option("--loc-weight-decay", type=click.FloatRange(min=0), default=None,
+              help="L2 weight decay on the localization-only parameters. Default: from --recipe.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Training steps per run. Default: from --recipe.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: from --recipe.")
+@click.option("--schedule", type=click.Choice(["step", "cosine", "constant"]), default=None,
+              help="Learning-rate schedule: step (x0.1 at 1/2 and 3/4), cosine (to zero) or constant. Default: from --recipe.")
+@click.option("--ramp", type=click.FloatRange(0, 1), default=None,
+              help="Curriculum: the transforms grow from none to their full range over this fraction of the iterations. "
+                   "Default: from --recipe.")
 @click.option("--test-passes", type=click.IntRange(min=1), default=10, show_default=True,
               help="Random transforms of the test set to average over.")
 @click.option("--warp", type=click.Choice(["affine", "rotation", "rotation_scale"]), default="affine", show_default=True)
 @click.option("--quick", is_flag=True, help="1 seed, 150 steps of 64, 2 test passes, none/input/features@1/shared@1/deep@1: "
                                           "checks the set-up, learns little.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs trained at once, each in its own process with one torch thread (2 on a 2-core machine).")
+@click.option("--combine", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Train nothing: combine these saved runs (one recipe, e.g. one variant each) into one comparison "
+                   "in --out. Repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-stn", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON records.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def stn(data, images, task, classifier, variants, seeds, optimizer, lr, loc_lr_multiplier, iterations, batch_size,
-        ramp, test_passes, warp, quick, out, force, as_json, debug) -> None:
+def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, loc_lr_multiplier, loc_weight_decay,
+        iterations, batch_size, schedule, ramp, test_passes, warp, quick, jobs, combine, out, force, as_json, debug) -> None:
     """Where should the spatial transformer go? Train STN variants on transformed digits and compare.
 
     Every training sample gets a fresh random transform in every epoch; the
@@ -222,25 +236,35 @@ def stn(data, images, task, classifier, variants, seeds, optimizer, lr, loc_lr_m
     stn_alignment.csv (maps of the transformed digit against the upright
     one's at the STN output and after each layer, relative to chance),
     stn_angles.csv, stn_summary.csv and plots (accuracy, predicted against
-    true angle, learned warps).
+    true angle, learned warps) and stn_models.pt (seed-0 weights per
+    variant). --combine merges saved runs into one comparison.
 
     \b
     Examples:
       alignscope stn --quick
-      alignscope stn --variants none,input --seeds 3 --optimizer adam --lr 0.001 --batch-size 64
-      alignscope stn --data mnist:~/mnist --classifier classic --iterations 150000
+      alignscope stn --variants none,input --seeds 3
+      alignscope stn --variants input --out stn-input; alignscope stn --variants none --out stn-none
+      alignscope stn --combine stn-none --combine stn-input --out stn-all
+      alignscope stn --recipe paper --data mnist:~/mnist --classifier classic --iterations 150000
     """
     from alignscope.errors import UsageError
     from alignscope.report import check_destination
-    from alignscope.stn import TrainConfig, run_experiment, variant_names
-    from alignscope.stn.experiment import QUICK
+    from alignscope.stn import run_experiment, variant_names
+    from alignscope.stn.train import recipe as make_recipe
+    from alignscope.stn.experiment import QUICK, combine_experiments, load_experiment
 
+    if combine:
+        out_path = check_destination(out, force, inputs=combine)
+        experiment = combine_experiments([load_experiment(folder) for folder in combine])
+        experiment.save(out_path, force=force)
+        _print_stn_summary(experiment, out_path, as_json)
+        return
     if images and data != "digits":
         raise UsageError("give either --data or --images, not both")
     data = f"folder:{images}" if images else data
     if quick:
-        seeds, iterations, test_passes = QUICK["seeds"], QUICK["iterations"], QUICK["test_passes"]
-        batch_size = QUICK["batch_size"]
+        seeds, test_passes = QUICK["seeds"], QUICK["test_passes"]
+        iterations, batch_size = iterations or QUICK["iterations"], batch_size or QUICK["batch_size"]
         variants = ",".join(QUICK["variants"]) if variants == "default" else variants
     if variants.strip() == "all":
         chosen = list(variant_names(classifier))
@@ -251,11 +275,12 @@ def stn(data, images, task, classifier, variants, seeds, optimizer, lr, loc_lr_m
             chosen = list(variant_names(classifier))
     else:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    config = TrainConfig(optimizer=optimizer, lr=lr, loc_lr_multiplier=loc_lr_multiplier, iterations=iterations,
-                         batch_size=batch_size, ramp=ramp)
+    config = make_recipe(recipe, optimizer=optimizer, lr=lr, loc_lr_multiplier=loc_lr_multiplier,
+                         loc_weight_decay=loc_weight_decay, iterations=iterations, batch_size=batch_size,
+                         schedule=schedule, ramp=ramp)
     folder = data.partition(":")[2]
     out_path = check_destination(out, force, inputs=[folder] if folder else ())
-    bar = None if as_json else click.progressbar(length=len(chosen) * seeds * iterations, label="training",
+    bar = None if as_json else click.progressbar(length=len(chosen) * seeds * config.iterations, label="training",
                                                   file=sys.stderr, show_eta=True, show_percent=True)
 
     def progress(done: int, total: int) -> None:
@@ -269,11 +294,15 @@ def stn(data, images, task, classifier, variants, seeds, optimizer, lr, loc_lr_m
         bar.__enter__()
     try:
         experiment = run_experiment(data, task, chosen, seeds, config, classifier, warp, test_passes,
-                                    progress=None if bar is None else progress, log=log)
+                                    progress=None if bar is None else progress, log=log, jobs=jobs)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     experiment.save(out_path, force=force)
+    _print_stn_summary(experiment, out_path, as_json)
+
+
+def _print_stn_summary(experiment, out_path, as_json: bool) -> None:
     summary = experiment.summary()
     if as_json:
         click.echo(summary.to_json(orient="records"))

@@ -5,6 +5,7 @@ hand-made rotations, the Deming slope, IDX parsing, fresh seeded transforms, the
 optimiser groups and the CLI.
 """
 import gzip
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from alignscope.stn import (CLASSIFIERS, STNClassifier, FixedTestSet, TrainConfi
                             load_data, read_idx, spatial_transform, train_variant, variant_names, warp_angle_deg)
 from alignscope.stn.angles import NO_COMPENSATION_STD
 from alignscope.stn.data import apply_task, invert_affine, task_matrices
-from alignscope.stn.train import make_optimizer
+from alignscope.stn.train import RECIPES, SCHEDULES, make_optimizer, make_schedule, recipe
 from alignscope.transforms import parse_transform
 from alignscope.warping import warp
 
@@ -51,6 +52,8 @@ def test_classifiers_have_the_documented_layers():
     x = torch.zeros(2, 1, 28, 28)
     assert [tuple(h.shape[1:]) for h in classic.stages(x).values()] == [(64, 10, 10), (64, 2, 2)]
     assert [tuple(h.shape[1:]) for h in small.stages(x).values()] == [(16, 26, 26), (16, 12, 12), (32, 10, 10), (32, 4, 4)]
+    narrow = STNClassifier("none", classifier="narrow")
+    assert [tuple(h.shape[1:]) for h in narrow.stages(x).values()] == [(4, 26, 26), (4, 12, 12), (8, 10, 10), (8, 4, 4)]
     assert [m.kernel_size for m in classic.modules() if isinstance(m, torch.nn.Conv2d)] == [(9, 9), (7, 7)]
     assert [m.stride for m in small.modules() if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (2, 2), (1, 1), (2, 2)]
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.15 for m in small.modules())
@@ -238,6 +241,65 @@ def test_optimizer_groups_follow_the_recipe():
         TrainConfig(optimizer="lbfgs")
 
 
+@pytest.mark.parametrize("schedule,expected", [
+    ("step", [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]),  # x0.1 after steps 4 and 6 of 8
+    ("cosine", [1, *(0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(1, 8))]),
+    ("constant", [1] * 8),
+])
+def test_schedules_scale_every_group(schedule, expected):
+    model = STNClassifier("input", classifier="small")
+    config = TrainConfig(lr=0.02, loc_lr_multiplier=3.0, iterations=8, schedule=schedule)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_schedule(optimizer, config)
+    seen = []
+    for _ in range(8):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(torch.tensor(seen), torch.tensor([[0.02 * f, 0.06 * f] for f in expected]),
+                               rtol=1e-9, atol=1e-12)
+    assert set(SCHEDULES) == {"step", "cosine", "constant"}
+    with pytest.raises(UsageError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_localization_weight_decay_reaches_only_the_localization_net():
+    model = STNClassifier("deep@2", classifier="small")
+    main, loc = make_optimizer(model, TrainConfig(optimizer="adam", loc_weight_decay=1e-3)).param_groups
+    assert main["weight_decay"] == 0 and loc["weight_decay"] == 1e-3
+    assert {id(p) for p in loc["params"]} == {id(p) for p in model.localization_parameters()}
+    # with no gradient at all, only decay moves the weights: the localization net shrinks, the classifier stays
+    torch.manual_seed(0)
+    model = STNClassifier("input", classifier="small")
+    loc_before = [p.detach().clone() for p in model.localization.body.parameters()]
+    main_before = [p.detach().clone() for p in model.layers.parameters()]
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1, loc_weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for before, p in zip(loc_before, model.localization.body.parameters()):
+        torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 0.5))
+    for before, p in zip(main_before, model.layers.parameters()):
+        torch.testing.assert_close(p.detach(), before)
+    with pytest.raises(UsageError):
+        TrainConfig(loc_weight_decay=-1.0)
+
+
+def test_recipes_are_named_configs_with_overrides():
+    assert RECIPES["paper"] == TrainConfig()  # the papers' SGD recipe is the dataclass default
+    assert (RECIPES["paper"].optimizer, RECIPES["paper"].lr, RECIPES["paper"].batch_size) == ("sgd", 0.01, 256)
+    digits = RECIPES["digits"]
+    assert recipe("digits") == digits
+    changed = recipe("digits", lr=0.5, iterations=7, ramp=None)
+    assert (changed.lr, changed.iterations, changed.ramp, changed.optimizer) == (0.5, 7, digits.ramp, digits.optimizer)
+    with pytest.raises(UsageError, match="recipe"):
+        recipe("fast")
+    from alignscope.cli.experiments import stn as stn_command
+
+    assert set(next(p for p in stn_command.params if p.name == "recipe").type.choices) == set(RECIPES)
+    assert set(next(p for p in stn_command.params if p.name == "classifier").type.choices) == set(CLASSIFIERS)
+
+
 def test_training_is_reproducible_and_learns(digits):
     config = TrainConfig(optimizer="adam", lr=3e-3, iterations=24, batch_size=16)
     images, labels = digits.train_images[:160], digits.train_labels[:160]
@@ -250,13 +312,41 @@ def test_training_is_reproducible_and_learns(digits):
     assert len(decayed.losses) == 4 and all(math.isfinite(v) for v in decayed.losses)
 
 
+def test_parallel_runs_give_the_numbers_of_one_process(digits):
+    from alignscope.stn import UprightData, run_experiment
+
+    small = UprightData(digits.train_images[:96], digits.train_labels[:96], digits.test_images[:40],
+                        digits.test_labels[:40], digits.classes, "digits subset")
+    config = TrainConfig(optimizer="adam", lr=3e-3, iterations=6, batch_size=16, ramp=0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting
+    try:
+        one = run_experiment(small, variants=("none", "input"), seeds=2, config=config, test_passes=1)
+    finally:
+        torch.set_num_threads(threads)
+    steps = []
+    two = run_experiment(small, variants=("none", "input"), seeds=2, config=config, test_passes=1, jobs=2,
+                         progress=lambda done, total: steps.append((done, total)))
+    columns = [c for c in one.results.columns if c not in ("seconds", "cpu_seconds")]
+    pd.testing.assert_frame_equal(one.results[columns], two.results[columns])
+    pd.testing.assert_frame_equal(one.angles, two.angles)
+    assert [d for d, _ in steps] == sorted(d for d, _ in steps) and steps[-1] == (4 * 6, 4 * 6)
+    assert two.settings["jobs"] == 2 and set(two.models) == {"none", "input"}
+    with pytest.raises(UsageError, match="jobs"):
+        run_experiment(small, variants=("none",), seeds=1, config=config, jobs=0)
+
+
 def test_cli_stn_subset(tmp_path):
     from alignscope.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["stn", "--variants", "none,shared@1", "--seeds", "1", "--iterations", "3", "--batch-size", "32",
-              "--test-passes", "2", "--out", str(tmp_path / "stn")])
+              "--test-passes", "2", "--recipe", "paper", "--schedule", "cosine", "--out", str(tmp_path / "stn")])
     assert info.value.code == 0
+    settings = json.loads((tmp_path / "stn" / "run.json").read_text())
+    paper = RECIPES["paper"]
+    assert (settings["optimizer"], settings["lr"], settings["loc_lr_multiplier"]) == (paper.optimizer, paper.lr, 1.0)
+    assert (settings["iterations"], settings["batch_size"], settings["schedule"]) == (3, 32, "cosine")
     results = pd.read_csv(tmp_path / "stn" / "stn_results.csv")
     assert list(results["variant"]) == ["none", "shared@1"]
     assert {"parameters", "test_accuracy", "angle_std_deg", "deming_slope", "iterations", "seconds"} <= set(results.columns)
@@ -269,9 +359,45 @@ def test_cli_stn_subset(tmp_path):
     for name in ("stn_accuracy.png", "stn_angles.png", "stn_warps.png", "stn_summary.csv"):
         assert (tmp_path / "stn" / name).is_file()
     for bad in (["--variants", "middle@9"], ["--classifier", "classic", "--variants", "features@2"],
-                ["--data", f"mnist:{tmp_path / 'nowhere'}"], ["--lr", "0"]):
+                ["--data", f"mnist:{tmp_path / 'nowhere'}"], ["--lr", "0"], ["--recipe", "fast"],
+                ["--schedule", "linear"], ["--loc-weight-decay", "-1"]):
         with pytest.raises(SystemExit) as info:
             main(["stn", *bad, "--out", str(tmp_path / "bad")])
+        assert info.value.code == 2
+
+
+def test_cli_combines_saved_runs_into_one_comparison(tmp_path):
+    from alignscope.cli.main import main
+
+    tiny = ["--seeds", "1", "--iterations", "2", "--batch-size", "16", "--test-passes", "1"]
+    for variant, extra in (("none", []), ("input", []), ("deep@1", ["--lr", "0.5"])):
+        with pytest.raises(SystemExit) as info:
+            main(["stn", "--variants", variant, *tiny, *extra, "--out", str(tmp_path / variant)])
+        assert info.value.code == 0
+    with pytest.raises(SystemExit) as info:
+        main(["stn", "--combine", str(tmp_path / "none"), "--combine", str(tmp_path / "input"), "--out", str(tmp_path / "all")])
+    assert info.value.code == 0
+    combined = pd.read_csv(tmp_path / "all" / "stn_results.csv")
+    parts = pd.concat([pd.read_csv(tmp_path / v / "stn_results.csv") for v in ("none", "input")], ignore_index=True)
+    pd.testing.assert_frame_equal(combined, parts)
+    angles = pd.read_csv(tmp_path / "all" / "stn_angles.csv")
+    pd.testing.assert_frame_equal(angles, pd.read_csv(tmp_path / "input" / "stn_angles.csv"))
+    assert list(pd.read_csv(tmp_path / "all" / "stn_summary.csv")["variant"]) == ["none", "input"]
+    # the saved seed-0 weights come back: the combined folder's models predict what the input run's model did
+    from alignscope.stn.experiment import load_experiment
+
+    again = load_experiment(tmp_path / "all")
+    assert set(again.models) == {"none", "input"} and again.test is not None
+    theta = again.models["input"].predict_theta(again.test.upright[:4])
+    original = load_experiment(tmp_path / "input").models["input"].predict_theta(again.test.upright[:4])
+    torch.testing.assert_close(theta, original, rtol=0, atol=0)
+    for name in ("stn_accuracy.png", "stn_angles.png", "stn_warps.png"):
+        assert (tmp_path / "all" / name).is_file()
+    for bad in ([tmp_path / "none", tmp_path / "deep@1"],  # another learning rate: not one experiment
+                [tmp_path / "input", tmp_path / "input"],  # the same runs twice
+                [tmp_path / "nowhere"]):
+        with pytest.raises(SystemExit) as info:
+            main(["stn", *(a for folder in bad for a in ("--combine", str(folder))), "--out", str(tmp_path / "bad")])
         assert info.value.code == 2
 
 

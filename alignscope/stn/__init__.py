@@ -9,10 +9,11 @@ classifiers and the variants), :mod:`alignscope.stn.train` (the recipe),
 from .angles import angle_metrics, deming_slope, warp_angle_deg
 from .data import TASKS, FixedTestSet, TrainStream, UprightData, load_data, read_idx
 from .evaluate import evaluate
-from .experiment import STNExperiment, run_experiment
+from .experiment import STNExperiment, combine_experiments, load_experiment, run_experiment
 from .models import CLASSIFIERS, WARPS, STNClassifier, spatial_transform, variant_names
-from .train import TrainConfig, train_variant
+from .train import RECIPES, SCHEDULES, TrainConfig, recipe, train_variant
 
-__all__ = ["CLASSIFIERS", "TASKS", "WARPS", "STNClassifier", "STNExperiment", "FixedTestSet", "TrainConfig", "TrainStream",
-           "UprightData", "angle_metrics", "deming_slope", "evaluate", "load_data", "read_idx", "run_experiment",
-           "spatial_transform", "train_variant", "variant_names", "warp_angle_deg"]
+__all__ = ["CLASSIFIERS", "RECIPES", "SCHEDULES", "TASKS", "WARPS", "STNClassifier", "STNExperiment", "FixedTestSet",
+           "TrainConfig", "TrainStream", "UprightData", "angle_metrics", "combine_experiments", "deming_slope", "evaluate",
+           "load_data", "load_experiment", "read_idx", "recipe", "run_experiment", "spatial_transform", "train_variant",
+           "variant_names", "warp_angle_deg"]

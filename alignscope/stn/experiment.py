@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,8 +22,12 @@ from ..files import publish_folder
 from .data import TASKS, FixedTestSet, UprightData, load_data
 from .evaluate import evaluate
 from .models import WARPS, STNClassifier, check_variant, spatial_transform
-from .train import TrainConfig, parameter_counts, train_variant
+from .train import DIGITS_RECIPE, TrainConfig, parameter_counts, train_variant
 
+MODELS_FILE = "stn_models.pt"
+# settings that must agree for saved runs to be combined into one comparison
+COMBINE_KEYS = ("data_spec", "task", "classifier", "warp", "optimizer", "lr", "loc_lr_multiplier", "loc_weight_decay",
+                "iterations", "batch_size", "decay_at", "decay_factor", "ramp", "schedule", "test_passes", "data_seed")
 QUICK = {"seeds": 1, "iterations": 150, "batch_size": 64, "test_passes": 2, "variants": ("none", "input", "features@1", "shared@1", "deep@1")}
 
 
@@ -78,6 +83,9 @@ class STNExperiment:
             self.angles.to_csv(folder / "stn_angles.csv", index=False)
             self.summary().to_csv(folder / "stn_summary.csv", index=False)
             (folder / "run.json").write_text(json.dumps(self.settings, indent=2, default=str), encoding="utf-8")
+            # seed-0 weights per variant (small), so saved runs can be combined and their warps drawn again
+            torch.save({v: {"classifier": m.classifier, "warp": m.warp, "n_classes": m.n_classes,
+                            "state_dict": m.state_dict()} for v, m in self.models.items()}, folder / MODELS_FILE)
             save_figures(self.figures(), folder)
 
         return publish_folder(Path(out), write, force, kind="stn")
@@ -88,18 +96,23 @@ def run_experiment(
     task: str = "rotate",
     variants: Sequence[str] = ("none", "input", "features@1", "features@2", "shared@2", "deep@2"),
     seeds: int = 3,
-    config: TrainConfig = TrainConfig(),
-    classifier: str = "small",
+    config: TrainConfig = DIGITS_RECIPE,
+    classifier: str = "narrow",
     warp: str = "affine",
     test_passes: int = 10,
     data_seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> STNExperiment:
     """Train each variant with seeds 0..seeds-1 and evaluate it (see the module docstring).
 
     ``progress(done, total)`` counts training steps over the whole experiment;
-    ``log(line)`` gets one line per finished run.
+    ``log(line)`` gets one line per finished run. ``jobs`` > 1 trains that many
+    runs at once, each in its own process with one torch thread (small
+    networks use one core far better than several threads do); every run
+    draws its own seeded stream, so the numbers are those of ``jobs=1`` with
+    one torch thread.
     """
     if task not in TASKS:
         raise UsageError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -107,45 +120,197 @@ def run_experiment(
         raise UsageError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
     if seeds < 1 or not variants:
         raise UsageError("need at least one variant and one seed")
+    if jobs < 1:
+        raise UsageError(f"jobs must be at least 1, got {jobs}")
     for variant in variants:
         check_variant(variant, classifier)
     upright = load_data(data, data_seed) if isinstance(data, str) else data
     test = FixedTestSet.make(upright.test_images, upright.test_labels, task, test_passes, seed=10_000 + data_seed)
-    total = len(variants) * seeds * config.iterations
+    runs = [(variant, seed) for variant in variants for seed in range(seeds)]
+    total = len(runs) * config.iterations
+    load_start = _load_average()
+    common = (upright, test, task, config, classifier, warp)
+    if jobs == 1:
+        outcomes = []
+        for index, (variant, seed) in enumerate(runs):
+            on_step = None if progress is None else (lambda step, base=index * config.iterations: progress(base + step, total))
+            outcomes.append(_train_and_evaluate(variant, seed, *common, on_step))
+            _log_run(log, outcomes[-1])
+    else:
+        outcomes = _run_in_processes(runs, common, jobs, progress, log, total)
     rows, alignment_rows, angle_frames, models = [], [], [], {}
-    for v_index, variant in enumerate(variants):
-        for seed in range(seeds):
-            done_before = (v_index * seeds + seed) * config.iterations
-            on_step = None if progress is None else (lambda step, base=done_before: progress(base + step, total))
-            result = train_variant(variant, upright.train_images, upright.train_labels, task, seed, config, classifier,
-                                   warp, len(upright.classes), on_step)
-            found = evaluate(result.model, test)
-            tail = result.losses[-min(50, len(result.losses)):]
-            rows.append({"variant": variant, "classifier": classifier, "task": task, "seed": seed,
-                         **parameter_counts(result.model), **found.metrics,
-                         "final_train_loss": sum(tail) / len(tail), "iterations": config.iterations,
-                         "seconds": round(result.seconds, 2)})
-            for layer, values in found.alignment.items():
-                alignment_rows.append({"variant": variant, "seed": seed, "layer": layer,
-                                       "alignment_error": values["aligned_error"],
-                                       "alignment_error_ci_low": values["aligned_error_ci_low"],
-                                       "alignment_error_ci_high": values["aligned_error_ci_high"],
-                                       "n_images": int(values["aligned_error_n"])})
-            if len(found.angles):
-                angle_frames.append(found.angles.assign(variant=variant, seed=seed))
-            if seed == 0:
-                models[variant] = result.model
-            if log is not None:
-                m = found.metrics
-                log(f"{variant} seed {seed}: test accuracy {m['test_accuracy']:.3f}, angle std {m['angle_std_deg']:.1f} deg, "
-                    f"Deming slope {m['deming_slope']:.2f} ({result.seconds:.0f} s)")
+    for outcome in outcomes:
+        rows.append(outcome.row)
+        alignment_rows += outcome.alignment_rows
+        if len(outcome.angles):
+            angle_frames.append(outcome.angles)
+        if outcome.row["seed"] == 0:
+            models[outcome.row["variant"]] = outcome.model
     angle_columns = ["variant", "seed", "label", "true_deg", "warp_deg"]
     angles = pd.concat(angle_frames, ignore_index=True)[angle_columns] if angle_frames else pd.DataFrame(columns=angle_columns)
-    settings = {"data": upright.source, "task": task, "classifier": classifier, "variants": list(variants),
+    settings = {"data": upright.source, "data_spec": data if isinstance(data, str) else None, "task": task, "classifier": classifier, "variants": list(variants),
                 "seeds": seeds, "warp": warp, **config.as_dict(), "test_passes": test_passes, "data_seed": data_seed,
                 "train_images": len(upright.train_labels), "test_images": len(upright.test_labels),
-                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+                "torch": torch.__version__, "torch_threads": 1 if jobs > 1 else torch.get_num_threads(), "jobs": jobs,
+                # timings in stn_results.csv mean little without the machine's load: 1-minute load average, start and end
+                "load_average_start": load_start, "load_average_end": _load_average(), "cpu_count": os.cpu_count()}
     return STNExperiment(pd.DataFrame(rows), pd.DataFrame(alignment_rows), angles, settings, models, test)
+
+
+@dataclass
+class _Outcome:
+    row: dict
+    alignment_rows: list[dict]
+    angles: pd.DataFrame
+    model: STNClassifier
+    seconds: float
+
+
+def _train_and_evaluate(variant: str, seed: int, upright: UprightData, test: FixedTestSet, task: str, config: TrainConfig,
+                        classifier: str, warp: str, on_step: Callable[[int], None] | None) -> _Outcome:
+    """One (variant, seed): train, evaluate, and the rows it adds to each table."""
+    result = train_variant(variant, upright.train_images, upright.train_labels, task, seed, config, classifier, warp,
+                           len(upright.classes), on_step)
+    found = evaluate(result.model, test)
+    tail = result.losses[-min(50, len(result.losses)):]
+    row = {"variant": variant, "classifier": classifier, "task": task, "seed": seed, **parameter_counts(result.model),
+           **found.metrics, "final_train_loss": sum(tail) / len(tail), "iterations": config.iterations,
+           "seconds": round(result.seconds, 2), "cpu_seconds": round(result.cpu_seconds, 2)}
+    alignment_rows = [{"variant": variant, "seed": seed, "layer": layer, "alignment_error": values["aligned_error"],
+                       "alignment_error_ci_low": values["aligned_error_ci_low"],
+                       "alignment_error_ci_high": values["aligned_error_ci_high"], "n_images": int(values["aligned_error_n"])}
+                      for layer, values in found.alignment.items()]
+    angles = found.angles.assign(variant=variant, seed=seed) if len(found.angles) else found.angles
+    return _Outcome(row, alignment_rows, angles, result.model, result.seconds)
+
+
+def _log_run(log: Callable[[str], None] | None, outcome: _Outcome) -> None:
+    if log is not None:
+        r = outcome.row
+        log(f"{r['variant']} seed {r['seed']}: test accuracy {r['test_accuracy']:.3f}, angle std {r['angle_std_deg']:.1f} deg, "
+            f"Deming slope {r['deming_slope']:.2f} ({outcome.seconds:.0f} s)")
+
+
+_PROGRESS_EVERY = 10  # steps between a worker's progress messages
+_worker_queue = None
+
+
+def _worker_start(queue) -> None:
+    global _worker_queue
+    _worker_queue = queue
+    torch.set_num_threads(1)
+
+
+def _worker_run(index: int, variant: str, seed: int, common: tuple) -> _Outcome:
+    def on_step(step: int) -> None:
+        if step % _PROGRESS_EVERY == 0 or step == common[3].iterations:
+            _worker_queue.put((index, step))
+
+    return _train_and_evaluate(variant, seed, *common, on_step)
+
+
+def _run_in_processes(runs: list[tuple[str, int]], common: tuple, jobs: int, progress: Callable[[int, int], None] | None,
+                      log: Callable[[str], None] | None, total: int) -> list[_Outcome]:
+    """Each run in a worker process (spawned: a forked copy of a process that has used torch's threads can hang)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    steps = [0] * len(runs)
+    outcomes: list[_Outcome | None] = [None] * len(runs)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=context, initializer=_worker_start,
+                             initargs=(messages,)) as pool:
+        pending = {pool.submit(_worker_run, i, variant, seed, common): i for i, (variant, seed) in enumerate(runs)}
+        try:
+            _collect(pending, messages, steps, outcomes, common[3].iterations, progress, log, total)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # runs not started yet are dropped, not trained for nothing
+            raise
+    return outcomes
+
+
+def _collect(pending: dict, messages, steps: list[int], outcomes: list, iterations: int,
+             progress: Callable[[int, int], None] | None, log: Callable[[str], None] | None, total: int) -> None:
+    """Wait for the workers, forwarding their step counts to ``progress`` and each finished run to ``log``."""
+    import queue as queues
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while pending:
+        done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        try:
+            while True:
+                index, step = messages.get_nowait()
+                steps[index] = max(steps[index], step)
+        except queues.Empty:
+            pass
+        for future in done:
+            index = pending.pop(future)
+            outcomes[index] = future.result()  # a worker's error surfaces here, as it would in one process
+            steps[index] = iterations
+            _log_run(log, outcomes[index])
+        if progress is not None:
+            progress(sum(steps), total)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def load_experiment(folder: str | Path) -> STNExperiment:
+    """A saved run (``STNExperiment.save``) read back; the test set is rebuilt from its settings when they name the data."""
+    folder = Path(folder)
+    needed = ("stn_results.csv", "stn_alignment.csv", "stn_angles.csv", "run.json")
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise UsageError(f"{folder} is not a saved STN run: it lacks {', '.join(missing)}")
+    settings = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    models = {}
+    if (folder / MODELS_FILE).is_file():
+        for variant, saved in torch.load(folder / MODELS_FILE, weights_only=True).items():
+            model = STNClassifier(variant, saved["n_classes"], saved["warp"], saved["classifier"])
+            model.load_state_dict(saved["state_dict"])
+            models[variant] = model.eval()
+    test = None
+    if settings.get("data_spec"):
+        upright = load_data(settings["data_spec"], settings["data_seed"])
+        test = FixedTestSet.make(upright.test_images, upright.test_labels, settings["task"], settings["test_passes"],
+                                 seed=10_000 + settings["data_seed"])
+    return STNExperiment(pd.read_csv(folder / "stn_results.csv"), pd.read_csv(folder / "stn_alignment.csv"),
+                         pd.read_csv(folder / "stn_angles.csv"), settings, models, test)
+
+
+def combine_experiments(parts: Sequence[STNExperiment]) -> STNExperiment:
+    """Runs of different variants (or seeds) made with one recipe, as one comparison.
+
+    Refuses parts whose recipe, data or task differ (``COMBINE_KEYS``) or that
+    repeat a (variant, seed): those would not be one experiment.
+    """
+    if not parts:
+        raise UsageError("nothing to combine")
+    first = parts[0].settings
+    for part in parts[1:]:
+        differ = [k for k in COMBINE_KEYS if json.dumps(part.settings.get(k)) != json.dumps(first.get(k))]
+        if differ:
+            raise UsageError("runs made with different settings cannot be combined: " + ", ".join(
+                f"{k} {first.get(k)!r} against {part.settings.get(k)!r}" for k in differ))
+    results = pd.concat([p.results for p in parts], ignore_index=True)
+    repeated = results[results.duplicated(["variant", "seed"])]
+    if len(repeated):
+        raise UsageError(f"runs to combine repeat variant {repeated['variant'].iloc[0]} seed {repeated['seed'].iloc[0]}")
+    variants = list(dict.fromkeys(results["variant"]))
+    seeds = results.groupby("variant")["seed"].count()
+    settings = {**first, "variants": variants, "seeds": int(seeds.max()),
+                "combined_from": [p.settings.get("variants") for p in parts],
+                "seconds_total": float(results["seconds"].sum())}
+    models = {v: m for p in parts for v, m in p.models.items()}
+    return STNExperiment(results, pd.concat([p.alignment for p in parts], ignore_index=True),
+                         pd.concat([p.angles for p in parts if len(p.angles)], ignore_index=True)
+                         if any(len(p.angles) for p in parts) else parts[0].angles,
+                         settings, models, next((p.test for p in parts if p.test is not None), None))
 
 
 @torch.inference_mode()

@@ -11,6 +11,10 @@ Classifiers (``CLASSIFIERS``), for 1 x 28 x 28 inputs, no padding:
   32, 32 (stride 2) channels (maps 26, 12, 10, 4), then FC 100 -> ReLU ->
   Dropout 0.15 -> linear to the classes. Localization: three 3 x 3 convs of 16
   with ReLU, strides 2 (1 for maps of 14 or less), 2, 1.
+- ``narrow``: ``small`` with 4, 4, 8, 8 channels (same maps, head and
+  localization net): too small to learn every pose of every digit, so a
+  classifier that gets digits in one canonical pose does better, which is
+  what the STN is to learn.
 
 Every localization net ends in ``Linear(n, P)`` whose weight and bias start
 at zero, plus a fixed identity offset: the warp starts as the identity.
@@ -107,11 +111,19 @@ def _classic_localization(shape: tuple[int, int, int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _small_layers(n_in: int) -> list[nn.Module]:
-    def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride), nn.ReLU(), nn.BatchNorm2d(c_out))
+def _conv_bn_layers(widths: tuple[int, int, int, int]) -> Callable[[int], list[nn.Module]]:
+    """Four blocks conv 3 x 3 -> ReLU -> BatchNorm with ``widths`` channels and strides 1, 2, 1, 2."""
+    def layers(n_in: int) -> list[nn.Module]:
+        def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride), nn.ReLU(), nn.BatchNorm2d(c_out))
 
-    return [block(n_in, 16, 1), block(16, 16, 2), block(16, 32, 1), block(32, 32, 2)]
+        a, b, c, d = widths
+        return [block(n_in, a, 1), block(a, b, 2), block(b, c, 1), block(c, d, 2)]
+
+    return layers
+
+
+_small_layers = _conv_bn_layers((16, 16, 32, 32))
 
 
 def _small_localization(shape: tuple[int, int, int]) -> nn.Module:
@@ -143,6 +155,9 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
                               "conv9x64-pool-relu, conv7x64-pool-relu, linear"),
     "small": ClassifierSpec(_small_layers, _small_head, _small_localization, (1, 2, 3),
                             "4 x (conv3-relu-bn) 16,16/2,32,32/2, fc100-relu-dropout0.15, linear"),
+    # small at a quarter of the width: too little capacity to learn every pose, so a canonical pose pays off
+    "narrow": ClassifierSpec(_conv_bn_layers((4, 4, 8, 8)), _small_head, _small_localization, (1, 2, 3),
+                             "4 x (conv3-relu-bn) 4,4/2,8,8/2, fc100-relu-dropout0.15, linear"),
 }
 
 
@@ -174,7 +189,7 @@ class STNClassifier(nn.Module):
         if warp not in WARPS:
             raise UsageError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
         spec = CLASSIFIERS[classifier]
-        self.variant, self.warp, self.classifier = variant, warp, classifier
+        self.variant, self.warp, self.classifier, self.n_classes = variant, warp, classifier, n_classes
         self.layers = nn.ModuleList(spec.layers(INPUT_SHAPE[0]))
         shapes = [INPUT_SHAPE]
         with torch.no_grad():

@@ -1,21 +1,28 @@
 """Training one STN variant: the optimisation recipe and its options.
 
-Default recipe (the STN placement papers' MNIST setup): plain SGD (no
-momentum), learning rate 0.01, batch 256, step decay x0.1 at half and at
-three quarters of the iterations, no gradient clipping, no pretraining. The
-localization parameters can learn ``loc_lr_multiplier`` times faster or
-slower (1 by default); for ``shared@k`` the shared layers count as the
-classifier's. ``ramp`` (0 by default: off) is a curriculum: over the first
-``ramp`` fraction of the iterations the transforms grow linearly from the
-identity to their full range (rotations from 0 to +-90 degrees). Every sample of every batch is freshly transformed
-(:class:`alignscope.stn.data.TrainStream`). The same seed gives the same
-model on CPU.
+The papers' MNIST recipe: plain SGD (no momentum), learning rate 0.01,
+batch 256, step decay x0.1 at half and at three quarters of the iterations,
+no gradient clipping, no pretraining. The localization parameters can learn
+``loc_lr_multiplier`` times faster or slower (1 by default) and carry their
+own L2 ``loc_weight_decay`` (0 by default); for ``shared@k`` the shared
+layers count as the classifier's. ``schedule`` picks how the rate falls
+(``SCHEDULES``: ``step`` at ``decay_at``, ``cosine`` to zero, ``constant``).
+``ramp`` (0 by default: off) is a curriculum: over the first ``ramp``
+fraction of the iterations the transforms grow linearly from the identity to
+their full range (rotations from 0 to +-90 degrees). Every sample of every
+batch is freshly transformed (:class:`alignscope.stn.data.TrainStream`). The
+same seed gives the same model on CPU.
+
+``TrainConfig()`` is the papers' recipe at a short length; the default of
+``alignscope stn`` is :data:`DIGITS_RECIPE`, the recipe that brought the
+input STN closest to undoing the rotation on the offline digits within the CPU
+budget (up to about +-60 degrees; see the README's STN results).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -31,6 +38,13 @@ OPTIMIZERS: dict[str, Callable[[list[dict], float], torch.optim.Optimizer]] = {
     "adam": lambda groups, lr: torch.optim.Adam(groups, lr=lr),
 }
 
+# learning-rate factor at step ``step`` of ``total``, given the config (for the step schedule's decay points)
+SCHEDULES: dict[str, Callable[[int, int, "TrainConfig"], float]] = {
+    "step": lambda step, total, c: c.decay_factor ** sum(step >= m for m in decay_milestones(c, total)),
+    "cosine": lambda step, total, c: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)),
+    "constant": lambda step, total, c: 1.0,
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -44,12 +58,18 @@ class TrainConfig:
     decay_at: tuple[float, ...] = (0.5, 0.75)  # fractions of the iterations where the rate drops x0.1
     decay_factor: float = 0.1
     ramp: float = 0.0  # fraction of the iterations over which the transform range grows to full
+    schedule: str = "step"
+    loc_weight_decay: float = 0.0  # L2 on the localization-only parameters
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (0 < self.lr < math.inf) or not (0 <= self.loc_lr_multiplier < math.inf):
             raise UsageError(f"lr must be > 0 and loc-lr-multiplier >= 0 (finite); got {self.lr}, {self.loc_lr_multiplier}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (0 <= self.loc_weight_decay < math.inf):
+            raise UsageError(f"loc-weight-decay must be >= 0 and finite; got {self.loc_weight_decay}")
         if not 0 <= self.ramp <= 1:
             raise UsageError(f"ramp must be a fraction of the iterations in [0, 1], got {self.ramp}")
         if self.iterations < 1 or self.batch_size < 1:
@@ -59,11 +79,29 @@ class TrainConfig:
         return asdict(self)
 
 
+# Named recipes: ``alignscope stn --recipe NAME`` starts from one, and each recipe option overrides a field.
+RECIPES: dict[str, TrainConfig] = {
+    # the papers' recipe (SGD 0.01, no momentum, batch 256, step decay); they train 150k steps on MNIST
+    "paper": TrainConfig(),
+    # the offline digits within the CPU budget, with the narrow classifier (see the README's STN results)
+    "digits": TrainConfig(optimizer="adam", lr=1e-3, iterations=1000, batch_size=64, ramp=0.6, schedule="cosine"),
+}
+DIGITS_RECIPE = RECIPES["digits"]
+
+
+def recipe(name: str, **overrides) -> TrainConfig:
+    """``RECIPES[name]`` with the fields in ``overrides`` that are not None replaced."""
+    if name not in RECIPES:
+        raise UsageError(f"recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
 @dataclass
 class TrainResult:
     model: STNClassifier
     losses: list[float]
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # CPU time of this process, all threads (one thread: about the wall time on an idle core)
 
 
 def make_optimizer(model: STNClassifier, config: TrainConfig) -> torch.optim.Optimizer:
@@ -72,8 +110,20 @@ def make_optimizer(model: STNClassifier, config: TrainConfig) -> torch.optim.Opt
     loc_ids = {id(p) for p in loc}
     groups = [{"params": [p for p in model.parameters() if id(p) not in loc_ids], "lr": config.lr}]
     if loc:
-        groups.append({"params": loc, "lr": config.lr * config.loc_lr_multiplier})
+        groups.append({"params": loc, "lr": config.lr * config.loc_lr_multiplier,
+                       "weight_decay": config.loc_weight_decay})
     return OPTIMIZERS[config.optimizer](groups, config.lr)
+
+
+def decay_milestones(config: TrainConfig, total: int) -> list[int]:
+    """Steps (1-based counts of optimizer steps) after which the step schedule has dropped the rate."""
+    return sorted({max(1, round(f * total)) for f in config.decay_at if 0 < f < 1})
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate of every group times ``SCHEDULES[config.schedule]`` after each step."""
+    rule = SCHEDULES[config.schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rule(step, config.iterations, config))
 
 
 def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task: str = "rotate", seed: int = 0,
@@ -87,13 +137,12 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
     torch.manual_seed(seed)
     model = STNClassifier(variant, n_classes, warp, classifier)
     optimizer = make_optimizer(model, config)
-    milestones = sorted({max(1, round(f * config.iterations)) for f in config.decay_at if 0 < f < 1})
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.decay_factor)
+    schedule = make_schedule(optimizer, config)
     stream = TrainStream(images, labels, task, config.batch_size, seed)
     batches = iter(stream)
     ramp_steps = config.ramp * config.iterations
     losses: list[float] = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model.train()
     for step in range(1, config.iterations + 1):
         stream.strength = min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0
@@ -110,7 +159,7 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
         losses.append(value)
         if on_step is not None:
             on_step(step)
-    return TrainResult(model.eval(), losses, time.perf_counter() - started)
+    return TrainResult(model.eval(), losses, time.perf_counter() - started, time.process_time() - cpu_started)
 
 
 def parameter_counts(model: STNClassifier) -> dict[str, int]:
