@@ -60,6 +60,8 @@ def _sizes(value: Any) -> tuple[int, ...] | None:
         sizes = tuple(value)
     except TypeError:
         sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2  # one size S: S x S
     whole = [isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v == int(v) and v >= 1
              for v in sizes]
     if len(sizes) not in (2, 3) or not all(whole):
