@@ -4,6 +4,7 @@ Public API::
 
     import alignscope
     report = alignscope.analyze("tf_efficientnet_lite0", transforms=["rot90", "translate32,0"])
+    report = alignscope.analyze(alignscope.ModelOptions("resnet18", pretrained=False, input_size=160))
     report.table          # one row per (model, layer, transform)
     report.save("alignscope-report")
 """
@@ -18,7 +19,8 @@ from .errors import AlignscopeError, UsageError
 _LAZY = {
     "analyze": "engine", "AlignmentStatistic": "metrics", "FeatureCapture": "hooks", "LayerInfo": "hooks",
     "probe_layers": "hooks", "select_layers": "hooks", "bundled_photos": "images", "discover_images": "images",
-    "image_stream": "images", "DataConfig": "models", "load_model": "models", "AlignmentReport": "report",
+    "image_stream": "images", "DataConfig": "models", "load_model": "models", "ModelOptions": "options",
+    "AlignmentReport": "report",
     "read_report_csv": "report", "Transform": "transforms", "default_transforms": "transforms",
     "parse_transform": "transforms", "parse_transforms": "transforms", "inverse_warp": "warping",
     "valid_mask": "warping", "warp": "warping",
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .images import bundled_photos, discover_images, image_stream  # noqa: F401
     from .metrics import AlignmentStatistic  # noqa: F401
     from .models import DataConfig, load_model  # noqa: F401
+    from .options import ModelOptions  # noqa: F401
     from .report import AlignmentReport, read_report_csv  # noqa: F401
     from .transforms import Transform, default_transforms, parse_transform, parse_transforms  # noqa: F401
     from .warping import inverse_warp, valid_mask, warp  # noqa: F401

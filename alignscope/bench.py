@@ -47,10 +47,11 @@ from typing import Sequence
 import torch
 
 from .allocator import OPT_OUT as MALLOC_OPT_OUT
-from .engine import _setup, analyze, resolve_amp, resolve_device
+from .engine import _setup, analyze, resolve_amp
 from .errors import AlignscopeError
 from .images import ImageBatch, bundled_photos, image_stream, read_rgb
 from .interleave import Interleaver, PassTiming, assess_noise, load_average, summarize_passes
+from .options import ModelOptions
 from .pairs import PairFeeder
 from .peakmemory import SOURCE as PEAK_SOURCE
 from .peakmemory import run_measured
@@ -112,7 +113,7 @@ def bare_forward(model: torch.nn.Module, inputs: Sequence[torch.Tensor], device:
 
 
 def benchmark(
-    model: str | torch.nn.Module = "tf_efficientnet_lite0",
+    model: str | torch.nn.Module | ModelOptions = "tf_efficientnet_lite0",
     weights: str | None = "auto",
     pretrained: bool = True,
     images=None,
@@ -136,14 +137,17 @@ def benchmark(
     """Time (A) bare forwards and (B) the analysis, interleaved; see the module docstring. Returns a JSON-able dict.
 
     Arguments as for :func:`alignscope.analyze` (an ``nn.Module`` needs
-    ``input_size``); ``repeats`` timed passes follow one warm-up pass.
+    ``input_size``; ``model`` may be a :class:`~alignscope.options.ModelOptions`);
+    ``repeats`` timed passes follow one warm-up pass.
     """
+    options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
+                                 layers=layers, device=device)
     loads = [load_average()]  # before this process adds its own load
-    dev = resolve_device(device)
+    dev = options.resolve_device()
     amp_dtype = resolve_amp(amp)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     started = time.perf_counter()
-    setup = _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, dev)
+    setup = _setup(options, transforms, dev)
     if channels_last:
         setup.model.to(memory_format=torch.channels_last)
     setup_seconds = time.perf_counter() - started
@@ -172,6 +176,9 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
     fill = [-m / s for m, s in zip(cfg.mean, cfg.std)]
     feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(cfg.input_size[1:]), dev)
     bare_model = copy.deepcopy(setup.model)  # before analyze() hooks setup.model
+    # the analysis runs on the loaded module, with the data config and layers the setup resolved
+    loaded = ModelOptions(setup.model, pretrained=cfg.pretrained, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
+                          layers=tuple(layer.name for layer in setup.layers), device=str(dev))
     spec = [t.spec for t in setup.transforms]
     fed: dict[int, int] = {}  # images fed to the model per batch
     measured_output: list[bool] = []  # whether B measured the output row (its forwards then run to the end, as A's)
@@ -189,9 +196,8 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
             sync=lambda: _sync(dev),
         )
         timer = BoundaryTimer(interleaver.boundary, dev, synchronize=dev.type == "cuda")
-        report = analyze(setup.model, transforms=spec, images=images, layers=[layer.name for layer in setup.layers],
-                         batch_size=batch_size, mask=mask, device=dev, max_images=max_images, input_size=cfg.input_size,
-                         mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, timer=timer)
+        report = analyze(loaded, transforms=spec, images=images, batch_size=batch_size, mask=mask, max_images=max_images,
+                         amp=amp, channels_last=channels_last, workers=workers, timer=timer)
         if list(report.meta["images_used"]) != names:
             raise AlignscopeError("the analysis read other images than the bare forward passes were built from "
                                   "(a file changed during the benchmark?); run it again")
@@ -203,9 +209,8 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
 
     def fit_pass() -> float:
         """(C): the analysis with the fitted alignments; the seconds of its calibration pass and fits."""
-        report = analyze(setup.model, transforms=spec, images=images, layers=[layer.name for layer in setup.layers],
-                         batch_size=batch_size, mask=mask, device=dev, max_images=max_images, input_size=cfg.input_size,
-                         mean=cfg.mean, std=cfg.std, amp=amp, channels_last=channels_last, workers=workers, **fits)
+        report = analyze(loaded, transforms=spec, images=images, batch_size=batch_size, mask=mask, max_images=max_images,
+                         amp=amp, channels_last=channels_last, workers=workers, **fits)
         return report.meta["fits"]["seconds"]
 
     interleaved_pass()  # warm-up: allocator, kernel selection, file cache
@@ -231,6 +236,7 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
                   "fit_ratio": round(fit_seconds / analysis_seconds, 3), "all_fit_seconds": [round(v, 3) for v in fit_runs]}
     return fitted | {
         "model": cfg.model_name,
+        "model_options": setup.options.as_json(),
         "pretrained": cfg.pretrained,
         "images": n_images,
         "batch_size": batch_size,
@@ -292,35 +298,28 @@ def make_image_folder(n: int, folder: Path, seed: int = 0, size: int = 256) -> P
     return folder
 
 
-def _model_arguments(model: str, weights: str | None, pretrained: bool, transforms: Sequence[str] | None,
-                     layers: Sequence[str] | None, batch_size: int, device: str) -> list[str]:
-    """The command-line options that choose the same model, transforms, layers, batch size and device."""
-    args = ["--model", model, "--batch-size", str(batch_size), "--device", str(device)]
-    if weights not in (None, "auto"):
-        args += ["--weights", os.path.abspath(weights)]  # the children run in a scratch folder
-    if not pretrained:
-        args.append("--no-pretrained")
+def _model_arguments(options: ModelOptions, transforms: Sequence[str] | None, batch_size: int) -> list[str]:
+    """The command-line options that choose the same model options, transforms and batch size."""
+    args = options.argv() + ["--batch-size", str(batch_size)]
     for spec in transforms or ():
         args += ["--transform", spec]
-    for layer in layers or ():
-        args += ["--layers", layer]
     return args
 
 
-def memory_scaling(counts: Sequence[int] = (32, 512), model: str = "tf_efficientnet_lite0", weights: str | None = "auto",
-                   pretrained: bool = True, transforms: Sequence[str] | None = None, layers: Sequence[str] | None = None,
-                   batch_size: int = 16, device: str = "cpu") -> dict:
+def memory_scaling(counts: Sequence[int] = (32, 512), model: str | ModelOptions = "tf_efficientnet_lite0",
+                   transforms: Sequence[str] | None = None, batch_size: int = 16, **model_settings) -> dict:
     """Peak RSS of ``alignscope analyze`` for each image count, each in a fresh process (same batch size).
 
     Each run is the command line a user would type (``--no-plots``, report
     written to a scratch folder, malloc set up as the command line does),
     on distinct JPEGs cut from the bundled photos. Peak RSS in MiB, measured
     by :func:`alignscope.peakmemory.run_measured`; ``seconds`` include
-    Python's start-up and model loading.
+    Python's start-up and model loading. ``model`` and ``model_settings``
+    (``weights``, ``layers``, ...) as for :meth:`ModelOptions.build`.
     """
     if len(set(counts)) < 2:
         raise AlignscopeError(f"memory scaling needs two different image counts, got {list(counts)}")
-    options = _model_arguments(model, weights, pretrained, transforms, layers, batch_size, device)
+    options = _model_arguments(ModelOptions.build(model, **model_settings), transforms, batch_size)
     results: dict[int, dict] = {}
     launcher = []
     with tempfile.TemporaryDirectory(prefix="alignscope-mem-") as tmp:
@@ -341,12 +340,15 @@ def memory_scaling(counts: Sequence[int] = (32, 512), model: str = "tf_efficient
             "peak_rss_source": PEAK_SOURCE, "launcher_mb": None if floor is None else round(floor, 1)}
 
 
-def bench_arguments(model: str = "tf_efficientnet_lite0", weights: str | None = "auto", pretrained: bool = True,
-                    images=None, max_images: int | None = 64, transforms: Sequence[str] | None = None,
-                    layers: Sequence[str] | None = None, batch_size: int = 16, device: str = "cpu", amp: str | None = None,
-                    channels_last: bool | None = None, workers: int = 0, repeats: int = 3) -> list[str]:
-    """The ``alignscope bench`` options that repeat a :func:`benchmark` call with these arguments."""
-    args = _model_arguments(model, weights, pretrained, transforms, layers, batch_size, device)
+def bench_arguments(model: str | ModelOptions = "tf_efficientnet_lite0", images=None, max_images: int | None = 64,
+                    transforms: Sequence[str] | None = None, batch_size: int = 16, amp: str | None = None,
+                    channels_last: bool | None = None, workers: int = 0, repeats: int = 3, **model_settings) -> list[str]:
+    """The ``alignscope bench`` options that repeat a :func:`benchmark` call with these arguments.
+
+    ``model`` and ``model_settings`` (``weights``, ``pretrained``, ``layers``, ``device``, ...) as for
+    :meth:`ModelOptions.build`.
+    """
+    args = _model_arguments(ModelOptions.build(model, **model_settings), transforms, batch_size)
     if images is not None:
         args += ["--images", os.path.abspath(images)]
     if max_images is not None:

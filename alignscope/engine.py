@@ -31,7 +31,8 @@ from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
 from .images import ImageSource, ImageStream, image_stream, split_stream
 from .lattice import attach_lattices
 from .metrics import QUANTITIES, REGISTERED_QUANTITIES, AlignmentStatistic, pair_distances, reference_terms, registered_distances
-from .models import DataConfig, data_config_for_module, load_model
+from .models import DataConfig
+from .options import ModelOptions, resolve_device  # noqa: F401  (resolve_device: imported from here too)
 from .pairs import MASK_MODES, PairFeeder, registration_columns, uses_disk
 from .prediction import Head, PredictionMeter, find_head, image_rows
 from .prediction_table import output_layer_name, with_output_rows
@@ -64,19 +65,6 @@ def check_common_options(mask: str, batch_size: int) -> None:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return dev
-
-
 @dataclass
 class _Setup:
     model: nn.Module
@@ -84,6 +72,7 @@ class _Setup:
     layers: list[LayerInfo]
     skipped_layers: list[LayerInfo]
     transforms: list[Transform]
+    options: ModelOptions
 
 
 def check_finite_weights(module: nn.Module) -> None:
@@ -100,28 +89,21 @@ def check_seed(seed: int) -> None:
         raise UsageError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
 
 
-def _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, device) -> _Setup:
-    if isinstance(model, nn.Module):
-        if input_size is None:
-            raise UsageError("analyzing an nn.Module needs input_size=(C, H, W) (and usually mean, std)")
-        cfg = data_config_for_module(model, input_size, mean or (0.485, 0.456, 0.406), std or (0.229, 0.224, 0.225))
-        module = model.eval()
-    else:
-        module, cfg = load_model(str(model), weights=weights, pretrained=pretrained)
-        if input_size is not None:
-            cfg = data_config_for_module(module, input_size, cfg.mean, cfg.std, name=cfg.model_name, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+def _setup(options: ModelOptions, transforms, device: torch.device) -> _Setup:
+    """Load the model of ``options`` onto ``device``, probe it, choose its layers and their transforms."""
+    module, cfg = options.load()
     check_finite_weights(module)
     module = module.to(device)
     probed = probe_layers(module, cfg.input_size, device)
-    chosen, skipped = select_layers(probed, layers)
+    chosen, skipped = select_layers(probed, options.layers)
     for problem in attach_lattices(module, chosen, cfg.input_size, device):
         log.warning("no lattice measured for %s; its registered_error is NaN", problem)
     deepest = max(layer.stride or 1 for layer in chosen)
-    return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest))
+    return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest), options)
 
 
 def analyze(
-    model: str | nn.Module = "tf_efficientnet_lite0",
+    model: str | nn.Module | ModelOptions = "tf_efficientnet_lite0",
     transforms: Sequence[str | Transform] | str | None = None,
     images: ImageSource = None,
     layers: str | Sequence[str] | None = None,
@@ -150,8 +132,11 @@ def analyze(
 ) -> AlignmentReport:
     """Measure, per layer and transform, how well g^-1 aligns F(g x) with F(x).
 
-    ``model``: a timm name (weights as in :func:`~alignscope.models.load_model`)
-    or an ``nn.Module`` with ``input_size`` (C, H, W), ``mean`` and ``std``.
+    ``model``: a timm name (weights as in :func:`~alignscope.models.load_model`),
+    an ``nn.Module`` with ``input_size`` (C, H, W), ``mean`` and ``std``, or a
+    :class:`~alignscope.options.ModelOptions` holding the model, ``weights``,
+    ``pretrained``, ``input_size``, ``mean``, ``std``, ``layers`` and
+    ``device`` (those keyword arguments then stay at their defaults).
     ``images``: a folder, file, glob, list of paths, ``None`` for the bundled
     photos, or an already normalized float tensor N x 3 x H x W.
     ``transforms``: specs (see :mod:`alignscope.transforms`), Transform
@@ -179,6 +164,8 @@ def analyze(
     :mod:`alignscope.prediction`); the forward passes then run to the end.
     ``False`` skips it; ``meta["output"]`` says whether it was measured and why not.
     """
+    options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
+                                 layers=layers, device=device)
     tune_malloc()
     check_common_options(mask, batch_size)
     check_seed(seed)
@@ -189,11 +176,11 @@ def analyze(
     if transforms is not None:
         transforms = as_transforms(transforms)  # a typo fails now, not after the model has loaded
     started = time.perf_counter()
-    context, dev = init_from_environment(resolve_device(device))
+    context, dev = init_from_environment(options.resolve_device())
     if channels_last is None:
         channels_last = dev.type == "cuda"
     torch.manual_seed(seed)
-    setup = _setup(model, weights, pretrained, input_size, mean, std, layers, transforms, dev)
+    setup = _setup(options, transforms, dev)
     head = _output_head(setup, dev, output)
     if channels_last:
         setup.model.to(memory_format=torch.channels_last)
@@ -453,6 +440,7 @@ def _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images
     return {
         "alignscope_version": __version__,
         "model": setup.cfg.model_name,
+        "model_options": setup.options.as_json(),
         "weights": setup.cfg.weights,
         "pretrained": setup.cfg.pretrained,
         "data_config": {k: v for k, v in setup.cfg.as_dict().items() if k not in ("extra",)},

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from .channels import ChannelStatistic
-from .engine import _setup, check_common_options, resolve_device
+from .engine import _setup, check_common_options
 from .errors import ImageError, UsageError
 from .hooks import FeatureCapture
 from .images import ImageSource, image_stream
+from .options import ModelOptions
 from .pairs import PairFeeder
 from .report import publish_folder
 from .transforms import Transform, as_transforms
@@ -69,7 +70,7 @@ class ChannelExplanation:
 
 
 def explain(
-    model: str | nn.Module = "tf_efficientnet_lite0",
+    model: str | nn.Module | ModelOptions = "tf_efficientnet_lite0",
     layer: str | None = None,
     transform: str | Transform = "rot90",
     images: ImageSource = None,
@@ -87,6 +88,10 @@ def explain(
 ) -> ChannelExplanation:
     """Per-channel alignment of ``layer`` (default: the deepest stage) under one ``transform``.
 
+    ``model`` and the model options (``weights``, ``pretrained``,
+    ``input_size``, ``mean``, ``std``, ``device``; ``layer`` is its
+    ``layers``) as for :func:`alignscope.analyze`, or one
+    :class:`~alignscope.options.ModelOptions`.
     ``image`` picks the example drawn by :meth:`ChannelExplanation.figure` by
     file name, stem or path (default: the image with the most structure at the layer).
     """
@@ -94,11 +99,15 @@ def explain(
     transforms = as_transforms(transform)
     if len(transforms) != 1:
         raise UsageError(f"explain takes one transform, {transform!r} gives {len(transforms)}; pick one value of the sweep")
-    dev = resolve_device(device)
-    setup = _setup(model, weights, pretrained, input_size, mean, std, layer, transforms, dev)
+    options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
+                                 layers=layer, device=device)
+    dev = options.resolve_device()
+    setup = _setup(options, transforms, dev)
+    if options.layers is None:  # the default: the deepest of the model's default layers
+        setup.layers = setup.layers[-1:]
     if len(setup.layers) != 1:
         names = ", ".join(info.name for info in setup.layers[:6])
-        raise UsageError(f"explain takes one layer; {layer!r} selects {len(setup.layers)} ({names}...); name one")
+        raise UsageError(f"explain takes one layer; {', '.join(options.layers or ())!r} selects {len(setup.layers)} ({names}...); name one")
     info, g = setup.layers[0], setup.transforms[0]
     stream = image_stream(images, setup.cfg, batch_size, max_images, seed)
     if len(stream) < 2:
@@ -148,7 +157,8 @@ def explain(
         "matched_error": (matched.clamp(min=0).sqrt() / safe).numpy(),
     })
     meta = {
-        "model": setup.cfg.model_name, "weights": setup.cfg.weights, "pretrained": setup.cfg.pretrained,
+        "model": setup.cfg.model_name, "model_options": options.as_json(), "weights": setup.cfg.weights,
+        "pretrained": setup.cfg.pretrained,
         "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": mask,
         "images_used": list(stream.used), "example_image": example.get("image"),
         "example_reason": "chosen by name" if image else f"most structure at {info.name}",

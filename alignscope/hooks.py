@@ -184,7 +184,8 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
     entries = _stage_entries(model)
     defaults = {entry["module"] for entry in entries}
     stage_of = {entry["module"]: entry for entry in entries}
-    hints = ModelHints.from_model(model, (height, width), PROBE_BATCH, sorted(defaults))
+    hints = ModelHints.from_model(model, (height, width), PROBE_BATCH, sorted(defaults),
+                                  {entry["module"]: entry.get("num_chs") for entry in entries})
     layers = []
     identities: dict[str, int] = {}
     for name, index in sorted(order.items(), key=lambda item: item[1]):

@@ -18,9 +18,9 @@ evidence, how its output becomes a map, or why it cannot:
 3. among consistent readings, the probe at a second input size (the axes that
    change are spatial, the one that does not is channels) decides, then the
    module's own type (a ``Linear`` or plain ``LayerNorm`` acts on the last
-   axis, a ``Conv2d`` writes its channels on axis 1), then timm's
-   ``output_fmt`` for its stages; a tie left after that is read as NCHW and
-   says "assumed".
+   axis, a ``Conv2d`` writes its channels on axis 1), then the channel count
+   timm's ``feature_info`` states for a stage, then timm's ``output_fmt`` for
+   its stages; a tie left after that is read as NCHW and says "assumed".
 
 A :class:`Layout` turns a captured tensor into (B, C, H, W) with
 :meth:`Layout.to_nchw`; the converters live in :data:`CONVERTERS`, one per
@@ -108,7 +108,8 @@ class ModelHints:
     model's ``num_prefix_tokens`` first, then 0. ``patch_grid``: the model's
     patch grid (``patch_embed.grid_size``) if it has one. ``stage_formats``:
     module name -> ``"NCHW"``/``"NHWC"`` from timm's ``output_fmt`` for its
-    ``feature_info`` stages.
+    ``feature_info`` stages. ``stage_channels``: module name -> the channel
+    count its ``feature_info`` entry states (``num_chs``).
     """
 
     input_hw: tuple[int, int]
@@ -116,9 +117,11 @@ class ModelHints:
     prefix_tokens: tuple[int, ...] = (0,)
     patch_grid: tuple[int, int] | None = None
     stage_formats: dict[str, str] = field(default_factory=dict)
+    stage_channels: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: nn.Module, input_hw: Sequence[int], batch: int, stages: Sequence[str] = ()) -> "ModelHints":
+    def from_model(cls, model: nn.Module, input_hw: Sequence[int], batch: int, stages: Sequence[str] = (),
+                   channels: dict[str, int] | None = None) -> "ModelHints":
         prefix = getattr(model, "num_prefix_tokens", 0)
         prefix = int(prefix) if isinstance(prefix, int) and prefix > 0 else 0
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
@@ -126,7 +129,8 @@ class ModelHints:
         fmt = getattr(model, "output_fmt", None)
         fmt = getattr(fmt, "value", fmt)  # timm's Format enum or a plain string
         formats = {name: str(fmt) for name in stages} if str(fmt) in ("NCHW", "NHWC") else {}
-        return cls((int(input_hw[0]), int(input_hw[1])), batch, tuple(dict.fromkeys((prefix, 0))), patch_grid, formats)
+        counts = {name: int(count) for name, count in (channels or {}).items() if isinstance(count, int) and count > 0}
+        return cls((int(input_hw[0]), int(input_hw[1])), batch, tuple(dict.fromkeys((prefix, 0))), patch_grid, formats, counts)
 
 
 # --- module-type evidence: which axis a module writes its channels on -----------
@@ -235,7 +239,7 @@ def _is_token_count(count: int, hints: ModelHints) -> bool:
 
 
 def _resolve_4d(shape: Sequence[int], hints: ModelHints, resized: Sequence[int] | None,
-                module: nn.Module | None, stage_format: str | None) -> Resolution:
+                module: nn.Module | None, stage_format: str | None, stage_channels: int | None = None) -> Resolution:
     if _is_token_count(shape[2], hints):
         # (B, heads, tokens, head_dim) or (B, heads, tokens, tokens): checked first, since a head_dim close to
         # the token count would pass the aspect test
@@ -256,6 +260,10 @@ def _resolve_4d(shape: Sequence[int], hints: ModelHints, resized: Sequence[int] 
         said = module_axis_evidence(module, shape)
         if said in consistent:
             consistent, evidence = [said], f"{type(module).__name__} acts on that axis"
+    if len(consistent) > 1 and stage_channels is not None:
+        by_channels = [kind for kind in consistent if readings[kind][0] == stage_channels]
+        if len(by_channels) == 1:
+            consistent, evidence = by_channels, f"timm feature_info num_chs {stage_channels}"
     if len(consistent) > 1 and stage_format in consistent:
         consistent, evidence = [stage_format], f"timm output_fmt {stage_format}"
     if len(consistent) > 1:
@@ -314,5 +322,5 @@ def resolve_layout(
             return Resolution(None, shape[1:], f"window-partitioned: leading dimension {shape[0]} is {shape[0] // hints.batch} x the batch")
         return Resolution(None, shape[1:], f"leading dimension {shape[0]} does not follow the batch of {hints.batch}")
     if output.ndim == 4:
-        return _resolve_4d(shape, hints, resized_shape, module, hints.stage_formats.get(name))
+        return _resolve_4d(shape, hints, resized_shape, module, hints.stage_formats.get(name), hints.stage_channels.get(name))
     return _resolve_3d(shape, hints, resized_shape)

@@ -259,8 +259,12 @@ def data_config_for_module(
     name: str | None = None,
     crop_pct: float = 1.0,
     interpolation: str = "bilinear",
+    pretrained: bool = True,
 ) -> DataConfig:
-    """A DataConfig for an arbitrary module; ``input_size`` is (C, H, W) or (H, W)."""
+    """A DataConfig for an arbitrary module; ``input_size`` is (C, H, W) or (H, W).
+
+    ``pretrained`` says whether the module's weights are trained (reports flag random ones).
+    """
     size = tuple(int(v) for v in input_size)
     if len(size) == 2:
         size = (3,) + size
@@ -274,7 +278,7 @@ def data_config_for_module(
         crop_pct=crop_pct,
         model_name=name or type(model).__name__,
         weights="as given",
-        pretrained=True,
+        pretrained=pretrained,
     )
 
 

@@ -9,26 +9,25 @@ from pathlib import Path
 
 import click
 
-from alignscope.cli.main import app, model_options
+from alignscope.cli.main import app
+from alignscope.cli.options import model_options
 
 
 @app.command()
-@model_options
+@model_options(layers=False)
 @click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
 @click.option("--transform", default="rot90", show_default=True, help="One transform spec (see 'alignscope analyze --help').")
 @click.option("--images", multiple=True, help="Folder (recursive), file or glob; repeat to use the union. Default: the bundled photos.")
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
 @click.option("--image", default=None, help="Image drawn in channels.png, by file name or stem. Default: the one with the most structure at the layer.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-explain", show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-channel table as JSON records.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def explain(model, weights, no_pretrained, layer, transform, images, max_images, batch_size, mask, device, top, image, out,
-            force, as_json, debug) -> None:
+def explain(options, layer, transform, images, max_images, batch_size, mask, top, image, out, force, as_json, debug) -> None:
     """Show which channels of one layer carry the misalignment under one transform.
 
     Writes OUT/channels.csv (per channel: aligned_error, unaligned_error,
@@ -42,13 +41,14 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
     Example:
       alignscope explain --layer blocks.2 --transform rot90 --top 3
     """
+    from dataclasses import replace
+
     import alignscope.explain as explaining
     from alignscope.report import check_destination, format_table
 
     out_path = check_destination(out, force, inputs=images)
-    result = explaining.explain(model=model, layer=layer, transform=transform, images=list(images) or None, batch_size=batch_size,
-                                mask=mask, device=device, max_images=max_images, weights=weights or "auto",
-                                pretrained=not no_pretrained, image=image)
+    result = explaining.explain(model=replace(options, layers=layer), transform=transform, images=list(images) or None,
+                                batch_size=batch_size, mask=mask, max_images=max_images, image=image)
     result.save(out_path, force=force, top=top)
     if as_json:
         click.echo(result.table.to_json(orient="records"))
@@ -70,12 +70,10 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 
 @app.command()
 @model_options
-@click.option("--layers", multiple=True, help="Module names or globs. Default: the model's stages.")
 @click.option("--transform", "transforms", multiple=True, help="Transform spec, repeatable. Default: the default set.")
 @click.option("--images", default=None, help="Folder, file or glob. Default: distinct crops of the bundled photos.")
 @click.option("--max-images", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors (default: on for CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
@@ -89,8 +87,8 @@ def explain(model, weights, no_pretrained, layer, transform, images, max_images,
 @click.option("--calibration-images", type=click.IntRange(min=4), default=None, help="Images the fits calibrate on (as analyze).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def bench(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, device, amp, channels_last,
-          workers, repeats, memory_scaling, compare_malloc, optimal, channel_map, calibration_images, as_json, debug) -> None:
+def bench(options, transforms, images, max_images, batch_size, amp, channels_last, workers, repeats, memory_scaling,
+          compare_malloc, optimal, channel_map, calibration_images, as_json, debug) -> None:
     """Time the analysis against the bare forward passes it needs (overhead ratio).
 
     (A) full-model forward passes over exactly the inputs the analysis feeds
@@ -112,15 +110,14 @@ def bench(model, weights, no_pretrained, layers, transforms, images, max_images,
 
     import alignscope.bench as benching
 
-    options = dict(model=model, weights=weights or "auto", pretrained=not no_pretrained, transforms=list(transforms) or None,
-                   layers=list(layers) or None, batch_size=batch_size, device=device)
+    common = dict(model=options, transforms=list(transforms) or None, batch_size=batch_size)
     timing = dict(images=images, max_images=max_images, amp=amp, channels_last=channels_last, workers=workers, repeats=repeats)
     fits = dict(optimal=list(optimal), channel_map=list(channel_map), calibration_images=calibration_images)
-    result = benching.benchmark(**options, **timing, **fits)
+    result = benching.benchmark(**common, **timing, **fits)
     if memory_scaling:
-        result["memory_scaling"] = benching.memory_scaling(**options)
+        result["memory_scaling"] = benching.memory_scaling(**common)
     if compare_malloc:
-        result["malloc_comparison"] = benching.malloc_comparison(**options, **timing)
+        result["malloc_comparison"] = benching.malloc_comparison(**common, **timing)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from alignscope._version import __version__
+from alignscope.cli.options import model_options
 from alignscope.errors import AlignscopeError
 
 EPILOG_ANALYZE = """\b
@@ -84,14 +85,6 @@ def _progress(enabled: bool):
     return update, finish
 
 
-def model_options(command):
-    """--model, --weights and --no-pretrained, shared by the commands that load a model."""
-    command = click.option("--no-pretrained", is_flag=True, help="Random initialisation (reports say so).")(command)
-    command = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                           help="Local checkpoint (.pth/.pt/.safetensors) for the model.")(command)
-    return click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")(command)
-
-
 FITTED_COLUMNS = ("optimal_error", "optimal_affine_error", "channel_mapped_error", "permuted_error")
 
 
@@ -109,14 +102,12 @@ def _parse_ridge(text: str) -> float | str:
 
 @app.command(epilog=EPILOG_ANALYZE)
 @model_options
-@click.option("--layers", multiple=True, help="Module names, globs ('blocks.*') or 'all'. Default: the model's stages.")
 @click.option("--transform", "transforms", multiple=True, help=TRANSFORM_HELP)
 @click.option("--images", multiple=True, help="Folder (recursive), file or glob; repeat to use the union. Default: the bundled photos.")
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images (seeded sample, sorted).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True,
               help="disk: keep the centred disk of each image and compare only inside it; auto: disk for rotations and shears.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
               help="Run the model under autocast; maps are compared in float32, statistics kept in float64.")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors for the model (default: on for CUDA).")
@@ -149,10 +140,9 @@ def _parse_ridge(text: str) -> float | str:
               help="Gate: after writing the report, print the rows above this limit and exit 1 (see 'alignscope check').")
 @click.option("--fail-below", multiple=True, metavar="COLUMN=NUMBER", help="Gate: the same for a lower limit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def analyze(model, weights, no_pretrained, layers, transforms, images, max_images, batch_size, mask, device, amp,
-            channels_last, workers, seed,
-            optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, no_output, as_json,
-            quiet, fail_above, fail_below, debug) -> None:
+def analyze(options, transforms, images, max_images, batch_size, mask, amp, channels_last, workers, seed,
+            optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, no_output,
+            as_json, quiet, fail_above, fail_below, debug) -> None:
     """Measure per layer how well the inverse warp aligns feature maps.
 
     Writes OUT/alignment.csv, OUT/run.json and plots, prints a compact table
@@ -176,18 +166,14 @@ def analyze(model, weights, no_pretrained, layers, transforms, images, max_image
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
     try:
         report = alignscope.analyze(
-            model=model,
+            model=options,
             transforms=list(transforms) or None,
             images=list(images) or None,
-            layers=list(layers) or None,
             batch_size=batch_size,
             mask=mask,
-            device=device,
             seed=seed,
             per_image=per_image,
             max_images=max_images,
-            weights=weights or "auto",
-            pretrained=not no_pretrained,
             optimal=list(optimal) or None,
             channel_map=list(channel_map) or None,
             ridge=ridge_value,
@@ -225,6 +211,11 @@ def _print_summary(report, out_path: Path) -> None:
     if "fits" in meta:
         split = f" held out ({len(meta['fits']['calibration_images'])} more calibrated the fits)"
     click.echo(f"{meta['model']} · {len(meta['images_used'])} images{split} · weights: {meta['weights']}{weights_note}")
+    skipped = meta.get("layers_skipped") or []
+    if skipped:  # dropped default stages above all: the table alone would hide them
+        shown = "; ".join(f"{entry['layer'] or 'the root module'} ({entry['reason']})" for entry in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        click.echo(f"layers left out ({len(skipped)}, run.json layers_skipped): {shown}{more}")
     fitted = tuple(c for c in FITTED_COLUMNS if c in report.table.columns)
     columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
     click.echo(format_table(layer_rows(report.table), columns))
@@ -239,17 +230,17 @@ def _print_summary(report, out_path: Path) -> None:
 
 @app.command()
 @click.argument("model_name", metavar="[MODEL]", required=False)
-@model_options
+@model_options(layers=False)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="Also list modules without spatial output and duplicates.")
 @click.option("--lattice-all", is_flag=True, help="Measure offset_x/offset_y for every listed spatial module, not only the stages (one backward pass each).")
-def layers(model_name: str | None, model: str, weights: str | None, no_pretrained: bool, fmt: str, show_all: bool,
-           lattice_all: bool) -> None:
+def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_all: bool) -> None:
     """List MODEL's modules: output C x H x W, layout, stride, lattice offsets, default stage.
 
     Shapes need no weights: the model is probed with random weights unless
-    --weights gives a checkpoint (which is then checked to fit); --no-pretrained
-    is accepted like everywhere else. MODEL may be given as argument or --model.
+    --weights gives a checkpoint (which is then checked to fit); the model
+    options are those of every command (--input-size probes at another size).
+    MODEL may be given as argument or --model.
 
     \b
     Examples:
@@ -257,17 +248,22 @@ def layers(model_name: str | None, model: str, weights: str | None, no_pretraine
       alignscope layers --model vit_tiny_patch16_224 --all
       alignscope layers resnet50 --format csv > layers.csv
     """
+    from dataclasses import replace
+
     import pandas as pd
 
     from alignscope.hooks import probe_layers
     from alignscope.lattice import Lattice, measure_lattices
-    from alignscope.models import load_model
 
-    model = model_name or model
-    net, cfg = load_model(model, weights=weights or "auto", pretrained=bool(weights))
-    probed = probe_layers(net, cfg.input_size)
+    # shapes need no trained weights: random ones unless a checkpoint is given (then checked to fit)
+    options = replace(options, model=model_name or options.model, pretrained=options.weights != "auto")
+    model, device = options.model, options.resolve_device()
+    net, cfg = options.load()
+    net = net.to(device)
+    probed = probe_layers(net, cfg.input_size, device)
     listed = [layer for layer in probed if layer.spatial and (show_all or not layer.reason)]
-    lattices = measure_lattices(net, [layer for layer in listed if lattice_all or layer.default] or listed, cfg.input_size)
+    lattices = measure_lattices(net, [layer for layer in listed if lattice_all or layer.default] or listed, cfg.input_size,
+                                device)
     rows = []
     for index, layer in enumerate(probed):
         if not show_all and (not layer.spatial or layer.reason):

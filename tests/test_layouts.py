@@ -110,6 +110,19 @@ def test_output_fmt_decides_an_ambiguous_stage():
     assert found.layout.kind == "NHWC" and "output_fmt" in found.layout.evidence
 
 
+def test_feature_info_channel_count_decides_an_ambiguous_stage():
+    # (B, 16, 16, 15) reads both ways at a square input; the model refuses other sizes and a permutation is no
+    # Linear or Conv, so only the stage's num_chs in feature_info says that the 15 channels come last
+    body = nn.Sequential(nn.Conv2d(3, 15, 2, stride=2), _Permute(0, 2, 3, 1))
+    model = _FixedSize(body, (32, 32)).eval()
+    model.feature_info = [{"module": "body.1", "reduction": 2, "num_chs": 15}]
+    chosen, _ = select_layers(probe_layers(model, (3, 32, 32)))
+    assert [(l.name, str(l.layout), l.shape) for l in chosen] == [("body.1", "NHWC", (15, 16, 16))]
+    assert chosen[0].layout.evidence == "timm feature_info num_chs 15"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_capture(model, chosen[0], x), body[0](x))
+
+
 # --- token grids -----------------------------------------------------------------
 
 
@@ -152,6 +165,24 @@ def test_translation_by_the_patch_size_aligns_the_patch_embedding_exactly(vit):
     assert rows.loc["translate16,0", "unaligned_error"] > 0.1
     assert rows.loc["translate8,0", "aligned_error"] > 0.05  # half a patch: no whole-cell shift exists
     assert report.meta["layer_layouts"]["patch_embed"]["layout"] == "tokens 14x14"
+
+
+def test_a_cnn_and_a_vit_compare_side_by_side(vit, tmp_path):
+    import pandas as pd
+
+    images = torch.randn(2, 3, 224, 224)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.ReLU(), nn.Conv2d(4, 8, 4, stride=4)).eval()
+    paths = []
+    for index, model in enumerate((vit, cnn)):
+        report = alignscope.analyze(model, transforms=["rot90", "translate16,0"], images=images, input_size=(3, 224, 224),
+                                    batch_size=2)
+        report.save(tmp_path / f"run{index}", plots=False)
+        paths.append(str(tmp_path / f"run{index}" / "alignment.csv"))
+    assert _cli("compare", *paths, "--out", str(tmp_path / "both")) == 0
+    combined = pd.read_csv(tmp_path / "both" / "comparison.csv")
+    assert set(combined["model"]) == {"VisionTransformer", "Sequential"}
+    vit_rows = combined[combined["model"] == "VisionTransformer"]
+    assert set(vit_rows["layer"]) == {"blocks.0", "blocks.1"} and (vit_rows["stride"] == 16).all()
 
 
 def test_token_grid_and_grid_fits():
