@@ -3,10 +3,14 @@
 :func:`sample_with` / :func:`sample_many` resample a (B, C, H, W) map at one or K
 normalized sampling matrices W (output -> input: out(q) = x(W q), ``align_corners=False``).
 :class:`WarpObjective` scores candidates against g^-1 on calibration maps, charged for what
-the averaging of bilinear resampling alone gains; :func:`charged_sq_distance` is the same
-per-image distance for held-out maps. The search itself is :mod:`alignscope.warpsearch`.
+the averaging of bilinear resampling alone gains, and gives the Gauss-Newton terms of the
+plain distance in W's six entries (:meth:`WarpObjective.gauss_newton`) that the descent uses;
+:func:`charged_sq_distance` is the same per-image distance for held-out maps. The search itself
+is :mod:`alignscope.warpsearch`.
 """
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -54,6 +58,45 @@ def sample_many(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False,
     return out.reshape(x.shape[0], x.shape[1], k, height, width)
 
 
+def sample_with_gradient(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` sampled with each of K matrices, and the exact derivatives of those samples along x and y.
+
+    (B, C, H, W) and (K, 3, 3) -> three (B, C, K, H, W): out(q) = x(W q) as :func:`sample_many`
+    (bilinear, zeros outside or wrap-around if ``circular``), and d out / d p_x, d out / d p_y, the
+    derivatives of the bilinear interpolant with respect to the sampling point p = W q in
+    normalized coordinates (d/dp_x is 2/W times the derivative along pixel columns). Exact: within
+    a cell the bilinear interpolant's x-derivative is the difference of the two columns it lies
+    between, interpolated along y only, which is what is sampled (on a point exactly on a column,
+    the difference to the next column).
+    """
+    height, width = x.shape[-2:]
+    theta = matrices[:, :2].to(x.dtype)
+    source, theta = _sampling_source(x, theta, circular)
+    batch, channels, src_h, src_w = source.shape
+    k = theta.shape[0]
+    grid = F.affine_grid(theta, [k, 1, height, width], align_corners=False)  # (K, H, W, 2): x, y
+
+    def sample(src: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        points = points.reshape(1, k * height, width, 2).expand(batch, -1, -1, -1)
+        out = F.grid_sample(src, points, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.reshape(batch, channels, k, height, width)
+
+    # Column m of diff_x is source column m - 1 subtracted from column m (zeros beyond the map, as
+    # grid_sample sees them), centred at source column m - 1/2; a point between columns j and j + 1
+    # needs diff_x's column j + 1, sampled at that column's centre so only y interpolates.
+    padded = F.pad(source, (1, 1))
+    diff_x = padded[..., 1:] - padded[..., :-1]
+    column = torch.floor(((grid[..., 0] + 1) * src_w - 1) / 2) + 1
+    d_x = sample(diff_x, torch.stack([(2 * column + 1) / (src_w + 1) - 1, grid[..., 1]], dim=-1))
+    padded = F.pad(source, (0, 0, 1, 1))
+    diff_y = padded[..., 1:, :] - padded[..., :-1, :]
+    row = torch.floor(((grid[..., 1] + 1) * src_h - 1) / 2) + 1
+    d_y = sample(diff_y, torch.stack([grid[..., 0], (2 * row + 1) / (src_h + 1) - 1], dim=-1))
+    # pixel -> normalized: d/dp = (size / 2) d/dpixel in the source frame, times the circular padding's rescaling
+    return sample(source, grid), d_x * (width / 2), d_y * (height / 2)
+
+
 class WarpObjective:
     """Mean over calibration images of the squared aligned_error of candidate sampling matrices, in batches.
 
@@ -74,17 +117,17 @@ class WarpObjective:
     beyond resampling. The charge is 0 at D = I, so g^-1 scores its plain error.
     ``smoothing_control=False`` drops the charge (the plain distance).
     Candidates are evaluated ``K`` at a time with :func:`sample_many`, in chunks of at most
-    ``budget`` sampled values.
+    ``budget`` sampled values, in ``dtype`` (sums in float64).
     """
 
     def __init__(self, reference: torch.Tensor, moved: torch.Tensor, mask: torch.Tensor, chance: torch.Tensor,
                  analytic: torch.Tensor, circular: bool = False, smoothing_control: bool = True,
-                 budget: int = 2**24) -> None:
+                 budget: int = 2**24, dtype: torch.dtype = torch.float32) -> None:
         if reference.shape != moved.shape or reference.ndim != 4 or tuple(mask.shape) != tuple(reference.shape[-2:]) \
                 or tuple(chance.shape) != (reference.shape[0],):
             raise ValueError(f"warp search needs reference and moved (N, C, h, w), mask (h, w) and chance (N,); got "
                              f"{tuple(reference.shape)}, {tuple(moved.shape)}, {tuple(mask.shape)}, {tuple(chance.shape)}")
-        self.reference, self.moved = reference.detach().float(), moved.detach().float()
+        self.reference, self.moved = reference.detach().to(dtype), moved.detach().to(dtype)
         self.mask = mask.to(self.reference.device, self.reference.dtype)
         inv = 1.0 / chance.to(self.reference.device, torch.float64).square()
         self.inv_chance_sq = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
@@ -107,26 +150,77 @@ class WarpObjective:
         """(K,) objective of the (K, 3, 3) float64 sampling matrices (the charge carries no gradient)."""
         return self._evaluate(matrices, charge=self.smoothing_control)
 
+    def charge(self, matrices: torch.Tensor) -> torch.Tensor:
+        """(K,) the smoothing charge alone of the (K, 3, 3) matrices, weighted as the objective (0 at g^-1)."""
+        return self._weighted(torch.cat([self._averaging_gain(chunk) for chunk in self._chunks(matrices, 2)], dim=1))
+
     def per_image(self, matrices: torch.Tensor, charge: bool | None = None) -> torch.Tensor:
         """(N, K) float64 squared distances (not divided by chance), charged if ``charge`` (default: as configured)."""
         charge = self.smoothing_control if charge is None else charge
-        n, c, h, w = self.reference.shape
-        per_chunk = max(1, self.budget // max(1, n * c * h * w * (3 if charge else 1)))
         out = []
-        for chunk in torch.split(matrices, per_chunk):
-            chunk_dev = chunk.to(self.reference.device)
-            sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk_dev, self.circular))
-            if charge:
-                with torch.no_grad():  # the nearest-cell term is piecewise constant: no gradient to follow
-                    relative = self.analytic_inverse.to(chunk_dev.device) @ chunk_dev.detach()
-                    averaging_gain = (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
-                                      - self._masked_sq(sample_many(self.residual, relative, self.circular)))
-                sq = sq + averaging_gain
-            out.append(sq)
+        for chunk in self._chunks(matrices, 3 if charge else 1):
+            sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk, self.circular))
+            out.append(sq + self._averaging_gain(chunk) if charge else sq)
         return torch.cat(out, dim=1)
 
+    def gauss_newton(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plain objective at (K, 3, 3) matrices with its gradient and Gauss-Newton matrix in W's top six entries.
+
+        Returns float64 ``loss`` (K,), ``gradient`` (K, 6) and ``hessian`` (K, 6, 6), entries ordered
+        w11, w12, w13, w21, w22, w23. With residuals r = a - b(W q) and J = dr/dW (from the exact
+        derivatives of the bilinear interpolant, :func:`sample_with_gradient`), gradient = 2 J^T r and
+        hessian = 2 J^T J, each term weighted like the loss (1 / chance^2 per image, the mask per cell).
+        No autograd.
+        """
+        n, c, h, w = self.reference.shape
+        weights = (self.inv_chance_sq.to(self.reference.dtype) / n)[:, None, None, None, None] * self.mask  # (N,1,1,h,w)
+        losses, gradients, hessians = [], [], []
+        for chunk in self._chunks(matrices, 3):
+            values, d_x, d_y = sample_with_gradient(self.moved, chunk, self.circular)
+            diff = self.reference.unsqueeze(2) - values
+            losses.append(self._weighted(self._masked_sq(diff)))  # the same arithmetic as plain()
+            weighted = diff * weights
+            del values, diff
+            # per-cell sums over images and channels, then moments over the cells' homogeneous coordinates
+            rx, ry = (weighted * d_x).sum(dim=(0, 1)), (weighted * d_y).sum(dim=(0, 1))  # (K, h, w)
+            weighted_x = d_x * weights
+            xx, xy = (weighted_x * d_x).sum(dim=(0, 1)), (weighted_x * d_y).sum(dim=(0, 1))
+            yy = (d_y.square() * weights).sum(dim=(0, 1))
+            coords = self._coords
+            r = torch.stack([rx, ry], dim=1).reshape(len(chunk), 2, h * w).double()
+            gradients.append(-2 * torch.einsum("kiq,qj->kij", r, coords).reshape(len(chunk), 6))
+            pairs = torch.stack([xx, xy, xy, yy], dim=1).reshape(len(chunk), 2, 2, h * w).double()
+            hessian = 2 * torch.einsum("kiIq,qj,qJ->kijIJ", pairs, coords, coords)
+            hessians.append(hessian.reshape(len(chunk), 6, 6))
+        return torch.cat(losses), torch.cat(gradients), torch.cat(hessians)
+
+    @cached_property
+    def _coords(self) -> torch.Tensor:
+        """(h * w, 3) float64 homogeneous normalized coordinates (x, y, 1) of the cells, row-major."""
+        h, w = self.reference.shape[-2:]
+        ys = (2 * torch.arange(h, dtype=torch.float64) + 1) / h - 1
+        xs = (2 * torch.arange(w, dtype=torch.float64) + 1) / w - 1
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1), torch.ones(h * w, dtype=torch.float64)], dim=1).to(self.reference.device)
+
+    def _chunks(self, matrices: torch.Tensor, samples: int):
+        """``matrices`` on the maps' device in chunks of at most ``budget`` values over ``samples`` resamplings."""
+        n, c, h, w = self.reference.shape
+        per_chunk = max(1, self.budget // max(1, n * c * h * w * samples))
+        return torch.split(matrices.to(self.reference.device), per_chunk)
+
+    def _averaging_gain(self, chunk: torch.Tensor) -> torch.Tensor:
+        """(N, K) what bilinear averaging alone gains on g^-1's mismatch under each warp relative to g^-1."""
+        with torch.no_grad():  # the nearest-cell term is piecewise constant: no gradient to follow
+            relative = self.analytic_inverse.to(chunk.device) @ chunk.detach()
+            return (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
+                    - self._masked_sq(sample_many(self.residual, relative, self.circular)))
+
+    def _weighted(self, per_image: torch.Tensor) -> torch.Tensor:
+        return (per_image * self.inv_chance_sq[:, None]).mean(dim=0)
+
     def _evaluate(self, matrices: torch.Tensor, charge: bool) -> torch.Tensor:
-        return (self.per_image(matrices, charge) * self.inv_chance_sq[:, None]).mean(dim=0)
+        return self._weighted(self.per_image(matrices, charge))
 
 
 def charged_sq_distance(reference: torch.Tensor, moved: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor,
