@@ -129,6 +129,7 @@ class WarpObjective:
                              f"{tuple(reference.shape)}, {tuple(moved.shape)}, {tuple(mask.shape)}, {tuple(chance.shape)}")
         self.reference, self.moved = reference.detach().to(dtype), moved.detach().to(dtype)
         self.mask = mask.to(self.reference.device, self.reference.dtype)
+        self.chance = chance
         inv = 1.0 / chance.to(self.reference.device, torch.float64).square()
         self.inv_chance_sq = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
         self.analytic = torch.as_tensor(analytic, dtype=torch.float64)
@@ -149,6 +150,25 @@ class WarpObjective:
     def __call__(self, matrices: torch.Tensor) -> torch.Tensor:
         """(K,) objective of the (K, 3, 3) float64 sampling matrices (the charge carries no gradient)."""
         return self._evaluate(matrices, charge=self.smoothing_control)
+
+    def pyramid(self, coarsest: int) -> list["WarpObjective"]:
+        """Plain objectives on 2 x 2 averages of the maps, coarsest first, ending with this one.
+
+        A level is added while the finer map's sides are even and the coarser one's stay at least
+        ``coarsest`` cells. Averaging 2 x 2 blocks keeps the normalized frame (a block's centre is
+        its cells' mean), so a sampling matrix means the same warp on every level; a coarse cell is
+        valid where all four of its cells are. Per-image weights (1 / chance^2) are kept.
+        """
+        levels = [self]
+        while True:
+            finest = levels[0]
+            height, width = finest.reference.shape[-2:]
+            if height % 2 or width % 2 or min(height, width) // 2 < coarsest:
+                return levels
+            coarse = WarpObjective(F.avg_pool2d(finest.reference, 2), F.avg_pool2d(finest.moved, 2),
+                                   -F.max_pool2d(-finest.mask[None, None], 2)[0, 0], self.chance, self.analytic,
+                                   self.circular, False, self.budget, self.reference.dtype)
+            levels.insert(0, coarse)
 
     def charge(self, matrices: torch.Tensor) -> torch.Tensor:
         """(K,) the smoothing charge alone of the (K, 3, 3) matrices, weighted as the objective (0 at g^-1)."""

@@ -52,6 +52,8 @@ _GRID_STEPS = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
 # A descent stops once a step moves no parameter by more than this many search units: 0.05 degrees of
 # rotation or shear, 0.05% of scale, 1% of a cell of translation; 0.0005 of an affine matrix entry.
 TOLERANCE = 0.01
+# Maps with both sides at least twice this many cells are first searched on 2 x 2 averages.
+_COARSEST = 24
 
 
 @dataclass
@@ -188,38 +190,36 @@ def analytic_matrix(transform: Transform, height: int, width: int, stride: float
     return family.normalized(family.init).numpy()
 
 
-def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps: int,
-             tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levenberg-Marquardt on the plain distance from S starts at once, in search units u.
+def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps: int, tolerance: float) -> torch.Tensor:
+    """Levenberg-Marquardt on the plain distance from S starts at once, in search units u; (S, P) end points.
 
     ``to_matrices`` maps (K, P) to (K, 3, 3) sampling matrices (differentiable); the Gauss-Newton
     terms in the matrix entries (:meth:`WarpObjective.gauss_newton`) are carried to u by its
-    Jacobian. Each start takes at most ``steps`` trial steps and stops once an accepted step moves
-    no parameter by more than ``tolerance`` units (or its damping has grown past any useful step).
-    Returns every accepted point, (M, P) with the starts first, and its plain loss (M,).
+    Jacobian. A step is taken only where it lowers the distance. Each start takes at most ``steps``
+    trial steps and stops once a step moves no parameter by more than ``tolerance`` units (or its
+    damping has grown past any useful step).
     """
     n_params = starts.shape[1]
 
     def terms(u: torch.Tensor):
-        jacobian = torch.autograd.functional.jacobian(lambda v: to_matrices(v)[:, :2].reshape(-1, 6).sum(dim=0), u,
-                                                      vectorize=True).permute(1, 0, 2)  # (K, 6, P)
+        # (K, 6, P): rows are independent, so the Jacobian of the row sum holds each row's own
+        jacobian = torch.autograd.functional.jacobian(lambda v: to_matrices(v)[:, :2].reshape(-1, 6).sum(dim=0), u)
+        jacobian = jacobian.permute(1, 0, 2)
         loss, gradient, hessian = objective.gauss_newton(to_matrices(u).detach())
         return loss, jacobian.transpose(1, 2) @ gradient.unsqueeze(2), jacobian.transpose(1, 2) @ hessian @ jacobian
 
     u = starts.clone()
     loss, gradient, hessian = terms(u)
-    visited, losses = [u.clone()], [loss.clone()]
     damping = torch.full((len(u),), 1e-3, dtype=torch.float64)
     active = torch.ones(len(u), dtype=torch.bool)
-    eye = torch.eye(n_params, dtype=torch.float64)
     for _ in range(steps):
         if not bool(active.any()):
             break
         rows = torch.nonzero(active).squeeze(1)
         h = hessian[rows]
         diagonal = torch.diagonal(h, dim1=1, dim2=2)
-        floor = 1e-9 * diagonal.amax(dim=1, keepdim=True) + 1e-30
-        system = h + torch.diag_embed(damping[rows, None] * (diagonal + floor)) + eye * floor[:, :, None] * 1e-3
+        floor = 1e-9 * diagonal.amax(dim=1, keepdim=True) + 1e-30  # keeps the system regular where a direction is flat
+        system = h + torch.diag_embed(damping[rows, None] * diagonal + floor)
         step = -torch.linalg.solve(system, gradient[rows]).squeeze(2)
         trial = u[rows] + step
         trial_loss, trial_gradient, trial_hessian = terms(trial)
@@ -229,14 +229,10 @@ def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps:
         gradient[moved_rows], hessian[moved_rows] = trial_gradient[accepted], trial_hessian[accepted]
         damping[moved_rows] = (damping[moved_rows] / 10).clamp(min=1e-9)
         damping[rows[~accepted]] *= 10
-        if len(moved_rows):
-            visited.append(trial[accepted])
-            losses.append(trial_loss[accepted])
-        small = step.abs().amax(dim=1) <= tolerance
-        active[rows[accepted & small]] = False
-        active[rows[~accepted & (damping[rows] > 1e8)]] = False
-        active[rows[~accepted & small]] = False  # even a tiny step does not help: a minimum within tolerance
-    return torch.cat(visited), torch.cat(losses)
+        # done: a step within the tolerance (taken, or not even that helps), or no useful step left
+        done = (step.abs().amax(dim=1) <= tolerance) | (~accepted & (damping[rows] > 1e8))
+        active[rows[done]] = False
+    return u
 
 
 def search_warp(
@@ -308,11 +304,17 @@ def search_warp(
         starting = [origin, *candidates]
         if kind == "family":
             starting.append(_grid_best(loss_of, len(units)))
-    # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is
-    # piecewise constant); the points it visits are then scored with the charge, in one batch.
-    points, plain_losses = _descend(objective, to_matrices, torch.unique(torch.stack(starting), dim=0), steps, tolerance)
+    starting = torch.unique(torch.stack(starting), dim=0)
+    # Coarse to fine: on a large map, descend first on 2 x 2 averages of the maps (the same normalized frame),
+    # then from there on the maps themselves, where the last steps are taken.
+    ends = starting
+    for level in objective.pyramid(_COARSEST):
+        ends = _descend(level, to_matrices, torch.unique(ends, dim=0), steps, tolerance)
+    # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is piecewise
+    # constant); the starts and the points the descents end at are then scored with the charge, in one batch.
+    points = torch.unique(torch.cat([starting, ends]), dim=0)
     with torch.no_grad():
-        scores = (plain_losses + objective.charge(to_matrices(points))).cpu() if smoothing_control else plain_losses
+        scores = (loss_of(points) if smoothing_control else objective.plain(to_matrices(points))).cpu()
     best_u, best = origin, analytic_loss
     if float(scores.min()) < best:
         index = int(scores.argmin())

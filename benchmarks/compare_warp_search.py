@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--layers", action="append")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--kind", action="append", choices=warpsearch.SEARCH_KINDS)
+    parser.add_argument("--pair", action="append", help="LAYER/TRANSFORM: compare only these pairs (repeatable)")
     parser.add_argument("--maps", type=Path, help="file to keep the captured maps in (read if it exists)")
     parser.add_argument("--json", type=Path, help="write every pair's numbers here")
     opts = parser.parse_args()
@@ -128,6 +129,10 @@ def main() -> None:
         items = capture_maps(opts.model, opts.max_images, opts.transform, opts.layers)
         if opts.maps is not None:
             torch.save(items, opts.maps)
+    if opts.pair:
+        items = [item for item in items if f"{item['layer']}/{item['transform']}" in set(opts.pair)]
+        if not items:
+            sys.exit(f"none of {', '.join(opts.pair)} was captured")
     baseline = load_baseline(opts.baseline)
     fit_pair(warpsearch, items[0], 2, kinds)  # warm-up of both code paths
     fit_pair(baseline, items[0], 2, kinds)
