@@ -169,8 +169,8 @@ def analyze(
     ``timer``: a :class:`~alignscope.timing.PhaseTimer` to collect the time
     per phase in (one is made if not given; the split lands in ``meta``).
     ``ridge`` regularizes the linear map (``"auto"``: two-fold
-    cross-validation on the calibration images), ``search_steps`` is the number of
-    gradient steps per start of the warp search.
+    cross-validation on the calibration images), ``search_steps`` caps the
+    descent steps per start of the warp search (it stops earlier at its tolerance).
     """
     tune_malloc()
     check_common_options(mask, batch_size)

@@ -23,10 +23,14 @@ def _sampling_source(x: torch.Tensor, theta: torch.Tensor, circular: bool) -> tu
     if not circular:
         return x, theta
     height, width = x.shape[-2:]
-    pad_y, pad_x = height // 2, width // 2
-    x = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular")
-    scale = torch.tensor([[width / (width + 2 * pad_x)], [height / (height + 2 * pad_y)]], dtype=theta.dtype, device=theta.device)
-    return x, theta * scale
+    return F.pad(x, (width // 2, width // 2, height // 2, height // 2), mode="circular"), _padded_frame(theta, height, width)
+
+
+def _padded_frame(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., 2, 3) matrices of an (height, width) map rescaled into the frame of its circularly padded copy."""
+    scale = torch.tensor([[width / (width + 2 * (width // 2))], [height / (height + 2 * (height // 2))]],
+                         dtype=theta.dtype, device=theta.device)
+    return theta * scale
 
 
 def sample_with(x: torch.Tensor, matrix: np.ndarray | torch.Tensor, circular: bool = False) -> torch.Tensor:
@@ -58,43 +62,55 @@ def sample_many(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False,
     return out.reshape(x.shape[0], x.shape[1], k, height, width)
 
 
+class GradientSampler:
+    """Samples a (B, C, H, W) map with K sampling matrices at once, with the exact derivatives of the samples.
+
+    ``sampler(matrices)`` for (K, 3, 3) matrices returns three (B, C, K, H, W) tensors: out(q) = x(W q)
+    as :func:`sample_many` (bilinear, zeros outside or wrap-around if ``circular``), and d out / d p_x,
+    d out / d p_y, the derivatives of the bilinear interpolant with respect to the sampling point
+    p = W q in normalized coordinates. Exact: within a cell the interpolant's x-derivative is the
+    difference of the two columns the point lies between, interpolated along y only, which is what
+    is sampled (a point exactly on a column takes the difference to the next column). The padded
+    source and its differences are built once, here.
+    """
+
+    def __init__(self, x: torch.Tensor, circular: bool = False) -> None:
+        self.height, self.width = x.shape[-2:]
+        self.circular = circular
+        self.source = _sampling_source(x, torch.zeros(1, 2, 3, dtype=x.dtype, device=x.device), circular)[0]
+        # Column m of diff_x is source column m - 1 subtracted from column m (zeros beyond the map, as
+        # grid_sample sees them), centred at source column m - 1/2: a point between columns j and j + 1
+        # takes diff_x's column j + 1, sampled at that column's centre so that only y interpolates.
+        padded = F.pad(self.source, (1, 1))
+        self.diff_x = padded[..., 1:] - padded[..., :-1]
+        padded = F.pad(self.source, (0, 0, 1, 1))
+        self.diff_y = padded[..., 1:, :] - padded[..., :-1, :]
+
+    def __call__(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        source = self.source
+        theta = matrices[:, :2].to(source.dtype)
+        theta = _padded_frame(theta, self.height, self.width) if self.circular else theta
+        batch, channels, src_h, src_w = source.shape
+        k, height, width = theta.shape[0], self.height, self.width
+        grid = F.affine_grid(theta, [k, 1, height, width], align_corners=False)  # (K, H, W, 2): x, y
+
+        def sample(src: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+            points = points.reshape(1, k * height, width, 2).expand(batch, -1, -1, -1)
+            out = F.grid_sample(src, points, mode="bilinear", padding_mode="zeros", align_corners=False)
+            return out.reshape(batch, channels, k, height, width)
+
+        column = torch.floor(((grid[..., 0] + 1) * src_w - 1) / 2) + 1
+        d_x = sample(self.diff_x, torch.stack([(2 * column + 1) / (src_w + 1) - 1, grid[..., 1]], dim=-1))
+        row = torch.floor(((grid[..., 1] + 1) * src_h - 1) / 2) + 1
+        d_y = sample(self.diff_y, torch.stack([grid[..., 0], (2 * row + 1) / (src_h + 1) - 1], dim=-1))
+        # pixel -> normalized: d/dp = (size / 2) d/dpixel in the source frame, times the circular padding's rescaling
+        return sample(source, grid), d_x.mul_(width / 2), d_y.mul_(height / 2)
+
+
 def sample_with_gradient(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` sampled with each of K matrices, and the exact derivatives of those samples along x and y.
-
-    (B, C, H, W) and (K, 3, 3) -> three (B, C, K, H, W): out(q) = x(W q) as :func:`sample_many`
-    (bilinear, zeros outside or wrap-around if ``circular``), and d out / d p_x, d out / d p_y, the
-    derivatives of the bilinear interpolant with respect to the sampling point p = W q in
-    normalized coordinates (d/dp_x is 2/W times the derivative along pixel columns). Exact: within
-    a cell the bilinear interpolant's x-derivative is the difference of the two columns it lies
-    between, interpolated along y only, which is what is sampled (on a point exactly on a column,
-    the difference to the next column).
-    """
-    height, width = x.shape[-2:]
-    theta = matrices[:, :2].to(x.dtype)
-    source, theta = _sampling_source(x, theta, circular)
-    batch, channels, src_h, src_w = source.shape
-    k = theta.shape[0]
-    grid = F.affine_grid(theta, [k, 1, height, width], align_corners=False)  # (K, H, W, 2): x, y
-
-    def sample(src: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        points = points.reshape(1, k * height, width, 2).expand(batch, -1, -1, -1)
-        out = F.grid_sample(src, points, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.reshape(batch, channels, k, height, width)
-
-    # Column m of diff_x is source column m - 1 subtracted from column m (zeros beyond the map, as
-    # grid_sample sees them), centred at source column m - 1/2; a point between columns j and j + 1
-    # needs diff_x's column j + 1, sampled at that column's centre so only y interpolates.
-    padded = F.pad(source, (1, 1))
-    diff_x = padded[..., 1:] - padded[..., :-1]
-    column = torch.floor(((grid[..., 0] + 1) * src_w - 1) / 2) + 1
-    d_x = sample(diff_x, torch.stack([(2 * column + 1) / (src_w + 1) - 1, grid[..., 1]], dim=-1))
-    padded = F.pad(source, (0, 0, 1, 1))
-    diff_y = padded[..., 1:, :] - padded[..., :-1, :]
-    row = torch.floor(((grid[..., 1] + 1) * src_h - 1) / 2) + 1
-    d_y = sample(diff_y, torch.stack([grid[..., 0], (2 * row + 1) / (src_h + 1) - 1], dim=-1))
-    # pixel -> normalized: d/dp = (size / 2) d/dpixel in the source frame, times the circular padding's rescaling
-    return sample(source, grid), d_x * (width / 2), d_y * (height / 2)
+    """``x`` (B, C, H, W) sampled with (K, 3, 3) matrices and the samples' exact derivatives; see :class:`GradientSampler`."""
+    return GradientSampler(x, circular)(matrices)
 
 
 class WarpObjective:
@@ -188,31 +204,43 @@ class WarpObjective:
 
         Returns float64 ``loss`` (K,), ``gradient`` (K, 6) and ``hessian`` (K, 6, 6), entries ordered
         w11, w12, w13, w21, w22, w23. With residuals r = a - b(W q) and J = dr/dW (from the exact
-        derivatives of the bilinear interpolant, :func:`sample_with_gradient`), gradient = 2 J^T r and
+        derivatives of the bilinear interpolant, :class:`GradientSampler`), gradient = 2 J^T r and
         hessian = 2 J^T J, each term weighted like the loss (1 / chance^2 per image, the mask per cell).
-        No autograd.
+        No autograd. The loss agrees with :meth:`plain` up to float32 rounding (the weights are applied
+        before the sums, not after).
         """
         n, c, h, w = self.reference.shape
-        weights = (self.inv_chance_sq.to(self.reference.dtype) / n)[:, None, None, None, None] * self.mask  # (N,1,1,h,w)
+        # 1 / chance^2 and the 1 / N of the mean folded into the maps (as square roots), the mask into the
+        # per-cell sums: then every sum over images and channels is a plain one over contiguous rows.
+        reference, sampler = self._weighted_maps
+        mask = self.mask.reshape(1, h * w).double()
         losses, gradients, hessians = [], [], []
         for chunk in self._chunks(matrices, 3):
-            values, d_x, d_y = sample_with_gradient(self.moved, chunk, self.circular)
-            diff = self.reference.unsqueeze(2) - values
-            losses.append(self._weighted(self._masked_sq(diff)))  # the same arithmetic as plain()
-            weighted = diff * weights
-            del values, diff
-            # per-cell sums over images and channels, then moments over the cells' homogeneous coordinates
-            rx, ry = (weighted * d_x).sum(dim=(0, 1)), (weighted * d_y).sum(dim=(0, 1))  # (K, h, w)
-            weighted_x = d_x * weights
-            xx, xy = (weighted_x * d_x).sum(dim=(0, 1)), (weighted_x * d_y).sum(dim=(0, 1))
-            yy = (d_y.square() * weights).sum(dim=(0, 1))
-            coords = self._coords
-            r = torch.stack([rx, ry], dim=1).reshape(len(chunk), 2, h * w).double()
-            gradients.append(-2 * torch.einsum("kiq,qj->kij", r, coords).reshape(len(chunk), 6))
-            pairs = torch.stack([xx, xy, xy, yy], dim=1).reshape(len(chunk), 2, 2, h * w).double()
-            hessian = 2 * torch.einsum("kiIq,qj,qJ->kijIJ", pairs, coords, coords)
-            hessians.append(hessian.reshape(len(chunk), 6, 6))
+            k = len(chunk)
+            values, d_x, d_y = (t.reshape(n * c, k * h * w) for t in sampler(chunk))
+            diff = (reference.unsqueeze(2) - values.reshape(n, c, k, h, w)).reshape(n * c, k * h * w)
+            del values
+            sums = torch.stack([(diff * diff).sum(0), (diff * d_x).sum(0), (diff * d_y).sum(0),
+                                (d_x * d_x).sum(0), (d_x * d_y).sum(0), (d_y * d_y).sum(0)])
+            sums = sums.double().reshape(6, k, h * w) * mask  # per cell: r.r, r.gx, r.gy, gx.gx, gx.gy, gy.gy
+            losses.append(sums[0].sum(dim=1))
+            # moments over the cells' homogeneous coordinates: d(W q)_i / dW_ij = q_j
+            gradients.append(-2 * torch.einsum("ikq,qj->kij", sums[1:3], self._coords).reshape(k, 6))
+            pairs = sums[[3, 4, 4, 5]].reshape(2, 2, k, h * w)
+            hessian = 2 * torch.einsum("iIkq,qjJ->kijIJ", pairs, self._coord_products)
+            hessians.append(hessian.reshape(k, 6, 6))
         return torch.cat(losses), torch.cat(gradients), torch.cat(hessians)
+
+    @cached_property
+    def _weighted_maps(self) -> tuple[torch.Tensor, GradientSampler]:
+        """The reference and a sampler of the moved maps, each image scaled by sqrt(1 / (N chance^2))."""
+        scale = (self.inv_chance_sq / self.reference.shape[0]).sqrt().to(self.reference.dtype)[:, None, None, None]
+        return self.reference * scale, GradientSampler(self.moved * scale, self.circular)
+
+    @cached_property
+    def _coord_products(self) -> torch.Tensor:
+        """(h * w, 3, 3) outer products q q^T of the cells' homogeneous coordinates."""
+        return self._coords[:, :, None] * self._coords[:, None, :]
 
     @cached_property
     def _coords(self) -> torch.Tensor:

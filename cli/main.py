@@ -135,7 +135,7 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None,
               help="Images the fits are calibrated on (default: half, at most 16); all columns are then measured on the rest.")
 @click.option("--ridge", default="auto", show_default=True, help="Ridge of the linear channel map, or 'auto' (two-fold cross-validation).")
-@click.option("--search-steps", type=click.IntRange(min=0), default=60, show_default=True, help="Gradient steps per start of the warp search.")
+@click.option("--search-steps", type=click.IntRange(min=0), default=60, show_default=True, help="At most this many descent steps per start of the warp search (it stops earlier at its tolerance).")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-report", show_default=True, help="Report folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")

@@ -152,3 +152,44 @@ def test_descent_stops_at_the_tolerance_not_the_step_budget(monkeypatch):
     search_warp(a, b, mask, chance, parse_transform("identity")[0], 2.0, "family", steps=3, smoothing_control=False)
     assert len(calls) <= 4  # the starts, then at most one batched call per step: the budget caps it
     assert TOLERANCE > 0
+
+
+def test_pyramid_levels_keep_the_frame_and_the_valid_cells():
+    torch.manual_seed(0)
+    mask = torch.ones(112, 112)
+    mask[:, :3] = 0  # columns 0-2 invalid: coarse column 0 (cells 0, 1) and 1 (cells 2, 3) are invalid at 56
+    g = parse_transform("identity")[0]
+    objective = WarpObjective(torch.randn(2, 3, 112, 112), torch.randn(2, 3, 112, 112), mask,
+                              torch.ones(2, dtype=torch.float64), torch.as_tensor(analytic_matrix(g, 112, 112)))
+    levels = objective.pyramid(24)
+    assert [tuple(level.reference.shape[-2:]) for level in levels] == [(28, 28), (56, 56), (112, 112)]
+    assert levels[-1] is objective and not any(level.smoothing_control for level in levels[:-1])
+    assert levels[1].mask[:, :2].sum() == 0 and bool((levels[1].mask[:, 2:] == 1).all())
+    torch.testing.assert_close(levels[1].reference, F.avg_pool2d(objective.reference, 2))
+    odd = WarpObjective(torch.randn(1, 1, 57, 56), torch.randn(1, 1, 57, 56), torch.ones(57, 56),
+                        torch.ones(1, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    assert odd.pyramid(24) == [odd]
+    # a whole-cell translation of a smooth field: the same matrix aligns it on every level
+    a = smooth_field(n=2, c=3, height=96, width=96)
+    b = torch.roll(a, shifts=(0, 4), dims=(2, 3))
+    shift = torch.eye(3, dtype=torch.float64)
+    shift[0, 2] = 2 * 4 / 96  # b[j + 4] = a[j]: b'(q) = b(q + 4 cells)
+    valid = torch.ones(96, 96)
+    valid[:, 92:] = 0  # where q + 4 cells leaves the map
+    objective = WarpObjective(a, b, valid, torch.ones(2, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    for level in objective.pyramid(24):
+        assert float(level.plain(shift.unsqueeze(0))[0]) < 1e-8 * float(level.plain(torch.eye(3, dtype=torch.float64)[None])[0])
+
+
+@pytest.mark.parametrize("kind", ["family", "affine"])
+def test_coarse_to_fine_search_finds_a_known_warp_on_a_large_map(kind):
+    """A 96 x 96 map is searched on 24 x 24 and 48 x 48 averages first; the last steps are on the map itself."""
+    a = smooth_field(n=3, c=4, height=96, width=96)
+    true = parse_transform("rotate-6+translate5,-3")[0]
+    b = warp(a, true, 2.0)  # stride 2: 2.5 and -1.5 cells
+    mask = valid_mask(true, 96, 96, 2.0, disk=True)
+    exact = true.matrix(192, 192)
+    fit = search_warp(a, b, mask, chance_of(a, mask), parse_transform("rotate-10")[0], 2.0, kind, smoothing_control=False)
+    assert cell_displacement(fit.matrix, exact, 96, 96) < 0.1
+    objective = WarpObjective(a, b, mask, chance_of(a, mask), torch.as_tensor(fit.matrix), smoothing_control=False)
+    assert fit.plain_loss <= float(objective.plain(torch.as_tensor(exact).unsqueeze(0))[0]) * (1 + 1e-3)
