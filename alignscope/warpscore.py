@@ -225,10 +225,9 @@ class WarpObjective:
             sums = sums.double().reshape(6, k, h * w) * mask  # per cell: r.r, r.gx, r.gy, gx.gx, gx.gy, gy.gy
             losses.append(sums[0].sum(dim=1))
             # moments over the cells' homogeneous coordinates: d(W q)_i / dW_ij = q_j
-            gradients.append(-2 * torch.einsum("ikq,qj->kij", sums[1:3], self._coords).reshape(k, 6))
-            pairs = sums[[3, 4, 4, 5]].reshape(2, 2, k, h * w)
-            hessian = 2 * torch.einsum("iIkq,qjJ->kijIJ", pairs, self._coord_products)
-            hessians.append(hessian.reshape(k, 6, 6))
+            gradients.append(-2 * (sums[1:3] @ self._coords).transpose(0, 1).reshape(k, 6))  # (i, k, j) -> (k, i j)
+            hessian = (sums[[3, 4, 4, 5]] @ self._coord_products).reshape(2, 2, k, 3, 3)  # (i, I, k, j, J)
+            hessians.append(2 * hessian.permute(2, 0, 3, 1, 4).reshape(k, 6, 6))
         return torch.cat(losses), torch.cat(gradients), torch.cat(hessians)
 
     @cached_property
@@ -239,8 +238,8 @@ class WarpObjective:
 
     @cached_property
     def _coord_products(self) -> torch.Tensor:
-        """(h * w, 3, 3) outer products q q^T of the cells' homogeneous coordinates."""
-        return self._coords[:, :, None] * self._coords[:, None, :]
+        """(h * w, 9) outer products q q^T of the cells' homogeneous coordinates, flattened row-major."""
+        return (self._coords[:, :, None] * self._coords[:, None, :]).reshape(-1, 9)
 
     @cached_property
     def _coords(self) -> torch.Tensor:

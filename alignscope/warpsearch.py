@@ -145,19 +145,25 @@ class _Family:
 
         Exact for a matrix in the family, e.g. g^-1 composed with a shift.
         """
-        target = torch.eye(3, dtype=torch.float64)
-        target[:2] = torch.as_tensor(matrix, dtype=torch.float64)[:2]
-        values = self.init.clone().requires_grad_(True)
-        optimizer = torch.optim.LBFGS([values], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                      line_search_fn="strong_wolfe")
+        target = torch.as_tensor(matrix, dtype=torch.float64)[:2].reshape(-1)
 
-        def closure():
-            optimizer.zero_grad()
-            loss = (self.normalized(values) - target).square().sum()
-            loss.backward()
-            return loss
+        def residual(values: torch.Tensor) -> torch.Tensor:
+            return self.normalized(values)[:2].reshape(-1) - target
 
-        optimizer.step(closure)
+        # Gauss-Newton with step halving: a few parameters, six residuals, nearly linear near g's own values
+        values, r = self.init.clone(), residual(self.init)
+        for _ in range(100):
+            jacobian = torch.autograd.functional.jacobian(residual, values)  # (6, P)
+            step = torch.linalg.lstsq(jacobian, -r.unsqueeze(1)).solution.squeeze(1)
+            while True:
+                trial = values + step
+                r_trial = residual(trial)
+                if float(r_trial.square().sum()) <= float(r.square().sum()) or float(step.abs().max()) < 1e-15:
+                    break
+                step = step / 2
+            values, r = trial, r_trial
+            if float(step.abs().max()) < 1e-12:
+                break
         return values.detach()
 
     def spec(self, values: torch.Tensor) -> str:
