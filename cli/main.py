@@ -126,8 +126,8 @@ def _parse_ridge(text: str) -> float | str:
               help="Seed for image sampling and order (chance partners).")
 @click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]),
               help="Also search the best spatial warp: 'family' frees g's own parameters plus a shift (optimal_error), "
-                   "'affine' all six affine entries (optimal_affine_error). Cost: about 130 gradient evaluations over the "
-                   "calibration maps per layer and transform (seconds each on a CPU for large maps).")
+                   "'affine' all six affine entries (optimal_affine_error). Cost: a few Gauss-Newton steps per start over the "
+                   "calibration maps per layer and transform, large maps first on their 2 x 2 averages.")
 @click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
               help="Also re-mix channels after the inverse warp: 'linear' a ridge least-squares C x C map "
                    "(channel_mapped_error), 'permutation' the best channel relabelling (permuted_error). Cost: C x C "
