@@ -157,8 +157,8 @@ def analyze(
     ``timer``: a :class:`~alignscope.timing.PhaseTimer` to collect the time
     per phase in (one is made if not given; the split lands in ``meta``).
     ``ridge`` regularizes the linear map (``"auto"``: two-fold
-    cross-validation on the calibration images), ``search_steps`` is the number of
-    gradient steps per start of the warp search.
+    cross-validation on the calibration images), ``search_steps`` caps the
+    descent steps per start of the warp search (it stops earlier at its tolerance).
     ``output``: for a model with a classifier head, add the output row per
     transform (top-1 agreement and softmax KL between x and g x; see
     :mod:`alignscope.prediction`); the forward passes then run to the end.

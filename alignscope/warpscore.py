@@ -3,10 +3,14 @@
 :func:`sample_with` / :func:`sample_many` resample a (B, C, H, W) map at one or K
 normalized sampling matrices W (output -> input: out(q) = x(W q), ``align_corners=False``).
 :class:`WarpObjective` scores candidates against g^-1 on calibration maps, charged for what
-the averaging of bilinear resampling alone gains; :func:`charged_sq_distance` is the same
-per-image distance for held-out maps. The search itself is :mod:`alignscope.warpsearch`.
+the averaging of bilinear resampling alone gains, and gives the Gauss-Newton terms of the
+plain distance in W's six entries (:meth:`WarpObjective.gauss_newton`) that the descent uses;
+:func:`charged_sq_distance` is the same per-image distance for held-out maps. The search itself
+is :mod:`alignscope.warpsearch`.
 """
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -19,10 +23,14 @@ def _sampling_source(x: torch.Tensor, theta: torch.Tensor, circular: bool) -> tu
     if not circular:
         return x, theta
     height, width = x.shape[-2:]
-    pad_y, pad_x = height // 2, width // 2
-    x = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular")
-    scale = torch.tensor([[width / (width + 2 * pad_x)], [height / (height + 2 * pad_y)]], dtype=theta.dtype, device=theta.device)
-    return x, theta * scale
+    return F.pad(x, (width // 2, width // 2, height // 2, height // 2), mode="circular"), _padded_frame(theta, height, width)
+
+
+def _padded_frame(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., 2, 3) matrices of an (height, width) map rescaled into the frame of its circularly padded copy."""
+    scale = torch.tensor([[width / (width + 2 * (width // 2))], [height / (height + 2 * (height // 2))]],
+                         dtype=theta.dtype, device=theta.device)
+    return theta * scale
 
 
 def sample_with(x: torch.Tensor, matrix: np.ndarray | torch.Tensor, circular: bool = False) -> torch.Tensor:
@@ -54,6 +62,57 @@ def sample_many(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False,
     return out.reshape(x.shape[0], x.shape[1], k, height, width)
 
 
+class GradientSampler:
+    """Samples a (B, C, H, W) map with K sampling matrices at once, with the exact derivatives of the samples.
+
+    ``sampler(matrices)`` for (K, 3, 3) matrices returns three (B, C, K, H, W) tensors: out(q) = x(W q)
+    as :func:`sample_many` (bilinear, zeros outside or wrap-around if ``circular``), and d out / d p_x,
+    d out / d p_y, the derivatives of the bilinear interpolant with respect to the sampling point
+    p = W q in normalized coordinates. Exact: within a cell the interpolant's x-derivative is the
+    difference of the two columns the point lies between, interpolated along y only, which is what
+    is sampled (a point exactly on a column takes the difference to the next column). The padded
+    source and its differences are built once, here.
+    """
+
+    def __init__(self, x: torch.Tensor, circular: bool = False) -> None:
+        self.height, self.width = x.shape[-2:]
+        self.circular = circular
+        self.source = _sampling_source(x, torch.zeros(1, 2, 3, dtype=x.dtype, device=x.device), circular)[0]
+        # Column m of diff_x is source column m - 1 subtracted from column m (zeros beyond the map, as
+        # grid_sample sees them), centred at source column m - 1/2: a point between columns j and j + 1
+        # takes diff_x's column j + 1, sampled at that column's centre so that only y interpolates.
+        padded = F.pad(self.source, (1, 1))
+        self.diff_x = padded[..., 1:] - padded[..., :-1]
+        padded = F.pad(self.source, (0, 0, 1, 1))
+        self.diff_y = padded[..., 1:, :] - padded[..., :-1, :]
+
+    def __call__(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        source = self.source
+        theta = matrices[:, :2].to(source.dtype)
+        theta = _padded_frame(theta, self.height, self.width) if self.circular else theta
+        batch, channels, src_h, src_w = source.shape
+        k, height, width = theta.shape[0], self.height, self.width
+        grid = F.affine_grid(theta, [k, 1, height, width], align_corners=False)  # (K, H, W, 2): x, y
+
+        def sample(src: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+            points = points.reshape(1, k * height, width, 2).expand(batch, -1, -1, -1)
+            out = F.grid_sample(src, points, mode="bilinear", padding_mode="zeros", align_corners=False)
+            return out.reshape(batch, channels, k, height, width)
+
+        column = torch.floor(((grid[..., 0] + 1) * src_w - 1) / 2) + 1
+        d_x = sample(self.diff_x, torch.stack([(2 * column + 1) / (src_w + 1) - 1, grid[..., 1]], dim=-1))
+        row = torch.floor(((grid[..., 1] + 1) * src_h - 1) / 2) + 1
+        d_y = sample(self.diff_y, torch.stack([grid[..., 0], (2 * row + 1) / (src_h + 1) - 1], dim=-1))
+        # pixel -> normalized: d/dp = (size / 2) d/dpixel in the source frame, times the circular padding's rescaling
+        return sample(source, grid), d_x.mul_(width / 2), d_y.mul_(height / 2)
+
+
+def sample_with_gradient(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` (B, C, H, W) sampled with (K, 3, 3) matrices and the samples' exact derivatives; see :class:`GradientSampler`."""
+    return GradientSampler(x, circular)(matrices)
+
+
 class WarpObjective:
     """Mean over calibration images of the squared aligned_error of candidate sampling matrices, in batches.
 
@@ -74,18 +133,19 @@ class WarpObjective:
     beyond resampling. The charge is 0 at D = I, so g^-1 scores its plain error.
     ``smoothing_control=False`` drops the charge (the plain distance).
     Candidates are evaluated ``K`` at a time with :func:`sample_many`, in chunks of at most
-    ``budget`` sampled values.
+    ``budget`` sampled values, in ``dtype`` (sums in float64).
     """
 
     def __init__(self, reference: torch.Tensor, moved: torch.Tensor, mask: torch.Tensor, chance: torch.Tensor,
                  analytic: torch.Tensor, circular: bool = False, smoothing_control: bool = True,
-                 budget: int = 2**24) -> None:
+                 budget: int = 2**24, dtype: torch.dtype = torch.float32) -> None:
         if reference.shape != moved.shape or reference.ndim != 4 or tuple(mask.shape) != tuple(reference.shape[-2:]) \
                 or tuple(chance.shape) != (reference.shape[0],):
             raise ValueError(f"warp search needs reference and moved (N, C, h, w), mask (h, w) and chance (N,); got "
                              f"{tuple(reference.shape)}, {tuple(moved.shape)}, {tuple(mask.shape)}, {tuple(chance.shape)}")
-        self.reference, self.moved = reference.detach().float(), moved.detach().float()
+        self.reference, self.moved = reference.detach().to(dtype), moved.detach().to(dtype)
         self.mask = mask.to(self.reference.device, self.reference.dtype)
+        self.chance = chance
         inv = 1.0 / chance.to(self.reference.device, torch.float64).square()
         self.inv_chance_sq = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
         self.analytic = torch.as_tensor(analytic, dtype=torch.float64)
@@ -107,26 +167,107 @@ class WarpObjective:
         """(K,) objective of the (K, 3, 3) float64 sampling matrices (the charge carries no gradient)."""
         return self._evaluate(matrices, charge=self.smoothing_control)
 
+    def pyramid(self, coarsest: int) -> list["WarpObjective"]:
+        """Plain objectives on 2 x 2 averages of the maps, coarsest first, ending with this one.
+
+        A level is added while the finer map's sides are even and the coarser one's stay at least
+        ``coarsest`` cells. Averaging 2 x 2 blocks keeps the normalized frame (a block's centre is
+        its cells' mean), so a sampling matrix means the same warp on every level; a coarse cell is
+        valid where all four of its cells are. Per-image weights (1 / chance^2) are kept.
+        """
+        levels = [self]
+        while True:
+            finest = levels[0]
+            height, width = finest.reference.shape[-2:]
+            if height % 2 or width % 2 or min(height, width) // 2 < coarsest:
+                return levels
+            coarse = WarpObjective(F.avg_pool2d(finest.reference, 2), F.avg_pool2d(finest.moved, 2),
+                                   -F.max_pool2d(-finest.mask[None, None], 2)[0, 0], self.chance, self.analytic,
+                                   self.circular, False, self.budget, self.reference.dtype)
+            levels.insert(0, coarse)
+
+    def charge(self, matrices: torch.Tensor) -> torch.Tensor:
+        """(K,) the smoothing charge alone of the (K, 3, 3) matrices, weighted as the objective (0 at g^-1)."""
+        return self._weighted(torch.cat([self._averaging_gain(chunk) for chunk in self._chunks(matrices, 2)], dim=1))
+
     def per_image(self, matrices: torch.Tensor, charge: bool | None = None) -> torch.Tensor:
         """(N, K) float64 squared distances (not divided by chance), charged if ``charge`` (default: as configured)."""
         charge = self.smoothing_control if charge is None else charge
-        n, c, h, w = self.reference.shape
-        per_chunk = max(1, self.budget // max(1, n * c * h * w * (3 if charge else 1)))
         out = []
-        for chunk in torch.split(matrices, per_chunk):
-            chunk_dev = chunk.to(self.reference.device)
-            sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk_dev, self.circular))
-            if charge:
-                with torch.no_grad():  # the nearest-cell term is piecewise constant: no gradient to follow
-                    relative = self.analytic_inverse.to(chunk_dev.device) @ chunk_dev.detach()
-                    averaging_gain = (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
-                                      - self._masked_sq(sample_many(self.residual, relative, self.circular)))
-                sq = sq + averaging_gain
-            out.append(sq)
+        for chunk in self._chunks(matrices, 3 if charge else 1):
+            sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk, self.circular))
+            out.append(sq + self._averaging_gain(chunk) if charge else sq)
         return torch.cat(out, dim=1)
 
+    def gauss_newton(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plain objective at (K, 3, 3) matrices with its gradient and Gauss-Newton matrix in W's top six entries.
+
+        Returns float64 ``loss`` (K,), ``gradient`` (K, 6) and ``hessian`` (K, 6, 6), entries ordered
+        w11, w12, w13, w21, w22, w23. With residuals r = a - b(W q) and J = dr/dW (from the exact
+        derivatives of the bilinear interpolant, :class:`GradientSampler`), gradient = 2 J^T r and
+        hessian = 2 J^T J, each term weighted like the loss (1 / chance^2 per image, the mask per cell).
+        No autograd. The loss agrees with :meth:`plain` up to float32 rounding (the weights are applied
+        before the sums, not after).
+        """
+        n, c, h, w = self.reference.shape
+        # 1 / chance^2 and the 1 / N of the mean folded into the maps (as square roots), the mask into the
+        # per-cell sums: then every sum over images and channels is a plain one over contiguous rows.
+        reference, sampler = self._weighted_maps
+        mask = self.mask.reshape(1, h * w).double()
+        losses, gradients, hessians = [], [], []
+        for chunk in self._chunks(matrices, 3):
+            k = len(chunk)
+            values, d_x, d_y = (t.reshape(n * c, k * h * w) for t in sampler(chunk))
+            diff = (reference.unsqueeze(2) - values.reshape(n, c, k, h, w)).reshape(n * c, k * h * w)
+            del values
+            sums = torch.stack([(diff * diff).sum(0), (diff * d_x).sum(0), (diff * d_y).sum(0),
+                                (d_x * d_x).sum(0), (d_x * d_y).sum(0), (d_y * d_y).sum(0)])
+            sums = sums.double().reshape(6, k, h * w) * mask  # per cell: r.r, r.gx, r.gy, gx.gx, gx.gy, gy.gy
+            losses.append(sums[0].sum(dim=1))
+            # moments over the cells' homogeneous coordinates: d(W q)_i / dW_ij = q_j
+            gradients.append(-2 * (sums[1:3] @ self._coords).transpose(0, 1).reshape(k, 6))  # (i, k, j) -> (k, i j)
+            hessian = (sums[[3, 4, 4, 5]] @ self._coord_products).reshape(2, 2, k, 3, 3)  # (i, I, k, j, J)
+            hessians.append(2 * hessian.permute(2, 0, 3, 1, 4).reshape(k, 6, 6))
+        return torch.cat(losses), torch.cat(gradients), torch.cat(hessians)
+
+    @cached_property
+    def _weighted_maps(self) -> tuple[torch.Tensor, GradientSampler]:
+        """The reference and a sampler of the moved maps, each image scaled by sqrt(1 / (N chance^2))."""
+        scale = (self.inv_chance_sq / self.reference.shape[0]).sqrt().to(self.reference.dtype)[:, None, None, None]
+        return self.reference * scale, GradientSampler(self.moved * scale, self.circular)
+
+    @cached_property
+    def _coord_products(self) -> torch.Tensor:
+        """(h * w, 9) outer products q q^T of the cells' homogeneous coordinates, flattened row-major."""
+        return (self._coords[:, :, None] * self._coords[:, None, :]).reshape(-1, 9)
+
+    @cached_property
+    def _coords(self) -> torch.Tensor:
+        """(h * w, 3) float64 homogeneous normalized coordinates (x, y, 1) of the cells, row-major."""
+        h, w = self.reference.shape[-2:]
+        ys = (2 * torch.arange(h, dtype=torch.float64) + 1) / h - 1
+        xs = (2 * torch.arange(w, dtype=torch.float64) + 1) / w - 1
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1), torch.ones(h * w, dtype=torch.float64)], dim=1).to(self.reference.device)
+
+    def _chunks(self, matrices: torch.Tensor, samples: int):
+        """``matrices`` on the maps' device in chunks of at most ``budget`` values over ``samples`` resamplings."""
+        n, c, h, w = self.reference.shape
+        per_chunk = max(1, self.budget // max(1, n * c * h * w * samples))
+        return torch.split(matrices.to(self.reference.device), per_chunk)
+
+    def _averaging_gain(self, chunk: torch.Tensor) -> torch.Tensor:
+        """(N, K) what bilinear averaging alone gains on g^-1's mismatch under each warp relative to g^-1."""
+        with torch.no_grad():  # the nearest-cell term is piecewise constant: no gradient to follow
+            relative = self.analytic_inverse.to(chunk.device) @ chunk.detach()
+            return (self._masked_sq(sample_many(self.residual, relative, self.circular, "nearest"))
+                    - self._masked_sq(sample_many(self.residual, relative, self.circular)))
+
+    def _weighted(self, per_image: torch.Tensor) -> torch.Tensor:
+        return (per_image * self.inv_chance_sq[:, None]).mean(dim=0)
+
     def _evaluate(self, matrices: torch.Tensor, charge: bool) -> torch.Tensor:
-        return (self.per_image(matrices, charge) * self.inv_chance_sq[:, None]).mean(dim=0)
+        return self._weighted(self.per_image(matrices, charge))
 
 
 def charged_sq_distance(reference: torch.Tensor, moved: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor,

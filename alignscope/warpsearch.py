@@ -22,11 +22,16 @@ Two searches:
   image moves content where the search says it went).
 - ``affine``: all six entries of W free.
 
-Both descend with Adam through ``grid_sample`` from several starts at once
-(g^-1, extra ``starts`` and, for ``family``, the best point of a coarse grid),
-all candidates of a step evaluated in one batched call; the descent follows
-the plain distance's gradient, the points it visits are scored with the
-charge, and nothing worse than g^-1 on the calibration images is returned.
+Both descend by Levenberg-Marquardt (damped Gauss-Newton) from several
+starts at once (g^-1, extra ``starts`` and, for ``family``, the best point
+of a coarse grid), all starts of a step evaluated in one batched call. The
+plain distance is a least-squares sum in a handful of parameters, so each
+step solves the Gauss-Newton system built from the exact derivatives of the
+bilinear samples (:meth:`WarpObjective.gauss_newton`); a step is taken only
+if it lowers the distance, and a descent stops once its step moves no
+parameter by more than :data:`TOLERANCE` search units. The descent follows
+the plain distance, the points it visits are scored with the charge, and
+nothing worse than g^-1 on the calibration images is returned.
 """
 from __future__ import annotations
 
@@ -44,6 +49,11 @@ SEARCH_KINDS = ("family", "affine")
 # Search units: one Adam step moves a parameter by about lr * unit.
 _UNITS = {"rotate": 5.0, "shear": 5.0, "scale": 0.05}
 _GRID_STEPS = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
+# A descent stops once a step moves no parameter by more than this many search units: 0.05 degrees of
+# rotation or shear, 0.05% of scale, 1% of a cell of translation; 0.0005 of an affine matrix entry.
+TOLERANCE = 0.01
+# Maps with both sides at least twice this many cells are first searched on 2 x 2 averages.
+_COARSEST = 24
 
 
 @dataclass
@@ -98,29 +108,34 @@ class _Family:
         return torch.tensor([_UNITS[self.kinds[i]] for i in self.free] + [cell, cell], dtype=torch.float64)
 
     def pixel_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        m = torch.eye(3, dtype=torch.float64)
+        """(P,) or (K, P) parameter values -> (3, 3) or (K, 3, 3) pixel matrices (differentiable)."""
+        rows = values.reshape(-1, values.shape[-1])
+        zero, one = torch.zeros_like(rows[:, 0]), torch.ones_like(rows[:, 0])
+
+        def matrix(*entries: torch.Tensor) -> torch.Tensor:
+            return torch.stack([*entries, zero, zero, one], dim=-1).reshape(-1, 3, 3)
+
+        m = matrix(one, zero, zero, zero, one, zero)
         free = iter(range(len(self.free)))
         for kind in self.kinds:
-            part = torch.eye(3, dtype=torch.float64)
             if kind == "rotate":
-                angle = torch.deg2rad(values[next(free)])
+                angle = torch.deg2rad(rows[:, next(free)])
                 c, s = torch.cos(angle), torch.sin(angle)
-                part = torch.stack([torch.stack([c, s, c * 0]), torch.stack([-s, c, c * 0]), part[2]])
+                part = matrix(c, s, zero, -s, c, zero)
             elif kind == "scale":
-                s = torch.exp(values[next(free)])
-                part = torch.stack([torch.stack([s, s * 0, s * 0]), torch.stack([s * 0, s, s * 0]), part[2]])
+                s = torch.exp(rows[:, next(free)])
+                part = matrix(s, zero, zero, zero, s, zero)
             elif kind == "shear":
-                t = torch.tan(torch.deg2rad(values[next(free)]))
-                part = torch.stack([torch.stack([t * 0 + 1, t, t * 0]), part[1], part[2]])
-            elif kind == "hflip":
-                part[0, 0] = -1
-            elif kind == "vflip":
-                part[1, 1] = -1
+                part = matrix(one, torch.tan(torch.deg2rad(rows[:, next(free)])), zero, zero, one, zero)
+            else:  # hflip | vflip
+                part = matrix(-one, zero, zero, zero, one, zero) if kind == "hflip" else matrix(one, zero, zero, zero, -one, zero)
             m = part @ m
-        shift = torch.stack([values[-2], values[-1], values[-1] * 0])
-        return m + torch.cat([torch.zeros(3, 2, dtype=torch.float64), shift.unsqueeze(1)], dim=1)
+        shift = torch.stack([zero, zero, rows[:, -2], zero, zero, rows[:, -1], zero, zero, zero], dim=-1)
+        m = m + shift.reshape(-1, 3, 3)  # the free translation, in pixels, after the linear part
+        return m if values.ndim > 1 else m[0]
 
     def normalized(self, values: torch.Tensor) -> torch.Tensor:
+        """(P,) or (K, P) parameter values -> their normalized sampling matrices, (3, 3) or (K, 3, 3)."""
         to_norm = torch.diag(torch.tensor([2.0 / self.width, 2.0 / self.height, 1.0], dtype=torch.float64))
         from_norm = torch.diag(torch.tensor([self.width / 2.0, self.height / 2.0, 1.0], dtype=torch.float64))
         return to_norm @ self.pixel_matrix(values) @ from_norm
@@ -130,19 +145,25 @@ class _Family:
 
         Exact for a matrix in the family, e.g. g^-1 composed with a shift.
         """
-        target = torch.eye(3, dtype=torch.float64)
-        target[:2] = torch.as_tensor(matrix, dtype=torch.float64)[:2]
-        values = self.init.clone().requires_grad_(True)
-        optimizer = torch.optim.LBFGS([values], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                      line_search_fn="strong_wolfe")
+        target = torch.as_tensor(matrix, dtype=torch.float64)[:2].reshape(-1)
 
-        def closure():
-            optimizer.zero_grad()
-            loss = (self.normalized(values) - target).square().sum()
-            loss.backward()
-            return loss
+        def residual(values: torch.Tensor) -> torch.Tensor:
+            return self.normalized(values)[:2].reshape(-1) - target
 
-        optimizer.step(closure)
+        # Gauss-Newton with step halving: a few parameters, six residuals, nearly linear near g's own values
+        values, r = self.init.clone(), residual(self.init)
+        for _ in range(100):
+            jacobian = torch.autograd.functional.jacobian(residual, values)  # (6, P)
+            step = torch.linalg.lstsq(jacobian, -r.unsqueeze(1)).solution.squeeze(1)
+            while True:
+                trial = values + step
+                r_trial = residual(trial)
+                if float(r_trial.square().sum()) <= float(r.square().sum()) or float(step.abs().max()) < 1e-15:
+                    break
+                step = step / 2
+            values, r = trial, r_trial
+            if float(step.abs().max()) < 1e-12:
+                break
         return values.detach()
 
     def spec(self, values: torch.Tensor) -> str:
@@ -175,37 +196,49 @@ def analytic_matrix(transform: Transform, height: int, width: int, stride: float
     return family.normalized(family.init).numpy()
 
 
-def _descend(loss_of, starts: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam from S starts at once: ``loss_of`` maps (S, P) to (S,) independent losses.
+def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps: int, tolerance: float) -> torch.Tensor:
+    """Levenberg-Marquardt on the plain distance from S starts at once, in search units u; (S, P) end points.
 
-    Adam's update is elementwise, so descending the sum is S independent descents.
-    Returns every point visited, (steps + 1, S, P) with the starts first, and its loss (steps + 1, S).
+    ``to_matrices`` maps (K, P) to (K, 3, 3) sampling matrices (differentiable); the Gauss-Newton
+    terms in the matrix entries (:meth:`WarpObjective.gauss_newton`) are carried to u by its
+    Jacobian. A step is taken only where it lowers the distance. Each start takes at most ``steps``
+    trial steps and stops once a step moves no parameter by more than ``tolerance`` units (or its
+    damping has grown past any useful step).
     """
-    u = starts.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([u], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr * 0.02)
-    visited, losses = [], []
+    n_params = starts.shape[1]
+
+    def terms(u: torch.Tensor):
+        # (K, 6, P): rows are independent, so the Jacobian of the row sum holds each row's own
+        jacobian = torch.autograd.functional.jacobian(lambda v: to_matrices(v)[:, :2].reshape(-1, 6).sum(dim=0), u)
+        jacobian = jacobian.permute(1, 0, 2)
+        loss, gradient, hessian = objective.gauss_newton(to_matrices(u).detach())
+        return loss, jacobian.transpose(1, 2) @ gradient.unsqueeze(2), jacobian.transpose(1, 2) @ hessian @ jacobian
+
+    u = starts.clone()
+    loss, gradient, hessian = terms(u)
+    damping = torch.full((len(u),), 1e-3, dtype=torch.float64)
+    active = torch.ones(len(u), dtype=torch.bool)
     for _ in range(steps):
-        optimizer.zero_grad()
-        loss = loss_of(u)
-        visited.append(u.detach().clone())
-        losses.append(loss.detach().cpu())
-        loss.sum().backward()
-        optimizer.step()
-        schedule.step()
-    with torch.no_grad():
-        losses.append(loss_of(u).cpu())
-    visited.append(u.detach().clone())
-    return torch.stack(visited), torch.stack(losses)
-
-
-def _checkpoints(visited: torch.Tensor, losses: torch.Tensor, every: int = 6) -> torch.Tensor:
-    """(K, P) distinct points worth scoring with the charge: each start, every ``every``-th step,
-    the last step and each descent's plain best."""
-    steps = visited.shape[0]
-    index = sorted(set(range(0, steps, every)) | {steps - 1})
-    points = [visited[index].reshape(-1, visited.shape[-1]), visited[losses.argmin(dim=0), torch.arange(visited.shape[1])]]
-    return torch.unique(torch.cat(points), dim=0)
+        if not bool(active.any()):
+            break
+        rows = torch.nonzero(active).squeeze(1)
+        h = hessian[rows]
+        diagonal = torch.diagonal(h, dim1=1, dim2=2)
+        floor = 1e-9 * diagonal.amax(dim=1, keepdim=True) + 1e-30  # keeps the system regular where a direction is flat
+        system = h + torch.diag_embed(damping[rows, None] * diagonal + floor)
+        step = -torch.linalg.solve(system, gradient[rows]).squeeze(2)
+        trial = u[rows] + step
+        trial_loss, trial_gradient, trial_hessian = terms(trial)
+        accepted = torch.isfinite(trial_loss) & (trial_loss < loss[rows])
+        moved_rows = rows[accepted]
+        u[moved_rows], loss[moved_rows] = trial[accepted], trial_loss[accepted]
+        gradient[moved_rows], hessian[moved_rows] = trial_gradient[accepted], trial_hessian[accepted]
+        damping[moved_rows] = (damping[moved_rows] / 10).clamp(min=1e-9)
+        damping[rows[~accepted]] *= 10
+        # done: a step within the tolerance (taken, or not even that helps), or no useful step left
+        done = (step.abs().amax(dim=1) <= tolerance) | (~accepted & (damping[rows] > 1e8))
+        active[rows[done]] = False
+    return u
 
 
 def search_warp(
@@ -220,6 +253,7 @@ def search_warp(
     starts: Sequence[np.ndarray | torch.Tensor] | None = None,
     smoothing_control: bool = True,
     start: np.ndarray | torch.Tensor | None = None,
+    tolerance: float = TOLERANCE,
 ) -> WarpFit:
     """Search the warp aligning ``moved`` = F(g x) with ``reference`` = F(x).
 
@@ -233,8 +267,9 @@ def search_warp(
     entries). ``start``: one extra start (same as ``starts=[start]``).
     ``smoothing_control``: charge candidates for the smoothing of resampling
     (see :class:`WarpObjective`); ``False`` gives the plain distance.
-    Gradients are taken here, so pass ordinary tensors (not created under
-    ``torch.inference_mode``).
+    ``steps``: at most this many descent steps per start; a descent stops
+    earlier once a step moves no parameter by more than ``tolerance``
+    search units (see :data:`TOLERANCE`).
     """
     if kind not in SEARCH_KINDS:
         raise ValueError(f"kind must be one of {SEARCH_KINDS}, got {kind!r}")
@@ -251,7 +286,7 @@ def search_warp(
         units = family.units(cell=stride)
 
         def to_matrices(u: torch.Tensor) -> torch.Tensor:
-            return torch.stack([family.normalized(family.init + row * units) for row in u])
+            return family.normalized(family.init + u * units)
 
         candidates = [(family.project(m) - family.init) / units for m in extra]
     else:
@@ -269,29 +304,31 @@ def search_warp(
     def loss_of(u: torch.Tensor) -> torch.Tensor:
         return objective(to_matrices(u))
 
-    def plain_of(u: torch.Tensor) -> torch.Tensor:
-        return objective.plain(to_matrices(u))
-
     origin = torch.zeros(len(units), dtype=torch.float64)
     with torch.no_grad():
         analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
         starting = [origin, *candidates]
         if kind == "family":
             starting.append(_grid_best(loss_of, len(units)))
-    # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is
-    # piecewise constant); the points it visits are then scored with the charge, in one batch.
-    visited, plain_losses = _descend(plain_of, torch.unique(torch.stack(starting), dim=0), steps, lr=0.2)
-    points = _checkpoints(visited, plain_losses) if smoothing_control else visited.reshape(-1, len(units))
+    starting = torch.unique(torch.stack(starting), dim=0)
+    # Coarse to fine: on a large map, descend first on 2 x 2 averages of the maps (the same normalized frame),
+    # then from there on the maps themselves, where the last steps are taken.
+    ends = starting
+    for level in objective.pyramid(_COARSEST):
+        ends = _descend(level, to_matrices, torch.unique(ends, dim=0), steps, tolerance)
+    # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is piecewise
+    # constant); the starts and the points the descents end at are then scored with the charge, in one batch.
+    points = torch.unique(torch.cat([starting, ends]), dim=0)
     with torch.no_grad():
-        scores = loss_of(points).cpu() if smoothing_control else plain_losses.reshape(-1)
+        scores = (loss_of(points) if smoothing_control else objective.plain(to_matrices(points))).cpu()
     best_u, best = origin, analytic_loss
     if float(scores.min()) < best:
         index = int(scores.argmin())
         best_u, best = points[index], float(scores[index])
-    matrix = to_matrices(best_u.unsqueeze(0))[0]
     with torch.no_grad():
+        matrix = to_matrices(best_u.unsqueeze(0))[0]
         plain = float(objective.plain(matrix.unsqueeze(0))[0])
-    matrix = matrix.detach().numpy()
+    matrix = matrix.numpy()
     if kind == "family":
         values = family.init + best_u * units
         return WarpFit("family", matrix, family.spec(values), best, analytic_loss, family.params(values), plain,

@@ -117,8 +117,8 @@ def _parse_ridge(text: str) -> float | str:
               help="Seed for image sampling and order (chance partners).")
 @click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]),
               help="Also search the best spatial warp: 'family' frees g's own parameters plus a shift (optimal_error), "
-                   "'affine' all six affine entries (optimal_affine_error). Cost: about 130 gradient evaluations over the "
-                   "calibration maps per layer and transform (seconds each on a CPU for large maps).")
+                   "'affine' all six affine entries (optimal_affine_error). Cost: a few Gauss-Newton steps per start over the "
+                   "calibration maps per layer and transform, large maps first on their 2 x 2 averages.")
 @click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
               help="Also re-mix channels after the inverse warp: 'linear' a ridge least-squares C x C map "
                    "(channel_mapped_error), 'permutation' the best channel relabelling (permuted_error). Cost: C x C "
@@ -126,7 +126,7 @@ def _parse_ridge(text: str) -> float | str:
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None,
               help="Images the fits are calibrated on (default: half, at most 16); all columns are then measured on the rest.")
 @click.option("--ridge", default="auto", show_default=True, help="Ridge of the linear channel map, or 'auto' (two-fold cross-validation).")
-@click.option("--search-steps", type=click.IntRange(min=0), default=60, show_default=True, help="Gradient steps per start of the warp search.")
+@click.option("--search-steps", type=click.IntRange(min=0), default=60, show_default=True, help="At most this many descent steps per start of the warp search (it stops earlier at its tolerance).")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-report", show_default=True, help="Report folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
