@@ -181,8 +181,11 @@ def test_a_cnn_and_a_vit_compare_side_by_side(vit, tmp_path):
     assert _cli("compare", *paths, "--out", str(tmp_path / "both")) == 0
     combined = pd.read_csv(tmp_path / "both" / "comparison.csv")
     assert set(combined["model"]) == {"VisionTransformer", "Sequential"}
-    vit_rows = combined[combined["model"] == "VisionTransformer"]
+    vit_rows = combined[(combined["model"] == "VisionTransformer") & (combined["kind"] == "layer")]
     assert set(vit_rows["layer"]) == {"blocks.0", "blocks.1"} and (vit_rows["stride"] == 16).all()
+    # the ViT has a classifier head, the CNN's output is a map: only the ViT gets an output row
+    outputs = combined[combined["kind"] == "output"]
+    assert list(outputs["model"]) == ["VisionTransformer"] * 2
 
 
 def test_token_grid_and_grid_fits():
