@@ -117,6 +117,19 @@ def gate_summary(failing: pd.DataFrame, checked: int) -> str:
     return f"{len(failing)} of {checked} checked rows break the limits"
 
 
-def checked_rows(table: pd.DataFrame, layers: Sequence[str] | None = None, transforms: Sequence[str] | None = None) -> int:
-    """How many rows a check with these filters looks at."""
-    return int((_select(table, "layer", layers, "layer") & _select(table, "transform", transforms, "transform")).sum())
+def checked_rows(table: pd.DataFrame, layers: Sequence[str] | None = None, transforms: Sequence[str] | None = None,
+                 columns: Sequence[str] = ()) -> int:
+    """How many rows a check with these filters and limited ``columns`` looks at.
+
+    A row counts when at least one limited column applies to its kind
+    (prediction columns to output rows, the others to layer rows); without
+    ``columns``, every row the filters select.
+    """
+    scope = _select(table, "layer", layers, "layer") & _select(table, "transform", transforms, "transform")
+    if columns:
+        output = is_output_row(table)
+        applies = pd.Series(False, index=table.index)
+        for column in columns:
+            applies |= output if is_prediction_column(column) else ~output
+        scope &= applies
+    return int(scope.sum())

@@ -20,12 +20,12 @@ def enforce_limits(table, maximum=(), minimum=(), layers=(), transforms=()) -> N
 
     failing = check(table, max=list(maximum), min=list(minimum), layers=list(layers) or None,
                     transforms=list(transforms) or None)
-    checked = checked_rows(table, list(layers) or None, list(transforms) or None)
+    limited = [c for c in dict.fromkeys(text.partition("=")[0].strip() for text in (*maximum, *minimum))]
+    checked = checked_rows(table, list(layers) or None, list(transforms) or None, limited)
     summary = gate_summary(failing, checked)
     if failing.empty:
         click.echo(f"ok: {summary}", err=True)
         return
-    limited = [c for c in dict.fromkeys(text.partition("=")[0].strip() for text in (*maximum, *minimum))]
     columns = (("model",) if table["model"].nunique() > 1 else ()) + ("layer", "transform", *limited, "breaks")
     click.echo(format_table(failing, tuple(dict.fromkeys(columns))))
     raise LimitsBroken(summary)

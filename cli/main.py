@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from alignscope._version import __version__
-from alignscope.cli.options import model_options
-from alignscope.errors import AlignscopeError
+from alignscope.cli.options import DEFAULT_MODEL, model_options
+from alignscope.errors import AlignscopeError, UsageError
 
 EPILOG_ANALYZE = """\b
 Examples:
@@ -255,6 +255,8 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
     from alignscope.hooks import probe_layers
     from alignscope.lattice import Lattice, measure_lattices
 
+    if model_name and options.model not in (model_name, DEFAULT_MODEL):
+        raise UsageError(f"two models given ({model_name} and --model {options.model}); name one")
     # shapes need no trained weights: random ones unless a checkpoint is given (then checked to fit)
     options = replace(options, model=model_name or options.model, pretrained=options.weights != "auto")
     model, device = options.model, options.resolve_device()
@@ -281,6 +283,9 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
             "note": layer.reason,
         })
     table = pd.DataFrame(rows)
+    if table.empty:
+        raise UsageError(f"{model} gives no module output at input {'x'.join(map(str, cfg.input_size))}; "
+                         "pass a larger --input-size")
     if fmt == "csv":
         click.echo(table.to_csv(index=False), nl=False)
     elif fmt == "json":

@@ -14,6 +14,8 @@ import functools
 
 import click
 
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+
 MODEL_FIELDS = ("model", "weights", "no_pretrained", "input_size", "mean", "std", "device")
 
 
@@ -38,7 +40,7 @@ class Numbers(click.ParamType):
 LAYERS_HELP = "Module names, globs ('blocks.*') or 'all'; repeatable. Default: the model's stages."
 
 _MODEL_OPTIONS = (  # in the order --help lists them
-    click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="timm model name."),
+    click.option("--model", default=DEFAULT_MODEL, show_default=True, help="timm model name."),
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help="Local checkpoint (.pth/.pt/.safetensors) for the model. Default: offline weights or timm's hub weights."),
     click.option("--no-pretrained", is_flag=True, help="Random initialisation (reports say so)."),

@@ -114,3 +114,10 @@ def test_layers_and_models_commands(capsys):
     assert cli("models") == 0
     assert "tf_efficientnet_lite0" in capsys.readouterr().out
     assert cli("--version") == 0
+
+
+def test_layers_refuses_two_models_and_a_size_with_no_output(capsys):
+    assert cli("layers", "resnet18", "--model", "resnet50", "--no-pretrained") == 2
+    assert "two models given" in capsys.readouterr().err
+    assert cli("layers", "resnet18", "--no-pretrained", "--input-size", "1,1") == 2
+    assert "larger --input-size" in capsys.readouterr().err

@@ -250,7 +250,13 @@ def test_gate_limits_prediction_columns_on_output_rows_only(third_report, capsys
     assert cli("check", csv, "--min", "prediction_agreement=0.9", "--transforms", "hflip") == 1
     printed = capsys.readouterr().out
     assert "hflip" in printed and "prediction_agreement" in printed and "0.5 < 0.9" in printed
+    # the count is of the rows a limit applies to: hflip has one output row and one layer row
+    assert cli("check", csv, "--min", "prediction_agreement=0.9", "--transforms", "hflip") == 1
+    assert "1 of 1 checked rows break the limits" in capsys.readouterr().err
+    assert cli("check", csv, "--max", "aligned_error=10", "--transforms", "hflip") == 0
+    assert "all 1 checked rows are within the limits" in capsys.readouterr().err
     assert cli("check", csv, "--min", "prediction_agreement=0.4", "--max", "aligned_error=10", "--transforms", "hflip") == 0
+    assert "all 2 checked rows are within the limits" in capsys.readouterr().err
     assert cli("check", csv, "--min", "prediction_agreement=0.9", "--transforms", "identity") == 0
     assert cli("check", csv, "--min", "prediction_agreement=0.9", "--layers", "features") == 2
     with pytest.raises(UsageError, match="output rows"):

@@ -315,11 +315,12 @@ def test_ridge_must_be_finite(ridge):
 
 def no_model_loading(monkeypatch):
     import alignscope.engine
+    import alignscope.options
 
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(alignscope.engine, "load_model", fail)
+    monkeypatch.setattr(alignscope.options, "load_model", fail)
     monkeypatch.setattr(alignscope.engine, "probe_layers", fail)
 
 
