@@ -14,7 +14,7 @@ import functools
 
 import click
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
+DEFAULT_MODEL = "tf_efficientnet_lite0"  # alignscope.models.DEFAULT_MODEL, repeated so --help loads no torch
 
 MODEL_FIELDS = ("model", "weights", "no_pretrained", "input_size", "mean", "std", "device")
 

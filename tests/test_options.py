@@ -247,16 +247,14 @@ def test_layers_command_takes_the_model_options(capsys, tmp_path):
 # --- dropped default stages in run.json and the summary; `alignscope models` ---------------------------
 
 
-class _DroppedStages(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_info = [{"module": "conv", "reduction": 1}, {"module": "pool", "reduction": 8},
-                             {"module": "stem", "reduction": 2}]
+from test_layouts import _DroppedStages  # noqa: E402  (the same model with stages that give no map)
 
-    def forward(self, x):
-        return self.pool(self.conv(x))
+
+def test_cli_default_model_is_the_librarys():
+    from alignscope.cli.options import DEFAULT_MODEL as CLI_DEFAULT
+    from alignscope.models import DEFAULT_MODEL
+
+    assert CLI_DEFAULT == DEFAULT_MODEL
 
 
 def test_dropped_default_stages_reach_run_json_and_the_summary(images, tmp_path, capsys, caplog):
