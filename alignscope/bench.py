@@ -10,7 +10,9 @@ forward passes then run to the end, as A's do. With fitted
 alignments asked for (``optimal``, ``channel_map``), (C) the analysis with
 them runs after each pass too, and ``fit_seconds`` (the calibration pass
 plus the fits, as the analysis reports them) is set against B:
-``fit_ratio`` = fits / B.
+``fit_ratio`` = median fits / median B, ``fit_ratio_per_repeat`` each
+repeat's C over its own B, ``fit_phase_seconds`` the median seconds of the
+calibration pass, the warp searches and the channel maps.
 
 A and B are interleaved batch by batch (see :mod:`alignscope.interleave`):
 just before the analysis reads batch k, the bare forwards of batch k's
@@ -207,11 +209,11 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
 
     fitting = bool(fits and (fits.get("optimal") or fits.get("channel_map")))
 
-    def fit_pass() -> float:
-        """(C): the analysis with the fitted alignments; the seconds of its calibration pass and fits."""
+    def fit_pass() -> dict:
+        """(C): the analysis with the fitted alignments; the seconds of its calibration pass and fits, and their phases."""
         report = analyze(loaded, transforms=spec, images=images, batch_size=batch_size, mask=mask, max_images=max_images,
                          amp=amp, channels_last=channels_last, workers=workers, **fits)
-        return report.meta["fits"]["seconds"]
+        return report.meta["fits"]
 
     interleaved_pass()  # warm-up: allocator, kernel selection, file cache
     if fitting:
@@ -231,9 +233,15 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
     forward_images = sum(fed.values())
     fitted = {}
     if fitting:
-        fit_seconds = statistics.median(fit_runs)
+        fit_seconds = statistics.median(run["seconds"] for run in fit_runs)
+        # C right after B of the same repeat: their ratio is less exposed to drift in the machine's speed
+        per_repeat = [run["seconds"] / b for run, b in zip(fit_runs, summary["analysis"]["all"])]
         fitted = {"fits": {k: v for k, v in fits.items() if v}, "fit_seconds": round(fit_seconds, 3),
-                  "fit_ratio": round(fit_seconds / analysis_seconds, 3), "all_fit_seconds": [round(v, 3) for v in fit_runs]}
+                  "fit_ratio": round(fit_seconds / analysis_seconds, 3),
+                  "fit_ratio_per_repeat": [round(v, 3) for v in per_repeat],
+                  "fit_phase_seconds": {k: round(statistics.median(run["phase_seconds"][k] for run in fit_runs), 3)
+                                        for k in fit_runs[0]["phase_seconds"]},
+                  "all_fit_seconds": [round(run["seconds"], 3) for run in fit_runs]}
     return fitted | {
         "model": cfg.model_name,
         "model_options": setup.options.as_json(),

@@ -215,7 +215,7 @@ def analyze(
         fits: dict[tuple[str, str, str], PairFit] = {}
         if calibration is not None:
             fit_started = time.perf_counter()
-            fits, done = _calibrate(calibration, feeder, capture, request, dev, progress, total)
+            fits, done, fit_phases = _calibrate(calibration, feeder, capture, request, dev, progress, total)
             fit_seconds = time.perf_counter() - fit_started
         with torch.inference_mode():
             for batch in _timed(stream, timer):
@@ -282,7 +282,7 @@ def analyze(
             "optimal": list(request.optimal), "channel_map": list(request.channel_map), "ridge": request.ridge,
             "search_steps": request.search_steps, "calibration_images": list(calibration.used),
             "calibration_skipped": [{"path": p, "reason": r} for p, r in calibration.skipped],
-            "seconds": round(fit_seconds, 3),
+            "seconds": round(fit_seconds, 3), "phase_seconds": fit_phases,
         }
     rows.sort(key=lambda item: item[0])  # batch order; stable within a batch
     per_image_table = pd.DataFrame([row for _, row in rows]) if per_image else None
@@ -317,9 +317,11 @@ def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture,
     """Feed the calibration split and fit; gradients are needed later, so no inference tensors here."""
     calibrator = Calibrator(request, feeder.image_size)
     done = 0
-    with torch.no_grad():
+    started = time.perf_counter()
+    # Fits need a, b, g^-1 b and the chance partner only: no round trips, registered shifts or model outputs.
+    with torch.no_grad(), capture.layers_only():
         for batch in stream:
-            for pair in feeder.pairs(batch.pixels.to(dev, non_blocking=True), capture, batch.partner):
+            for pair in feeder.pairs(batch.pixels.to(dev, non_blocking=True), capture, batch.partner, controls=False):
                 calibrator.update(pair)
             done += batch.pixels.shape[0]
             if progress is not None:
@@ -327,7 +329,10 @@ def _calibrate(stream: ImageStream, feeder: PairFeeder, capture: FeatureCapture,
     if len(stream.used) < MIN_PER_SPLIT:
         raise ImageError(f"only {len(stream.used)} calibration images were readable ({len(stream.skipped)} skipped); "
                          f"fits need at least {MIN_PER_SPLIT}; pass more readable images")
-    return calibrator.fit(), done
+    passed = time.perf_counter() - started
+    fits = calibrator.fit()
+    seconds = {"calibration_pass": round(passed, 3)} | {name: round(v, 3) for name, v in calibrator.seconds.items()}
+    return fits, done, seconds
 
 
 def count_nonfinite(values: dict[str, torch.Tensor]) -> torch.Tensor:

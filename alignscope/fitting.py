@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,7 +23,7 @@ import torch
 from .channels import CHANNEL_MAPS, ChannelStatistic, apply_linear, apply_permutation, choose_ridge
 from .errors import UsageError
 from .pairs import LayerPair
-from .warpsearch import SEARCH_KINDS, WarpFit, analytic_matrix, charged_sq_distance, sample_with, search_warp
+from .warpsearch import SEARCH_KINDS, WarpFit, analytic_matrix, charged_sq_distance, sample_with, search_warps
 
 log = logging.getLogger("alignscope")
 
@@ -213,27 +214,25 @@ class Calibrator:
         return [matrix] if np.isfinite(matrix).all() else []
 
     def fit(self, progress=None) -> dict[tuple[str, str, str], PairFit]:
+        """Every requested fit of every collected (layer, transform); the seconds each kind took go to :attr:`seconds`."""
         fits = {}
+        self.seconds = {"warp_search": 0.0, "channel_maps": 0.0}
         for done, (key, slot) in enumerate(self.collected.items(), start=1):
             pair = self.pairs[key]
             fit = PairFit(circular=pair.transform.circular)
+            started = time.perf_counter()
             if self.request.optimal:
                 reference, moved, chance = torch.cat(slot.references), torch.cat(slot.moved), torch.cat(slot.chance)
-                family = None
-                control = self.request.smoothing_control
-                starts = self._registered_start(pair)
-                if "family" in self.request.optimal:
-                    family = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "family",
-                                         self.request.search_steps, starts=starts, smoothing_control=control)
-                    fit.family = family
-                if "affine" in self.request.optimal:
-                    fit.affine = search_warp(reference, moved, slot.mask, chance, pair.transform, pair.stride, "affine",
-                                             self.request.search_steps,
-                                             starts=starts + ([] if family is None else [family.matrix]),
-                                             smoothing_control=control)
+                found = search_warps(reference, moved, slot.mask, chance, pair.transform, pair.stride,
+                                     [kind for kind in SEARCH_KINDS if kind in self.request.optimal],
+                                     self.request.search_steps, starts=self._registered_start(pair),
+                                     smoothing_control=self.request.smoothing_control)
+                fit.family, fit.affine = found.get("family"), found.get("affine")
                 fit.analytic = analytic_matrix(pair.transform, *reference.shape[-2:], pair.stride)
                 slot.references.clear()
                 slot.moved.clear()
+            searched = time.perf_counter()
+            self.seconds["warp_search"] += searched - started
             if slot.halves:
                 first, second = slot.halves
                 if "linear" in self.request.channel_map:
@@ -250,6 +249,7 @@ class Calibrator:
                     fit.permutation_calibration = {
                         "identity": merged.permuted_squared_error(torch.arange(merged.channels)) / total if total > 0 else None,
                         "permuted": merged.permuted_squared_error(fit.permutation) / total if total > 0 else None}
+            self.seconds["channel_maps"] += time.perf_counter() - searched
             fits[key] = fit
             if progress is not None:
                 progress(done, len(self.collected))

@@ -14,11 +14,12 @@ on error.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -396,6 +397,7 @@ class FeatureCapture:
         self.layers = list(layers)
         self.output_classes = output_classes
         self.stop_early = stop_early and output_classes is None
+        self._stop_early_asked = stop_early
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captured: dict[str, torch.Tensor] = {}
         self._batch = 0
@@ -453,6 +455,16 @@ class FeatureCapture:
                                  f"{self.output_classes}); pass images of the model's input size or analyze with output=False")
             captured[MODEL_OUTPUT] = result
         return captured
+
+    @contextlib.contextmanager
+    def layers_only(self) -> Iterator["FeatureCapture"]:
+        """Within this block the model's output is not returned, so a forward pass may stop after the last layer."""
+        saved = self.output_classes, self.stop_early
+        self.output_classes, self.stop_early = None, self._stop_early_asked
+        try:
+            yield self
+        finally:
+            self.output_classes, self.stop_early = saved
 
     def close(self) -> None:
         for handle in self._handles:

@@ -225,7 +225,8 @@ class PairFeeder:
                 needed.append((disk, residual))
         return needed
 
-    def model_inputs(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> Iterator[tuple[Transform, bool, str, torch.Tensor | None]]:
+    def model_inputs(self, x: torch.Tensor, partner: torch.Tensor | None = None, controls: bool = True
+                     ) -> Iterator[tuple[Transform, bool, str, torch.Tensor | None]]:
         """The batches the model is fed for the batch ``x``, as ``(transform, disk, kind, batch)``.
 
         ``kind`` is ``"reference"`` (x, disk-masked for disk transforms; with
@@ -235,6 +236,8 @@ class PairFeeder:
         ``batch`` is ``None`` for the identity, whose maps are the reference's.
         Then ``"registered"``: tau_r x for the residuals r of this transform
         not fed before in this batch, stacked in :meth:`_shifts_needed` order.
+        ``controls=False`` leaves out the round trips (the floor) and the
+        registered shifts: only x, its partner and g x are fed.
         """
         n = x.shape[0]
         if n < 2 and partner is None:
@@ -256,22 +259,25 @@ class PairFeeder:
                 continue
             with self.timer("warping"):
                 xt = warp(inputs[disk], transform, 1.0, self.fill)
-                exact = is_exact(transform, x.shape, 1.0)
+                exact = is_exact(transform, x.shape, 1.0) or not controls
                 batch = xt if exact else torch.cat([xt, inverse_warp(xt, transform, 1.0, self.fill)])
             yield transform, disk, "moved" if exact else "moved+roundtrip", batch
-            shifts = self._shifts_needed(transform, disk, shifted)
+            shifts = self._shifts_needed(transform, disk, shifted) if controls else []
             if shifts:
                 with self.timer("warping"):
                     # zero fill: what the network's own zero padding shows beyond the image
                     batch = torch.cat([warp(inputs[disk], registration_shift(r), 1.0, 0.0) for _, r in shifts])
                 yield transform, disk, "registered", batch
 
-    def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None) -> Iterator[LayerPair]:
+    def pairs(self, x: torch.Tensor, capture: FeatureCapture, partner: torch.Tensor | None = None,
+              controls: bool = True) -> Iterator[LayerPair]:
         """All (transform, layer) pairs of the batch ``x`` (normalized images on the device).
 
         ``partner`` (1, 3, H, W) is the image before the batch's first image in the
         whole order (``None`` only for the batch that starts it; a batch of one image
-        always needs one).
+        always needs one). ``controls=False`` (the calibration pass, which needs only
+        a, b, g^-1 b and the partner): no round trips and no registered comparison,
+        so their forward passes are not run and those fields of the pairs are empty.
         """
         n = x.shape[0]
         self.output_pairs = []
@@ -280,13 +286,13 @@ class PairFeeder:
         shifted_maps: dict[tuple[bool, Residual], dict[str, torch.Tensor]] = {}
         shifted: set = set()
         pending: list[tuple[Transform, bool, dict, torch.Tensor | None]] = []
-        for transform, disk, kind, batch in self.model_inputs(x, partner):
+        for transform, disk, kind, batch in self.model_inputs(x, partner, controls):
             if kind == "registered":
                 maps = self._forward(capture, batch)
                 for index, key in enumerate(self._shifts_needed(transform, disk, shifted)):
                     shifted_maps[key] = {name: v[index * n:(index + 1) * n] for name, v in maps.items()}
                 continue
-            yield from self._emit(pending, references, partners, shifted_maps)
+            yield from self._emit(pending, references, partners, shifted_maps, controls)
             pending = []
             if kind == "reference":
                 maps = self._forward(capture, batch)
@@ -306,9 +312,10 @@ class PairFeeder:
                     roundtrip = {k: v[n:] for k, v in maps.items()}
             # held back until the transform's residual shifts (the next input, if any) have run
             pending = [(transform, disk, moved, roundtrip)]
-        yield from self._emit(pending, references, partners, shifted_maps)
+        yield from self._emit(pending, references, partners, shifted_maps, controls)
 
-    def _emit(self, pending: list, references: dict, partners: dict, shifted_maps: dict) -> Iterator[LayerPair]:
+    def _emit(self, pending: list, references: dict, partners: dict, shifted_maps: dict,
+              controls: bool = True) -> Iterator[LayerPair]:
         for transform, disk, moved, roundtrip in pending:
             reference = references[disk]
             for layer in self.layers:
@@ -316,7 +323,8 @@ class PairFeeder:
                 with self.timer("warping"):
                     aligned = inverse_warp(b, transform, float(layer.stride or 1))
                     mask = self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1])
-                    registered = self._register(layer, transform, disk, a, b, aligned, mask, shifted_maps)
+                    registered = self._register(layer, transform, disk, a, b, aligned, mask, shifted_maps) \
+                        if controls else {}
                 yield LayerPair(
                     layer=layer, transform=transform, disk=disk, reference=a, moved=b, aligned=aligned,
                     other=partners[disk][layer.name], mask=mask,

@@ -86,18 +86,27 @@ class GradientSampler:
         padded = F.pad(self.source, (0, 0, 1, 1))
         self.diff_y = padded[..., 1:, :] - padded[..., :-1, :]
 
-    def __call__(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        source = self.source
-        theta = matrices[:, :2].to(source.dtype)
+    def _grid(self, matrices: torch.Tensor) -> torch.Tensor:
+        theta = matrices[:, :2].to(self.source.dtype)
         theta = _padded_frame(theta, self.height, self.width) if self.circular else theta
-        batch, channels, src_h, src_w = source.shape
-        k, height, width = theta.shape[0], self.height, self.width
-        grid = F.affine_grid(theta, [k, 1, height, width], align_corners=False)  # (K, H, W, 2): x, y
+        return F.affine_grid(theta, [theta.shape[0], 1, self.height, self.width], align_corners=False)  # (K, H, W, 2)
 
-        def sample(src: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-            points = points.reshape(1, k * height, width, 2).expand(batch, -1, -1, -1)
-            out = F.grid_sample(src, points, mode="bilinear", padding_mode="zeros", align_corners=False)
-            return out.reshape(batch, channels, k, height, width)
+    def _sample(self, src: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        batch, channels = self.source.shape[:2]
+        k, height, width = points.shape[:3]
+        points = points.reshape(1, k * height, width, 2).expand(batch, -1, -1, -1)
+        out = F.grid_sample(src, points, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.reshape(batch, channels, k, height, width)
+
+    def values(self, matrices: torch.Tensor) -> torch.Tensor:
+        """The samples alone, (B, C, K, H, W): the first of what calling the sampler returns, at a third of the cost."""
+        return self._sample(self.source, self._grid(matrices))
+
+    def __call__(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        source, sample = self.source, self._sample
+        src_h, src_w = source.shape[-2:]
+        height, width = self.height, self.width
+        grid = self._grid(matrices)  # (K, H, W, 2): x, y
 
         column = torch.floor(((grid[..., 0] + 1) * src_w - 1) / 2) + 1
         d_x = sample(self.diff_x, torch.stack([(2 * column + 1) / (src_w + 1) - 1, grid[..., 1]], dim=-1))
@@ -152,6 +161,7 @@ class WarpObjective:
         self.analytic_inverse = torch.linalg.inv(self.analytic)
         self.circular, self.smoothing_control = circular, smoothing_control
         self.budget = budget
+        self._score_cache: dict[tuple, tuple[float, float]] = {}
         if smoothing_control:
             self.residual = self.reference - sample_with(self.moved, self.analytic, circular)
 
@@ -190,6 +200,26 @@ class WarpObjective:
         """(K,) the smoothing charge alone of the (K, 3, 3) matrices, weighted as the objective (0 at g^-1)."""
         return self._weighted(torch.cat([self._averaging_gain(chunk) for chunk in self._chunks(matrices, 2)], dim=1))
 
+    def scores(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) charged and (K,) plain objective of the (K, 3, 3) float64 matrices, from one resampling of each
+        (charged = plain where ``smoothing_control`` is off).
+
+        Scores are remembered per matrix (entries rounded to 1e-12): searches sharing this objective
+        (the affine search starts where the family search ended) do not score a warp twice.
+        """
+        keys = [tuple(row) for row in torch.round(matrices[:, :2].reshape(-1, 6).double().cpu() * 1e12).tolist()]
+        todo = [i for i, key in enumerate(keys) if key not in self._score_cache]
+        if todo:
+            plain, gains = [], []
+            for chunk in self._chunks(matrices[todo], 3):
+                plain.append(self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk, self.circular)))
+                gains.append(self._averaging_gain(chunk) if self.smoothing_control else torch.zeros_like(plain[-1]))
+            plain, gain = torch.cat(plain, dim=1), torch.cat(gains, dim=1)
+            for i, charged_i, plain_i in zip(todo, self._weighted(plain + gain).tolist(), self._weighted(plain).tolist()):
+                self._score_cache[keys[i]] = (charged_i, plain_i)
+        charged, plain = zip(*(self._score_cache[key] for key in keys))
+        return torch.tensor(charged, dtype=torch.float64), torch.tensor(plain, dtype=torch.float64)
+
     def per_image(self, matrices: torch.Tensor, charge: bool | None = None) -> torch.Tensor:
         """(N, K) float64 squared distances (not divided by chance), charged if ``charge`` (default: as configured)."""
         charge = self.smoothing_control if charge is None else charge
@@ -209,16 +239,16 @@ class WarpObjective:
         No autograd. The loss agrees with :meth:`plain` up to float32 rounding (the weights are applied
         before the sums, not after).
         """
-        n, c, h, w = self.reference.shape
         # 1 / chance^2 and the 1 / N of the mean folded into the maps (as square roots), the mask into the
         # per-cell sums: then every sum over images and channels is a plain one over contiguous rows.
         reference, sampler = self._weighted_maps
+        n, c, h, w = reference.shape
         mask = self.mask.reshape(1, h * w).double()
         losses, gradients, hessians = [], [], []
         for chunk in self._chunks(matrices, 3):
             k = len(chunk)
             values, d_x, d_y = (t.reshape(n * c, k * h * w) for t in sampler(chunk))
-            diff = (reference.unsqueeze(2) - values.reshape(n, c, k, h, w)).reshape(n * c, k * h * w)
+            diff = self._mismatch(reference, values, k)
             del values
             sums = torch.stack([(diff * diff).sum(0), (diff * d_x).sum(0), (diff * d_y).sum(0),
                                 (d_x * d_x).sum(0), (d_x * d_y).sum(0), (d_y * d_y).sum(0)])
@@ -230,11 +260,49 @@ class WarpObjective:
             hessians.append(2 * hessian.permute(2, 0, 3, 1, 4).reshape(k, 6, 6))
         return torch.cat(losses), torch.cat(gradients), torch.cat(hessians)
 
+    def descent_loss(self, matrices: torch.Tensor) -> torch.Tensor:
+        """(K,) float64 plain objective computed exactly as :meth:`gauss_newton` computes its loss, from the samples alone.
+
+        The descent compares a trial point's loss with the current one's; both come from the same
+        operations in the same order, so a comparison is never decided by rounding differences.
+        """
+        reference, sampler = self._weighted_maps
+        n, c, h, w = reference.shape
+        mask = self.mask.reshape(1, h * w).double()
+        losses = []
+        for chunk in self._chunks(matrices, 1):
+            k = len(chunk)
+            diff = self._mismatch(reference, sampler.values(chunk).reshape(n * c, k * h * w), k)
+            losses.append(((diff * diff).sum(0).double().reshape(k, h * w) * mask).sum(dim=1))
+        return torch.cat(losses)
+
+    @staticmethod
+    def _mismatch(reference: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+        """(N C, K h w) rows of a - b(W .) for the K candidates, from (N C, K h w) rows of samples."""
+        n, c, h, w = reference.shape
+        return (reference.unsqueeze(2) - values.reshape(n, c, k, h, w)).reshape(n * c, k * h * w)
+
     @cached_property
     def _weighted_maps(self) -> tuple[torch.Tensor, GradientSampler]:
-        """The reference and a sampler of the moved maps, each image scaled by sqrt(1 / (N chance^2))."""
-        scale = (self.inv_chance_sq / self.reference.shape[0]).sqrt().to(self.reference.dtype)[:, None, None, None]
-        return self.reference * scale, GradientSampler(self.moved * scale, self.circular)
+        """The reference and a sampler of the moved maps, each image scaled by sqrt(1 / (N chance^2)).
+
+        With more (image, channel) rows than twice the cells (deep layers: many channels, small maps)
+        the N C rows of [a | b] are replaced by the 2 h w rows of R from its QR decomposition. Every
+        term of the descent (loss, gradient, Gauss-Newton matrix) is a sum over rows of products of
+        a_r and linear functions of b_r (sampling and its derivatives are linear in the map), i.e. a
+        function of [a | b]^T [a | b] = R^T R, so the reduced rows give the same terms exactly (up to
+        rounding), at a fraction of the resampling.
+        """
+        dtype = self.reference.dtype
+        scale = (self.inv_chance_sq / self.reference.shape[0]).sqrt().to(dtype)[:, None, None, None]
+        reference, moved = self.reference * scale, self.moved * scale
+        n, c, h, w = reference.shape
+        if n * c > 2 * h * w:
+            rows = torch.cat([reference.reshape(n * c, h * w), moved.reshape(n * c, h * w)], dim=1).double()
+            reduced = torch.linalg.qr(rows, mode="r")[1]  # (2 h w, 2 h w), R^T R = rows^T rows
+            reference = reduced[:, :h * w].reshape(1, 2 * h * w, h, w).to(dtype)
+            moved = reduced[:, h * w:].reshape(1, 2 * h * w, h, w).to(dtype)
+        return reference, GradientSampler(moved, self.circular)
 
     @cached_property
     def _coord_products(self) -> torch.Tensor:

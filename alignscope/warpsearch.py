@@ -196,22 +196,35 @@ def analytic_matrix(transform: Transform, height: int, width: int, stride: float
     return family.normalized(family.init).numpy()
 
 
+def _matrix_jacobian(to_matrices, u: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
+    """(K, 6, P) derivatives of the top six matrix entries with respect to the (K, P) search units.
+
+    Central differences in float64, all K x 2P evaluations in one batched call: a matrix entry is a
+    smooth function of a handful of parameters of order one, so the error (step^2 times the third
+    derivative, about 1e-12) is far below anything the Gauss-Newton system resolves; for the affine
+    search the map is linear and the differences are exact up to rounding.
+    """
+    k, n_params = u.shape
+    offsets = torch.eye(n_params, dtype=u.dtype, device=u.device) * step
+    points = torch.cat([(u[:, None, :] + offsets).reshape(-1, n_params), (u[:, None, :] - offsets).reshape(-1, n_params)])
+    entries = to_matrices(points)[:, :2].reshape(2, k, n_params, 6)
+    return ((entries[0] - entries[1]) / (2 * step)).transpose(1, 2)
+
+
 def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps: int, tolerance: float) -> torch.Tensor:
     """Levenberg-Marquardt on the plain distance from S starts at once, in search units u; (S, P) end points.
 
-    ``to_matrices`` maps (K, P) to (K, 3, 3) sampling matrices (differentiable); the Gauss-Newton
-    terms in the matrix entries (:meth:`WarpObjective.gauss_newton`) are carried to u by its
-    Jacobian. A step is taken only where it lowers the distance. Each start takes at most ``steps``
-    trial steps and stops once a step moves no parameter by more than ``tolerance`` units (or its
-    damping has grown past any useful step).
+    ``to_matrices`` maps (K, P) to (K, 3, 3) sampling matrices; the Gauss-Newton terms in the
+    matrix entries (:meth:`WarpObjective.gauss_newton`) are carried to u by its Jacobian. A trial
+    step is scored by its loss alone (one resampling); the derivatives (three) are computed only
+    where a step was taken and the descent goes on. A step is taken only where it lowers the
+    distance. Each start takes at most ``steps`` trial steps and stops once a step moves no
+    parameter by more than ``tolerance`` units (or its damping has grown past any useful step).
     """
-    n_params = starts.shape[1]
 
     def terms(u: torch.Tensor):
-        # (K, 6, P): rows are independent, so the Jacobian of the row sum holds each row's own
-        jacobian = torch.autograd.functional.jacobian(lambda v: to_matrices(v)[:, :2].reshape(-1, 6).sum(dim=0), u)
-        jacobian = jacobian.permute(1, 0, 2)
-        loss, gradient, hessian = objective.gauss_newton(to_matrices(u).detach())
+        jacobian = _matrix_jacobian(to_matrices, u)
+        loss, gradient, hessian = objective.gauss_newton(to_matrices(u))
         return loss, jacobian.transpose(1, 2) @ gradient.unsqueeze(2), jacobian.transpose(1, 2) @ hessian @ jacobian
 
     u = starts.clone()
@@ -228,16 +241,18 @@ def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps:
         system = h + torch.diag_embed(damping[rows, None] * diagonal + floor)
         step = -torch.linalg.solve(system, gradient[rows]).squeeze(2)
         trial = u[rows] + step
-        trial_loss, trial_gradient, trial_hessian = terms(trial)
+        trial_loss = objective.descent_loss(to_matrices(trial))
         accepted = torch.isfinite(trial_loss) & (trial_loss < loss[rows])
         moved_rows = rows[accepted]
         u[moved_rows], loss[moved_rows] = trial[accepted], trial_loss[accepted]
-        gradient[moved_rows], hessian[moved_rows] = trial_gradient[accepted], trial_hessian[accepted]
         damping[moved_rows] = (damping[moved_rows] / 10).clamp(min=1e-9)
         damping[rows[~accepted]] *= 10
         # done: a step within the tolerance (taken, or not even that helps), or no useful step left
         done = (step.abs().amax(dim=1) <= tolerance) | (~accepted & (damping[rows] > 1e8))
         active[rows[done]] = False
+        refresh = moved_rows[active[moved_rows]]
+        if len(refresh):
+            _, gradient[refresh], hessian[refresh] = terms(u[refresh])
     return u
 
 
@@ -273,7 +288,34 @@ def search_warp(
     """
     if kind not in SEARCH_KINDS:
         raise ValueError(f"kind must be one of {SEARCH_KINDS}, got {kind!r}")
-    extra = [torch.as_tensor(m, dtype=torch.float64) for m in (list(starts or []) + ([start] if start is not None else []))]
+    extra = list(starts or []) + ([start] if start is not None else [])
+    return search_warps(reference, moved, mask, chance, transform, stride, (kind,), steps, extra,
+                        smoothing_control, tolerance)[kind]
+
+
+def search_warps(
+    reference: torch.Tensor,
+    moved: torch.Tensor,
+    mask: torch.Tensor,
+    chance: torch.Tensor,
+    transform: Transform,
+    stride: float = 1.0,
+    kinds: Sequence[str] = SEARCH_KINDS,
+    steps: int = 60,
+    starts: Sequence[np.ndarray | torch.Tensor] | None = None,
+    smoothing_control: bool = True,
+    tolerance: float = TOLERANCE,
+) -> dict[str, WarpFit]:
+    """Several searches on the same calibration maps, sharing their set-up; ``{kind: WarpFit}``.
+
+    Arguments as :func:`search_warp`. The objective, its coarse levels and g^-1's loss are built
+    once; the affine search (if asked for) runs after the family search and also starts from its
+    optimum. Each result equals :func:`search_warp` with that kind and those extra starts.
+    """
+    unknown = [kind for kind in kinds if kind not in SEARCH_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be among {SEARCH_KINDS}, got {list(kinds)!r}")
+    extra = [torch.as_tensor(m, dtype=torch.float64) for m in (starts or [])]
     for m in extra:
         if tuple(m.shape) not in ((3, 3), (2, 3)):
             raise ValueError(f"a start must be a 3 x 3 or 2 x 3 sampling matrix, got shape {tuple(m.shape)}")
@@ -281,7 +323,26 @@ def search_warp(
     family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
     analytic = family.normalized(family.init)
     objective = WarpObjective(reference, moved, mask, chance, analytic, transform.circular, smoothing_control)
+    # Coarse to fine: on a large map, descend first on 2 x 2 averages of the maps (the same normalized frame),
+    # then from there on the maps themselves, where the last steps are taken.
+    levels = objective.pyramid(_COARSEST)
+    with torch.no_grad():
+        analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
+    fits: dict[str, WarpFit] = {}
+    for kind in ("family", "affine"):
+        if kind not in kinds:
+            continue
+        more = [torch.as_tensor(fits["family"].matrix, dtype=torch.float64)] if kind == "affine" and "family" in fits else []
+        fits[kind] = _search(objective, levels, family, analytic, analytic_loss, stride, kind, steps, extra + more,
+                             smoothing_control, tolerance)
+    return {kind: fits[kind] for kind in kinds}
 
+
+def _search(objective: WarpObjective, levels: list[WarpObjective], family: _Family, analytic: torch.Tensor,
+            analytic_loss: float, stride: float, kind: str, steps: int, extra: list[torch.Tensor], smoothing_control: bool,
+            tolerance: float) -> WarpFit:
+    """One search (see :func:`search_warp`) on a built objective and its coarse levels."""
+    height, width = objective.reference.shape[-2:]
     if kind == "family":
         units = family.units(cell=stride)
 
@@ -301,40 +362,54 @@ def search_warp(
 
         candidates = [(m[:2].reshape(-1) - base) / units for m in extra]
 
-    def loss_of(u: torch.Tensor) -> torch.Tensor:
-        return objective(to_matrices(u))
-
     origin = torch.zeros(len(units), dtype=torch.float64)
-    with torch.no_grad():
-        analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
-        starting = [origin, *candidates]
-        if kind == "family":
-            starting.append(_grid_best(loss_of, len(units)))
+    starting = [origin, *candidates]
+    if kind == "family":
+        # A coarse grid around g^-1, scored as the result will be (on the maps themselves, with the charge:
+        # whole-cell shifts, which the charge does not penalise, often win there); the scores are kept.
+        with torch.no_grad():
+            starting.append(_grid_best(lambda u: objective.scores(to_matrices(u))[0 if smoothing_control else 1],
+                                       len(units)))
     starting = torch.unique(torch.stack(starting), dim=0)
-    # Coarse to fine: on a large map, descend first on 2 x 2 averages of the maps (the same normalized frame),
-    # then from there on the maps themselves, where the last steps are taken.
     ends = starting
-    for level in objective.pyramid(_COARSEST):
-        ends = _descend(level, to_matrices, torch.unique(ends, dim=0), steps, tolerance)
+    for depth, level in enumerate(levels):
+        # A coarse level's cells are 2^k of the map's: its descent stops at the same fraction of its own
+        # cell, which the next level refines; only the last level stops at ``tolerance`` itself.
+        level_tolerance = tolerance * 2 ** (len(levels) - 1 - depth)
+        ends = _descend(level, to_matrices, _distinct(ends, level_tolerance), steps, level_tolerance)
     # Descent follows the plain distance (its gradient is smooth; the charge's nearest-cell term is piecewise
-    # constant); the starts and the points the descents end at are then scored with the charge, in one batch.
+    # constant); the starts and the points the descents end at are then scored with the charge, in one batch
+    # (g^-1's own score is its plain loss, known already).
     points = torch.unique(torch.cat([starting, ends]), dim=0)
-    with torch.no_grad():
-        scores = (loss_of(points) if smoothing_control else objective.plain(to_matrices(points))).cpu()
-    best_u, best = origin, analytic_loss
-    if float(scores.min()) < best:
-        index = int(scores.argmin())
-        best_u, best = points[index], float(scores[index])
-    with torch.no_grad():
-        matrix = to_matrices(best_u.unsqueeze(0))[0]
-        plain = float(objective.plain(matrix.unsqueeze(0))[0])
-    matrix = matrix.numpy()
+    points = points[points.abs().amax(dim=1) > 0]
+    best_u, best, plain = origin, analytic_loss, analytic_loss
+    if len(points):
+        with torch.no_grad():
+            charged, plain_scores = (t.cpu() for t in objective.scores(to_matrices(points)))
+        scores = charged if smoothing_control else plain_scores
+        if float(scores.min()) < best:
+            index = int(scores.argmin())
+            best_u, best, plain = points[index], float(scores[index]), float(plain_scores[index])
+    matrix = to_matrices(best_u.unsqueeze(0))[0].numpy()
     if kind == "family":
         values = family.init + best_u * units
         return WarpFit("family", matrix, family.spec(values), best, analytic_loss, family.params(values), plain,
                        smoothing_control)
     spec = "affine[" + ";".join(",".join(f"{v:.4g}" for v in row) for row in matrix[:2]) + "]"
     return WarpFit("affine", matrix, spec, best, analytic_loss, {"matrix": matrix[:2].tolist()}, plain, smoothing_control)
+
+
+def _distinct(points: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """(S, P) points less those within ``tolerance`` units (every parameter) of an earlier one.
+
+    Starts that descended into the same point on a coarse level go on as one: the search could not
+    tell them apart anyway, since a descent stops once its steps are that small.
+    """
+    kept: list[torch.Tensor] = []
+    for point in points:
+        if all(float((point - other).abs().max()) > tolerance for other in kept):
+            kept.append(point)
+    return torch.stack(kept)
 
 
 def _grid_best(loss_of, n_params: int) -> torch.Tensor:

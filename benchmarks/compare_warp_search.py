@@ -89,6 +89,9 @@ def fit_pair(module, item: dict, steps: int, kinds: tuple[str, ...]) -> tuple[di
     g = parse_transform(item["transform"])[0]
     args = (item["reference"], item["moved"], item["mask"], item["chance"], g, item["stride"])
     started = time.perf_counter()
+    if hasattr(module, "search_warps"):  # one set-up shared by both searches, as Calibrator.fit runs it
+        fits = module.search_warps(*args, [k for k in module.SEARCH_KINDS if k in kinds], steps, starts=list(item["starts"]))
+        return fits, time.perf_counter() - started
     fits, family = {}, None
     if "family" in kinds:
         family = fits["family"] = module.search_warp(*args, "family", steps, starts=list(item["starts"]))

@@ -151,8 +151,12 @@ def _bench_lines(result: dict) -> list[str]:
     shares = ", ".join(f"{k} {v:.1%}" for k, v in result["phase_share"].items())
     lines.append(f"time in the analysis:    {shares}")
     if "fit_seconds" in result:
+        per_repeat = result["fit_ratio_per_repeat"]
         lines.append(f"fits (C):                {result['fit_seconds']:.2f} s  = {result['fit_ratio']:.3f} x B "
-                     f"(calibration pass and {', '.join(v for vs in result['fits'].values() if isinstance(vs, list) for v in vs)})")
+                     f"(calibration pass and {', '.join(v for vs in result['fits'].values() if isinstance(vs, list) for v in vs)}; "
+                     f"C/B per repeat {min(per_repeat):.2f}-{max(per_repeat):.2f})")
+        lines.append("  of which:              " + ", ".join(
+            f"{name.replace('_', ' ')} {seconds:.2f} s" for name, seconds in result["fit_phase_seconds"].items()))
     lines.append(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB ({result['peak_rss_of']})")
     if "memory_scaling" in result:
         scaling = result["memory_scaling"]

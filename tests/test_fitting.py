@@ -181,6 +181,25 @@ def test_linear_map_recovers_a_mixing_and_cross_validation_prefers_small_ridge()
     torch.testing.assert_close(merged.fit_linear(1e9), torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("channels", [6, 120])
+def test_cross_validated_ridge_scores_are_those_of_the_fitted_maps(channels):
+    """choose_ridge's scores (computed in the Gram matrix's eigenbasis) equal fitting on one half and scoring the
+    other with fit_linear and squared_error, also with more channels than cells (a singular Gram matrix)."""
+    torch.manual_seed(1)
+    a = torch.randn(4, channels, 7, 7)
+    b = 0.5 * a.roll(1, dims=1) + torch.randn(4, channels, 7, 7)
+    halves = [ChannelStatistic(channels), ChannelStatistic(channels)]
+    for i, half in enumerate(halves):
+        half.update(a[i::2], b[i::2], torch.ones(7, 7))
+    ridge, scores = choose_ridge(*halves)
+    first, second = halves
+    total = float(first.sq_a.sum() + second.sq_a.sum())
+    for candidate, score in scores.items():
+        direct = (second.squared_error(first.fit_linear(candidate)) + first.squared_error(second.fit_linear(candidate))) / total
+        assert score == pytest.approx(direct, rel=1e-9)
+    assert scores[ridge] == min(scores.values())
+
+
 class Marker(nn.Module):
     """A 1x1 identity convolution: the map is the image, so each image's marker value is visible in its maps."""
 

@@ -59,16 +59,25 @@ def test_sampled_derivatives_are_those_of_the_bilinear_interpolant(circular, siz
 
 
 @pytest.mark.parametrize("circular", [False, True])
-def test_gauss_newton_terms_match_autograd(circular):
-    """Loss as plain(); gradient = autograd's; hessian = 2 J^T J with J the weighted residuals' Jacobian."""
-    a, b = smooth_field(n=3, c=2, height=9, width=11), smooth_field(n=3, c=2, height=9, width=11, seed=1)
+@pytest.mark.parametrize("channels, height, width", [(2, 9, 11), (40, 4, 5)])
+def test_gauss_newton_terms_match_autograd(circular, channels, height, width):
+    """Loss as plain(); gradient = autograd's; hessian = 2 J^T J with J the weighted residuals' Jacobian.
+
+    The second shape has more (image, channel) rows (120) than twice its cells (40): the descent's
+    terms come from the QR-reduced rows there, and must still be those of every image and channel.
+    """
+    a = smooth_field(n=3, c=channels, height=height, width=width)
+    b = smooth_field(n=3, c=channels, height=height, width=width, seed=1)
     g = parse_transform("rotate10")[0]
-    mask = valid_mask(g, 9, 11, 1.0)
+    mask = valid_mask(g, height, width, 1.0)
     chance = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
-    objective = WarpObjective(a, b, mask, chance, torch.as_tensor(analytic_matrix(g, 9, 11)), circular, dtype=torch.float64)
+    objective = WarpObjective(a, b, mask, chance, torch.as_tensor(analytic_matrix(g, height, width)), circular,
+                              dtype=torch.float64)
     matrices = random_matrices(3, seed=2)
     loss, gradient, hessian = objective.gauss_newton(matrices)
+    assert objective._weighted_maps[0].shape[1] == (2 * height * width if 3 * channels > 2 * height * width else channels)
     torch.testing.assert_close(loss, objective.plain(matrices))
+    torch.testing.assert_close(objective.descent_loss(matrices), loss, rtol=0, atol=0)
     for k in range(3):
         top = matrices[k, :2].reshape(6).clone().requires_grad_(True)
 
