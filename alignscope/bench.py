@@ -33,8 +33,10 @@ benchmark in two fresh processes, with and without
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import platform
 import random
@@ -59,6 +61,19 @@ from .peakmemory import SOURCE as PEAK_SOURCE
 from .peakmemory import run_measured
 from .timing import BoundaryTimer
 
+
+
+
+@contextlib.contextmanager
+def _quiet_log():
+    """Warnings of the ``alignscope`` logger are held back (errors still show)."""
+    logger = logging.getLogger("alignscope")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 def machine_info(device: torch.device) -> dict:
     """CPU model, cores, threads, torch version, the accelerator's name and how malloc was set up."""
@@ -219,12 +234,14 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
     if fitting:
         fit_pass()
     passes, phases, fit_runs = [], [], []
-    for _ in range(max(1, repeats)):
-        timing, split = interleaved_pass()
-        passes.append(timing)
-        phases.append(split)
-        if fitting:
-            fit_runs.append(fit_pass())
+    # the warm-up has said what the analysis warns of; the timed passes repeat it word for word
+    with _quiet_log():
+        for _ in range(max(1, repeats)):
+            timing, split = interleaved_pass()
+            passes.append(timing)
+            phases.append(split)
+            if fitting:
+                fit_runs.append(fit_pass())
     summary = summarize_passes(passes)
     machine = machine_info(dev)
     noise = assess_noise(summary, loads, machine["cores"])

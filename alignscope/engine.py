@@ -276,7 +276,9 @@ def analyze(
     meta = _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images, setup_seconds, loop_seconds)
     meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
     meta.update(amp=amp, channels_last=channels_last, workers=workers, world_size=context.world_size, rank=context.rank,
-                malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite_layers, output=head.as_json())
+                malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite_layers, output=head.as_json(),
+                registered_border=[{"layer": layer, "transform": spec, "shift_px": list(shift)}
+                                   for (layer, spec), shift in feeder.border_shifts.items()])
     if calibration is not None:
         meta["fits"] = {
             "optimal": list(request.optimal), "channel_map": list(request.channel_map), "ridge": request.ridge,

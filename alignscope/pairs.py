@@ -176,6 +176,8 @@ class PairFeeder:
         self.amp, self.channels_last = amp, channels_last
         self.masks: dict[tuple[str, str, bool], torch.Tensor] = {}
         self.registered_masks: dict[tuple[str, str, bool], torch.Tensor] = {}
+        # (layer, transform) -> residual shift where the registered comparison keeps border effects
+        self.border_shifts: dict[tuple[str, str], Residual] = {}
         self.image_size = tuple(int(v) for v in image_size)
         self.image_disk = disk_mask(*image_size, device=device)
         self.output_pairs: list[OutputPair] = []
@@ -209,6 +211,7 @@ class PairFeeder:
         if key not in self.registered_masks:
             mask, how = registered_mask(layer, transform, self.image_size, disk, plain)
             if how == "valid, border":
+                self.border_shifts[(layer.name, transform.spec)] = layer_residual(layer, transform, self.image_size)
                 log.warning("%s / %s: every cell's support reaches past the image, so the registered comparison keeps "
                             "the border effects of the %s px shift there (registered_fraction = valid_fraction)",
                             layer.name, transform.spec, layer_residual(layer, transform, self.image_size))

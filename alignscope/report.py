@@ -165,6 +165,13 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     if len(empty):
         lines.append(f"{len(empty)} row(s) have no valid cells and no aligned_error: "
                      + ", ".join(f"{r['layer']} / {r['transform']}" for _, r in empty.head(8).iterrows()))
+    border = meta.get("registered_border") or []
+    if border:
+        listed = ", ".join(f"{b['layer']} / {b['transform']} ({','.join(f'{v:g}' for v in b['shift_px'])} px)"
+                           for b in border[:8])
+        lines.append(f"registered comparison keeps border effects at {listed}{' ...' if len(border) > 8 else ''}: every "
+                     "cell's support there reaches past the image, so no cell is free of the shift's border "
+                     "(registered_fraction = valid_fraction)")
     above = floor_above_aligned(table)
     if len(above):
         cells = ", ".join(f"{r['transform']} at {r['layer']} ({r['floor_error']:.2f} > {r['aligned_error']:.2f})"

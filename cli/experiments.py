@@ -192,8 +192,9 @@ def _bench_lines(result: dict) -> list[str]:
               help="small: 4 conv-ReLU-BN blocks of 16-32 channels; narrow: the same with 4-8; classic: conv9x64, "
                    "conv7x64 (see the README).")
 @click.option("--variants", default="default", show_default=True,
-              help="Comma-separated: none, input, features@k, shared@k, deep@k; 'default' (none, input, features@1, "
-                   "features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
+              help="Comma-separated: none, input, features@k, shared@k, deep@k, supervised (a control: input's "
+                   "localization net trained on the true transform, the most a net of that size undoes); 'default' "
+                   "(none, input, features@1, features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--recipe", type=click.Choice(["digits", "paper"]), default="digits", show_default=True,
               help="digits: the recipe that brought the input STN closest to undoing rotation on the offline digits "

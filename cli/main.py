@@ -152,15 +152,16 @@ def analyze(options, transforms, images, max_images, batch_size, mask, amp, chan
     from alignscope.report import check_destination
 
     from alignscope.distributed import launched_world_size
-    from alignscope.gate import parse_limit
+    from alignscope.gate import check_limit_columns, parse_limit
 
     from alignscope.transforms import as_transforms
 
     ridge_value = _parse_ridge(ridge)
     if transforms:
         as_transforms(list(transforms))  # a typo fails in a moment, before the model loads
-    for text in fail_above + fail_below:  # malformed limits fail before the work
-        parse_limit(text, "--fail-above" if text in fail_above else "--fail-below")
+    for text in fail_above + fail_below:  # malformed limits and unknown columns fail before the work
+        option = "--fail-above" if text in fail_above else "--fail-below"
+        check_limit_columns([parse_limit(text, option)[0]], option)
     out_path = check_destination(out, force, inputs=images)  # before the work, not after it
     main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())

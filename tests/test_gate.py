@@ -94,6 +94,40 @@ def test_analyze_fail_above(tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # a malformed limit fails before the work
 
 
+def test_a_limit_on_a_column_no_analysis_writes_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    import alignscope
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the analysis ran")
+
+    monkeypatch.setattr(alignscope, "analyze", must_not_run)
+    assert cli("analyze", "--out", str(tmp_path / "a"), "--fail-above", "aligned_eror=0.5") == 2
+    err = capsys.readouterr().err
+    assert "aligned_eror" in err and "did you mean aligned_error" in err and "Traceback" not in err
+    assert cli("analyze", "--out", str(tmp_path / "b"), "--fail-below", "prediction_agreemnt=0.9") == 2
+    assert "prediction_agreement" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_every_numeric_column_of_a_full_table_may_carry_a_limit():
+    """With every fit and the output row, the table's numeric columns are all among those a limit may name."""
+    import torch
+    from torch import nn
+
+    import alignscope
+    from alignscope.gate import limitable_columns
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    table = alignscope.analyze(net, transforms=["hflip", "rotate10"], images=torch.rand(8, 3, 32, 32), layers=["0", "2"],
+                               input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=4,
+                               optimal=["family", "affine"], channel_map=["linear", "permutation"]).table
+    numeric = {c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])}
+    assert "optimal_affine_error" in numeric and "prediction_kl" in numeric and "registered_error" in numeric
+    assert numeric <= limitable_columns(), numeric - limitable_columns()
+
+
 def test_a_repeated_limit_keeps_the_strictest():
     from alignscope.gate import check
 

@@ -211,3 +211,17 @@ def test_the_warp_search_also_starts_from_the_registered_warp():
     assert calibrator._registered_start(SimpleNamespace(layer=SimpleNamespace(lattice=None, shape=(4, 16, 16)),
                                                         transform=hflip)) == []
     assert Calibrator(FitRequest.build(optimal="family"))._registered_start(SimpleNamespace(layer=layer, transform=hflip)) == []
+
+
+def test_border_effects_of_the_registered_comparison_reach_the_report():
+    """On 16 px images the third stride-2 layer's cells all see past the image: the registered comparison there
+    keeps the shift's border effects, and the report (not only the log) says so, naming the layer and the shift."""
+    images = noise(16)
+    torch.manual_seed(0)
+    report = alignscope.analyze(strided_net("hflip"), transforms=["hflip"], images=images, layers=["1", "3", "5"],
+                                input_size=(3, 16, 16), mean=MEAN, std=STD, batch_size=4)
+    assert report.meta["registered_border"] == [{"layer": "5", "transform": "hflip", "shift_px": [7.0, 0.0]}]
+    lines = [line for line in report.warnings() if "border effects" in line]
+    assert len(lines) == 1 and "5 / hflip (7,0 px)" in lines[0]
+    interior = report.table.set_index("layer")["registered_fraction"]
+    assert interior["1"] < 1 and interior["5"] == 1  # layer 1 keeps interior cells; layer 5 has none

@@ -312,6 +312,32 @@ def test_training_is_reproducible_and_learns(digits):
     assert len(decayed.losses) == 4 and all(math.isfinite(v) for v in decayed.losses)
 
 
+def test_supervised_control_learns_the_known_warp_and_nothing_else(digits):
+    """The control's loss is the distance to the exactly undoing matrix (0 for that matrix, by construction);
+    only its localization net changes; its accuracy is not reported; its warps turn against the rotation."""
+    images, labels = digits.train_images[:128], digits.train_labels[:128]
+    config = TrainConfig(optimizer="adam", lr=3e-3, iterations=60, batch_size=32)
+    torch.manual_seed(5)
+    initial = STNClassifier("supervised", classifier="narrow").state_dict()
+    result = train_variant("supervised", images, labels, "rotate", 5, config, "narrow")
+    model = result.model
+    assert model.warps_input and model.supervised
+    trained = model.state_dict()
+    for name, value in initial.items():
+        moved = not torch.equal(value, trained[name])
+        assert moved == name.startswith("localization."), name
+    assert sum(result.losses[-10:]) / 10 < 0.5 * sum(result.losses[:10]) / 10
+    # the target: the sampling matrix of the exact inverse rotation, whose warp angle is -theta
+    theta = torch.tensor([40.0, -75.0], dtype=torch.float64)
+    torch.testing.assert_close(warp_angle_deg(task_matrices("rotate", theta)), -theta)
+    test = FixedTestSet.make(digits.test_images[:60], digits.test_labels[:60], "rotate", 1, seed=0)
+    from alignscope.stn.evaluate import evaluate
+
+    found = evaluate(model, test)
+    assert math.isnan(found.metrics["test_accuracy"])
+    assert found.metrics["deming_slope"] < -0.3  # 60 steps: turning against theta, far from done
+
+
 def test_parallel_runs_give_the_numbers_of_one_process(digits):
     from alignscope.stn import UprightData, run_experiment
 

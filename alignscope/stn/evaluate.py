@@ -55,6 +55,8 @@ def evaluate(model: STNClassifier, test: FixedTestSet, batch_size: int = 512) ->
                                         mask=torch.ones(a.shape[-2:]))
                 stats.setdefault(layer, AlignmentStatistic()).update(values)
     accuracy = correct / len(test.labels)
+    if model.supervised:  # the control's classifier never learned: its accuracy says nothing
+        accuracy = torch.full_like(accuracy, math.nan)
     metrics = {"test_accuracy": float(accuracy.mean()),
                "test_accuracy_std": float(accuracy.std()) if test.passes > 1 else math.nan,
                "test_passes": test.passes, "angle_std_deg": math.nan, "deming_slope": math.nan}

@@ -26,6 +26,10 @@ the classifier's own layers 1..k applied to the input, warps *the input image*,
 and the whole classifier runs on the warped image: layers 1..k get gradients
 from both paths); ``deep@k`` (a separate, separately initialised copy of
 layers 1..k plus the localization net reads and warps the input).
+``supervised`` is a control, not an STN variant: ``input``'s localization net
+trained alone to predict the warp that undoes each sample's known transform
+(see :func:`alignscope.stn.train.train_variant`): how far a network of that
+size can undo the transforms of these images at all.
 
 Warps (``WARPS``): ``affine`` (6 numbers), ``rotation`` (an angle),
 ``rotation_scale`` (an angle and a log zoom), as sampling matrices theta in
@@ -164,7 +168,8 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
 def variant_names(classifier: str) -> tuple[str, ...]:
     """Every variant the classifier supports, in the order of the comparison."""
     ks = CLASSIFIERS[classifier].placements
-    return ("none", "input", *(f"features@{k}" for k in ks), *(f"shared@{k}" for k in ks), *(f"deep@{k}" for k in ks))
+    return ("none", "input", *(f"features@{k}" for k in ks), *(f"shared@{k}" for k in ks), *(f"deep@{k}" for k in ks),
+            "supervised")
 
 
 def check_variant(variant: str, classifier: str) -> None:
@@ -201,6 +206,10 @@ class STNClassifier(nn.Module):
         self.head = spec.head(int(torch.tensor(shapes[-1]).prod()), n_classes)
         match = re.fullmatch(r"(features|shared|deep)@(\d+)", variant)
         self.kind, self.k = (match.group(1), int(match.group(2))) if match else (variant, 0)
+        # the control: input's localization net, trained on the known transforms instead of through the classifier
+        self.supervised = variant == "supervised"
+        if self.supervised:
+            self.kind = "input"
         self.loc_layers: nn.ModuleList | None = None  # deep@k: the separate copy of layers 1..k
         self.localization: Localization | None = None
         if variant != "none":

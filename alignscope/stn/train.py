@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .data import TrainStream
+from .data import TrainStream, task_matrices
 from .models import STNClassifier, count_parameters
 
 OPTIMIZERS: dict[str, Callable[[list[dict], float], torch.optim.Optimizer]] = {
@@ -133,6 +133,10 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
 
     ``seed`` fixes the initialisation and the stream of batches and transforms;
     ``on_step(i)`` is called after step i (1-based). Losses are per step.
+    ``supervised`` (a control) sees the same batches, but its loss is the mean squared
+    error between the predicted sampling matrix and the one that exactly undoes each
+    sample's transform; only its localization net learns (the classifier stays as
+    initialised and is not evaluated).
     """
     torch.manual_seed(seed)
     model = STNClassifier(variant, n_classes, warp, classifier)
@@ -146,8 +150,12 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
     model.train()
     for step in range(1, config.iterations + 1):
         stream.strength = min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0
-        x, y, _ = next(batches)
-        loss = F.cross_entropy(model(x), y)
+        x, y, params = next(batches)
+        if model.supervised:
+            # apply_task samples the input at T^-1 q: sampling the transformed image at T q gives it back upright
+            loss = F.mse_loss(model.predict_theta(x), task_matrices(task, params).to(x.dtype))
+        else:
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
