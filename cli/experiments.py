@@ -65,7 +65,7 @@ def explain(options, layer, transform, images, max_images, batch_size, mask, top
     click.echo(f"\nbest {top} channels:")
     click.echo(format_table(ranked.tail(top)[::-1], columns))
     click.echo(f"\nchannels.png shows {Path(str(meta['example_image'])).name} ({meta['example_reason']})")
-    click.echo(f"written to {out_path}/ (channels.csv, channels.png)")
+    click.echo(f"written to {out_path}/ (channels.csv, explain.json, channels.png)")
 
 
 @app.command()

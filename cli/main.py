@@ -428,6 +428,11 @@ def _run(args: list[str], debug: bool) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as exc:
+        # one line, not click's usage block: what was wrong, and where the help is
+        command = exc.ctx.command_path if exc.ctx is not None else "alignscope"
+        click.echo(f"error: {command}: {exc.format_message()} (see '{command} --help')", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

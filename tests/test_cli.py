@@ -121,3 +121,16 @@ def test_layers_refuses_two_models_and_a_size_with_no_output(capsys):
     assert "two models given" in capsys.readouterr().err
     assert cli("layers", "resnet18", "--no-pretrained", "--input-size", "1,1") == 2
     assert "larger --input-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("analyze", "--foo"), "No such option '--foo'"),
+    (("analyze", "--max-images", "x"), "'--max-images'"),
+    (("nosuch",), "No such command 'nosuch'"),
+])
+def test_command_line_parse_errors_are_one_line_with_exit_code_2(args, needle, capsys):
+    assert cli(*args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "--help" in lines[0], captured.err
+    assert "Usage:" not in captured.err + captured.out

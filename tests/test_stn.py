@@ -336,6 +336,9 @@ def test_supervised_control_learns_the_known_warp_and_nothing_else(digits):
     found = evaluate(model, test)
     assert math.isnan(found.metrics["test_accuracy"])
     assert found.metrics["deming_slope"] < -0.3  # 60 steps: turning against theta, far from done
+    # its loss reaches the localization net directly: the multiplier for learning through the classifier is off
+    groups = make_optimizer(STNClassifier("supervised", classifier="narrow"), TrainConfig(lr=0.01, loc_lr_multiplier=10.0))
+    assert [group["lr"] for group in groups.param_groups] == [0.01, 0.01]
 
 
 def test_parallel_runs_give_the_numbers_of_one_process(digits):
