@@ -32,14 +32,37 @@ def check_distinct_runs(paths: Sequence[str | Path]) -> None:
 
 
 def combine_runs(tables: Sequence[pd.DataFrame], paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate report tables; a model name already seen gets `` (<folder>)`` so each run stays its own."""
+    """Concatenate report tables; every run of a model that more than one run measured is labelled
+    ``model (<folder>)``, so each run stays its own and none is the unlabelled "real" one."""
+    names = [table["model"].iloc[0] if table["model"].nunique() == 1 else None for table in tables]
+    repeated = {name for name in names if name is not None and names.count(name) > 1}
     combined = []
-    for index, (table, path) in enumerate(zip(tables, paths)):
+    for index, (table, path, name) in enumerate(zip(tables, paths, names)):
         table = table.copy()
-        if len(tables) > 1 and table["model"].nunique() == 1 and any(t["model"].iloc[0] == table["model"].iloc[0] for t in combined):
-            table["model"] = f"{table['model'].iloc[0]} ({Path(path).parent.name or index})"
+        if name in repeated:
+            table["model"] = f"{name} ({Path(path).parent.name or index})"
         combined.append(table)
+    labels = [t["model"].iloc[0] for t in combined if t["model"].nunique() == 1]
+    if len(labels) != len(set(labels)):  # two runs in folders of the same name: fall back to their order
+        for index, table in enumerate(combined):
+            if names[index] in repeated:
+                table["model"] = f"{names[index]} (run {index + 1}: {Path(paths[index]).parent.name})"
     return pd.concat(combined, ignore_index=True)
+
+
+def prediction_comparison(combined: pd.DataFrame, value: str = "prediction_agreement") -> pd.DataFrame:
+    """Wide table of an output-row ``value`` (the model's prediction): one row per transform, one column per run.
+
+    Output rows sit at a different depth in each model, so they are matched by transform alone;
+    empty when no run has output rows.
+    """
+    from .prediction_table import is_output_row
+
+    output = combined[is_output_row(combined)] if "kind" in combined else combined.iloc[:0]
+    if output.empty or value not in output:
+        return pd.DataFrame()
+    wide = output.pivot_table(index="transform", columns="model", values=value, sort=False)
+    return wide.reindex(columns=[m for m in dict.fromkeys(combined["model"]) if m in wide.columns])
 
 
 @dataclass
@@ -80,7 +103,10 @@ def comparison_table(combined: pd.DataFrame, value: str = "aligned_error") -> pd
     note = found.warning()
     if note:
         log.warning(note)
-    keyed = combined.assign(_sweep=(combined["sweep"].fillna("") != "") if "sweep" in combined else False)
+    from .prediction_table import is_output_row
+
+    layers = combined[~is_output_row(combined)] if "kind" in combined else combined  # outputs: prediction_comparison
+    keyed = layers.assign(_sweep=(layers["sweep"].fillna("") != "") if "sweep" in layers else False)
     keyed = keyed.sort_values("_sweep", kind="stable").drop_duplicates(["model", "transform", "layer"])
     keyed = keyed[keyed["transform"].isin(found.shared)]
     if keyed.empty:

@@ -137,8 +137,14 @@ class ModelOptions:
         device = str(self.device)
         if device != "auto":
             _parse_device(device)
+        sizes = _sizes(self.input_size)
+        if sizes is not None and len(sizes) == 3:  # the channels are known now: no need to wait for the model
+            for name, values in (("mean", mean), ("std", std)):
+                if values is not None and len(values) != sizes[0]:
+                    raise UsageError(f"{name} has {len(values)} values but input_size has {sizes[0]} channels; "
+                                     "give one per input channel")
         set_(self, "weights", weights)
-        set_(self, "input_size", _sizes(self.input_size))
+        set_(self, "input_size", sizes)
         set_(self, "mean", mean)
         set_(self, "std", std)
         set_(self, "layers", _layer_request(self.layers))

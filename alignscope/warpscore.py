@@ -102,18 +102,21 @@ class GradientSampler:
         """The samples alone, (B, C, K, H, W): the first of what calling the sampler returns, at a third of the cost."""
         return self._sample(self.source, self._grid(matrices))
 
-    def __call__(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def derivatives(self, matrices: torch.Tensor, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """d out / d p_x and d out / d p_y alone, (B, C, K, H, W) each: the last two of what calling the sampler returns."""
         source, sample = self.source, self._sample
         src_h, src_w = source.shape[-2:]
-        height, width = self.height, self.width
-        grid = self._grid(matrices)  # (K, H, W, 2): x, y
-
+        grid = self._grid(matrices) if grid is None else grid  # (K, H, W, 2): x, y
         column = torch.floor(((grid[..., 0] + 1) * src_w - 1) / 2) + 1
         d_x = sample(self.diff_x, torch.stack([(2 * column + 1) / (src_w + 1) - 1, grid[..., 1]], dim=-1))
         row = torch.floor(((grid[..., 1] + 1) * src_h - 1) / 2) + 1
         d_y = sample(self.diff_y, torch.stack([grid[..., 0], (2 * row + 1) / (src_h + 1) - 1], dim=-1))
         # pixel -> normalized: d/dp = (size / 2) d/dpixel in the source frame, times the circular padding's rescaling
-        return sample(source, grid), d_x.mul_(width / 2), d_y.mul_(height / 2)
+        return d_x.mul_(self.width / 2), d_y.mul_(self.height / 2)
+
+    def __call__(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grid = self._grid(matrices)
+        return (self._sample(self.source, grid), *self.derivatives(matrices, grid))
 
 
 def sample_with_gradient(x: torch.Tensor, matrices: torch.Tensor, circular: bool = False
@@ -229,7 +232,8 @@ class WarpObjective:
             out.append(sq + self._averaging_gain(chunk) if charge else sq)
         return torch.cat(out, dim=1)
 
-    def gauss_newton(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gauss_newton(self, matrices: torch.Tensor, mismatch: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The plain objective at (K, 3, 3) matrices with its gradient and Gauss-Newton matrix in W's top six entries.
 
         Returns float64 ``loss`` (K,), ``gradient`` (K, 6) and ``hessian`` (K, 6, 6), entries ordered
@@ -237,7 +241,8 @@ class WarpObjective:
         derivatives of the bilinear interpolant, :class:`GradientSampler`), gradient = 2 J^T r and
         hessian = 2 J^T J, each term weighted like the loss (1 / chance^2 per image, the mask per cell).
         No autograd. The loss agrees with :meth:`plain` up to float32 rounding (the weights are applied
-        before the sums, not after).
+        before the sums, not after). ``mismatch``: the (rows, K, h w) residuals of these very matrices as
+        :meth:`descent_loss` kept them; then only the derivatives are sampled.
         """
         # 1 / chance^2 and the 1 / N of the mean folded into the maps (as square roots), the mask into the
         # per-cell sums: then every sum over images and channels is a plain one over contiguous rows.
@@ -245,11 +250,18 @@ class WarpObjective:
         n, c, h, w = reference.shape
         mask = self.mask.reshape(1, h * w).double()
         losses, gradients, hessians = [], [], []
-        for chunk in self._chunks(matrices, 3):
+        chunks = self._chunks(matrices, 3)
+        if mismatch is not None and len(chunks) > 1:
+            mismatch = None  # kept for one chunk only; the rare split case samples again
+        for chunk in chunks:
             k = len(chunk)
-            values, d_x, d_y = (t.reshape(n * c, k * h * w) for t in sampler(chunk))
-            diff = self._mismatch(reference, values, k)
-            del values
+            if mismatch is not None:
+                diff = mismatch.reshape(n * c, k * h * w)
+                d_x, d_y = (t.reshape(n * c, k * h * w) for t in sampler.derivatives(chunk))
+            else:
+                values, d_x, d_y = (t.reshape(n * c, k * h * w) for t in sampler(chunk))
+                diff = self._mismatch(reference, values, k)
+                del values
             sums = torch.stack([(diff * diff).sum(0), (diff * d_x).sum(0), (diff * d_y).sum(0),
                                 (d_x * d_x).sum(0), (d_x * d_y).sum(0), (d_y * d_y).sum(0)])
             sums = sums.double().reshape(6, k, h * w) * mask  # per cell: r.r, r.gx, r.gy, gx.gx, gx.gy, gy.gy
@@ -260,21 +272,27 @@ class WarpObjective:
             hessians.append(2 * hessian.permute(2, 0, 3, 1, 4).reshape(k, 6, 6))
         return torch.cat(losses), torch.cat(gradients), torch.cat(hessians)
 
-    def descent_loss(self, matrices: torch.Tensor) -> torch.Tensor:
+    def descent_loss(self, matrices: torch.Tensor, keep: bool = False):
         """(K,) float64 plain objective computed exactly as :meth:`gauss_newton` computes its loss, from the samples alone.
 
         The descent compares a trial point's loss with the current one's; both come from the same
         operations in the same order, so a comparison is never decided by rounding differences.
+        ``keep``: return ``(loss, mismatch)``, the residuals as (rows, K, h w) for :meth:`gauss_newton`
+        (``None`` when the candidates needed more than one chunk).
         """
         reference, sampler = self._weighted_maps
         n, c, h, w = reference.shape
         mask = self.mask.reshape(1, h * w).double()
-        losses = []
+        losses, kept = [], []
         for chunk in self._chunks(matrices, 1):
             k = len(chunk)
             diff = self._mismatch(reference, sampler.values(chunk).reshape(n * c, k * h * w), k)
             losses.append(((diff * diff).sum(0).double().reshape(k, h * w) * mask).sum(dim=1))
-        return torch.cat(losses)
+            kept.append(diff)
+        if not keep:
+            return torch.cat(losses)
+        mismatch = kept[0].reshape(n * c, len(matrices), h * w) if len(kept) == 1 else None
+        return torch.cat(losses), mismatch
 
     @staticmethod
     def _mismatch(reference: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:

@@ -216,15 +216,15 @@ def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps:
 
     ``to_matrices`` maps (K, P) to (K, 3, 3) sampling matrices; the Gauss-Newton terms in the
     matrix entries (:meth:`WarpObjective.gauss_newton`) are carried to u by its Jacobian. A trial
-    step is scored by its loss alone (one resampling); the derivatives (three) are computed only
-    where a step was taken and the descent goes on. A step is taken only where it lowers the
+    step is scored by its loss alone (one resampling); the derivatives (two more) are computed only
+    where a step was taken and the descent goes on, from the residuals the trial already computed. A step is taken only where it lowers the
     distance. Each start takes at most ``steps`` trial steps and stops once a step moves no
     parameter by more than ``tolerance`` units (or its damping has grown past any useful step).
     """
 
-    def terms(u: torch.Tensor):
+    def terms(u: torch.Tensor, mismatch: torch.Tensor | None = None):
         jacobian = _matrix_jacobian(to_matrices, u)
-        loss, gradient, hessian = objective.gauss_newton(to_matrices(u))
+        loss, gradient, hessian = objective.gauss_newton(to_matrices(u), mismatch)
         return loss, jacobian.transpose(1, 2) @ gradient.unsqueeze(2), jacobian.transpose(1, 2) @ hessian @ jacobian
 
     u = starts.clone()
@@ -241,7 +241,7 @@ def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps:
         system = h + torch.diag_embed(damping[rows, None] * diagonal + floor)
         step = -torch.linalg.solve(system, gradient[rows]).squeeze(2)
         trial = u[rows] + step
-        trial_loss = objective.descent_loss(to_matrices(trial))
+        trial_loss, mismatch = objective.descent_loss(to_matrices(trial), keep=True)
         accepted = torch.isfinite(trial_loss) & (trial_loss < loss[rows])
         moved_rows = rows[accepted]
         u[moved_rows], loss[moved_rows] = trial[accepted], trial_loss[accepted]
@@ -250,9 +250,11 @@ def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps:
         # done: a step within the tolerance (taken, or not even that helps), or no useful step left
         done = (step.abs().amax(dim=1) <= tolerance) | (~accepted & (damping[rows] > 1e8))
         active[rows[done]] = False
-        refresh = moved_rows[active[moved_rows]]
-        if len(refresh):
-            _, gradient[refresh], hessian[refresh] = terms(u[refresh])
+        going_on = accepted.clone()
+        going_on[accepted] = active[moved_rows]
+        refresh = rows[going_on]
+        if len(refresh):  # the residuals of these points were just computed: only their derivatives are sampled
+            _, gradient[refresh], hessian[refresh] = terms(u[refresh], None if mismatch is None else mismatch[:, going_on])
     return u
 
 
@@ -365,11 +367,10 @@ def _search(objective: WarpObjective, levels: list[WarpObjective], family: _Fami
     origin = torch.zeros(len(units), dtype=torch.float64)
     starting = [origin, *candidates]
     if kind == "family":
-        # A coarse grid around g^-1, scored as the result will be (on the maps themselves, with the charge:
-        # whole-cell shifts, which the charge does not penalise, often win there); the scores are kept.
+        # A coarse grid around g^-1, scored as the result will be: on the maps themselves, with the charge
+        # (whole-cell shifts, which the charge does not penalise, often win there); the scores are kept.
         with torch.no_grad():
-            starting.append(_grid_best(lambda u: objective.scores(to_matrices(u))[0 if smoothing_control else 1],
-                                       len(units)))
+            starting.append(_grid_best(objective, to_matrices, len(units), smoothing_control))
     starting = torch.unique(torch.stack(starting), dim=0)
     ends = starting
     for depth, level in enumerate(levels):
@@ -412,8 +413,15 @@ def _distinct(points: torch.Tensor, tolerance: float) -> torch.Tensor:
     return torch.stack(kept)
 
 
-def _grid_best(loss_of, n_params: int) -> torch.Tensor:
-    """The best point of a coarse one-parameter-at-a-time grid around g^-1 (one batched evaluation)."""
+def _grid_best(objective: WarpObjective, to_matrices, n_params: int, smoothing_control: bool) -> torch.Tensor:
+    """The best point, by the charged score, of a coarse one-parameter-at-a-time grid around g^-1.
+
+    Every point's plain distance is computed (one resampling each, in one batch); then points are
+    charged in order of their plain distance until the next one's plain distance reaches the best
+    charged score found, since a charge (what bilinear averaging gains over nearest-cell sampling)
+    only adds to the plain distance, bar rounding and magnifying warps. Charging every point would
+    cost three resamplings each.
+    """
     points = []
     for i in range(n_params):
         for step in (_GRID_STEPS if i < n_params - 2 else (-1.0, 1.0)):
@@ -421,4 +429,14 @@ def _grid_best(loss_of, n_params: int) -> torch.Tensor:
             u[i] = step
             points.append(u)
     points = torch.stack(points)
-    return points[int(loss_of(points).argmin())]
+    plain = objective.plain(to_matrices(points)).cpu()
+    if not smoothing_control:
+        return points[int(plain.argmin())]
+    best, best_score = None, math.inf
+    for index in torch.argsort(plain).tolist():
+        if float(plain[index]) >= best_score:
+            break
+        score = float(objective.scores(to_matrices(points[index:index + 1]))[0][0])
+        if score < best_score:
+            best, best_score = index, score
+    return points[best]

@@ -365,7 +365,7 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    from alignscope.comparison import check_distinct_runs, combine_runs, comparison_table
+    from alignscope.comparison import check_distinct_runs, combine_runs, comparison_table, prediction_comparison
     from alignscope.plots import depth_figure, save_figures
     from alignscope.report import publish_folder, read_report_csv
 
@@ -381,7 +381,11 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     if len(wide):
         click.echo("aligned_error by transform and depth (transforms every run measured):")
         click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
-    click.echo(f"\ncomparison written to {out}/")
+    predictions = prediction_comparison(combined)
+    if len(predictions):
+        click.echo("\nprediction_agreement by transform (the output rows; NaN: a run without that transform or head):")
+        click.echo(predictions.to_string(float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"\ncomparison written to {out}/ (comparison.csv holds every row of every run)")
 
 
 from alignscope.cli import audit, experiments  # noqa: E402,F401  (register check; explain, bench, stn)

@@ -132,7 +132,7 @@ def test_compare_keeps_a_run_with_only_sweep_rows():
 
 def test_compare_of_disjoint_runs_warns_once_and_gives_no_nan_table(caplog):
     combined = combine_runs([make_table(("rot90",), model="m"), make_table(("hflip",), model="m")], ["r1/alignment.csv", "r2/alignment.csv"])
-    assert list(dict.fromkeys(combined["model"])) == ["m", "m (r2)"]
+    assert list(dict.fromkeys(combined["model"])) == ["m (r1)", "m (r2)"]  # both runs labelled, not only the second
     with caplog.at_level(logging.WARNING, logger="alignscope"):
         wide = comparison_table(combined)
     assert wide.empty
@@ -165,3 +165,22 @@ def test_a_sweep_value_that_is_the_identity_gets_no_panel():
     table.loc[table["transform"] == "rotate0", ["aligned_error", "unaligned_error", "floor_error"]] = 0.0
     assert set(_panels(depth_figure(table))) == {"rotate45"}
     assert [t.get_text() for t in heatmap_figure(table).axes[0].get_yticklabels()] == ["rotate45"]
+
+
+def test_runs_of_one_model_in_folders_of_one_name_stay_apart_and_output_rows_are_compared():
+    from alignscope.comparison import prediction_comparison
+
+    def with_output(model, agreement):
+        table = make_table(("rot90",), model=model).assign(kind="layer")
+        output = table.iloc[:1].assign(kind="output", layer="output", aligned_error=float("nan"),
+                                       prediction_agreement=agreement, depth=99)
+        return pd.concat([table, output], ignore_index=True)
+
+    combined = combine_runs([with_output("m", 0.5), with_output("m", 0.75), with_output("n", 1.0)],
+                            ["a/run/alignment.csv", "b/run/alignment.csv", "c/other/alignment.csv"])
+    labels = list(dict.fromkeys(combined["model"]))
+    assert len(labels) == 3 and labels[2] == "n" and all(label.startswith("m (") for label in labels[:2])
+    wide = prediction_comparison(combined)
+    assert list(wide.index) == ["rot90"] and list(wide.iloc[0]) == [0.5, 0.75, 1.0]
+    assert "output" not in set(comparison_table(combined).index.get_level_values("depth").astype(str))
+    assert prediction_comparison(make_table(("rot90",), model="x")).empty

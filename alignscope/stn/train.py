@@ -84,7 +84,7 @@ RECIPES: dict[str, TrainConfig] = {
     # the papers' recipe (SGD 0.01, no momentum, batch 256, step decay); they train 150k steps on MNIST
     "paper": TrainConfig(),
     # the offline digits within the CPU budget, with the narrow classifier (see the README's STN results)
-    "digits": TrainConfig(optimizer="adam", lr=1e-3, loc_lr_multiplier=3.0, iterations=5000, batch_size=64, ramp=0.6,
+    "digits": TrainConfig(optimizer="adam", lr=1e-3, loc_lr_multiplier=3.0, iterations=8000, batch_size=64, ramp=0.6,
                           schedule="cosine"),
 }
 DIGITS_RECIPE = RECIPES["digits"]
