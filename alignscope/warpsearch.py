@@ -24,7 +24,8 @@ Two searches:
 
 Both descend by Levenberg-Marquardt (damped Gauss-Newton) from several
 starts at once (g^-1, extra ``starts`` and, for ``family``, the best point
-of a coarse grid), all starts of a step evaluated in one batched call. The
+of a coarse grid), all starts of a step evaluated in one batched call; run
+after the family search, the affine search refines the family's optimum. The
 plain distance is a least-squares sum in a handful of parameters, so each
 step solves the Gauss-Newton system built from the exact derivatives of the
 bilinear samples (:meth:`WarpObjective.gauss_newton`); a step is taken only
@@ -311,8 +312,9 @@ def search_warps(
     """Several searches on the same calibration maps, sharing their set-up; ``{kind: WarpFit}``.
 
     Arguments as :func:`search_warp`. The objective, its coarse levels and g^-1's loss are built
-    once; the affine search (if asked for) runs after the family search and also starts from its
-    optimum. Each result equals :func:`search_warp` with that kind and those extra starts.
+    once. With both kinds, the affine search starts from the family search's optimum alone (which
+    that search reached from g^-1, the extra starts and the grid, coarse to fine) and descends on
+    the maps themselves; alone, it starts from g^-1 and the extra starts like the family search.
     """
     unknown = [kind for kind in kinds if kind not in SEARCH_KINDS]
     if unknown or not kinds:
@@ -331,19 +333,29 @@ def search_warps(
     with torch.no_grad():
         analytic_loss = float(objective.plain(analytic.unsqueeze(0))[0])
     fits: dict[str, WarpFit] = {}
-    for kind in ("family", "affine"):
-        if kind not in kinds:
-            continue
-        more = [torch.as_tensor(fits["family"].matrix, dtype=torch.float64)] if kind == "affine" and "family" in fits else []
-        fits[kind] = _search(objective, levels, family, analytic, analytic_loss, stride, kind, steps, extra + more,
-                             smoothing_control, tolerance)
+    if "family" in kinds:
+        fits["family"] = _search(objective, levels, family, analytic, analytic_loss, stride, "family", steps, extra,
+                                 smoothing_control, tolerance)
+    if "affine" in kinds:
+        if "family" in fits:
+            # The family search already descended from every start, coarse to fine; the affine search
+            # frees the remaining entries from where it ended, on the maps themselves.
+            start = [torch.as_tensor(fits["family"].matrix, dtype=torch.float64)]
+            fits["affine"] = _search(objective, levels[-1:], family, analytic, analytic_loss, stride, "affine", steps,
+                                     start, smoothing_control, tolerance, refine=True)
+        else:
+            fits["affine"] = _search(objective, levels, family, analytic, analytic_loss, stride, "affine", steps, extra,
+                                     smoothing_control, tolerance)
     return {kind: fits[kind] for kind in kinds}
 
 
 def _search(objective: WarpObjective, levels: list[WarpObjective], family: _Family, analytic: torch.Tensor,
             analytic_loss: float, stride: float, kind: str, steps: int, extra: list[torch.Tensor], smoothing_control: bool,
-            tolerance: float) -> WarpFit:
-    """One search (see :func:`search_warp`) on a built objective and its coarse levels."""
+            tolerance: float, refine: bool = False) -> WarpFit:
+    """One search (see :func:`search_warp`) on a built objective and its coarse levels.
+
+    ``refine``: descend from the ``extra`` starts alone (not from g^-1); g^-1 remains the fallback.
+    """
     height, width = objective.reference.shape[-2:]
     if kind == "family":
         units = family.units(cell=stride)
@@ -365,7 +377,7 @@ def _search(objective: WarpObjective, levels: list[WarpObjective], family: _Fami
         candidates = [(m[:2].reshape(-1) - base) / units for m in extra]
 
     origin = torch.zeros(len(units), dtype=torch.float64)
-    starting = [origin, *candidates]
+    starting = list(candidates) if refine else [origin, *candidates]
     if kind == "family":
         # A coarse grid around g^-1, scored as the result will be: on the maps themselves, with the charge
         # (whole-cell shifts, which the charge does not penalise, often win there); the scores are kept.

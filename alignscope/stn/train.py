@@ -139,8 +139,8 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
     ``supervised`` (a control) sees the same batches, but its loss is the mean squared
     error between the predicted sampling matrix and the one that exactly undoes each
     sample's transform; only its localization net learns, at ``config.lr`` (the
-    localization multiplier does not apply), and the classifier stays as initialised
-    and is not evaluated.
+    localization multiplier does not apply) and without the ramp, and the classifier
+    stays as initialised and is not evaluated.
     """
     torch.manual_seed(seed)
     model = STNClassifier(variant, n_classes, warp, classifier)
@@ -148,7 +148,9 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
     schedule = make_schedule(optimizer, config)
     stream = TrainStream(images, labels, task, config.batch_size, seed)
     batches = iter(stream)
-    ramp_steps = config.ramp * config.iterations
+    # the curriculum is for learning through the classifier; the control sees the full range from the first step
+    # (with the ramp its early targets are all near the identity, and its ReLUs can die before they matter)
+    ramp_steps = 0.0 if model.supervised else config.ramp * config.iterations
     losses: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     model.train()
