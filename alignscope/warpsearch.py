@@ -43,12 +43,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .transforms import Transform, _fmt
+from .transforms import Transform
+from .warpfamily import WarpFamily, analytic_matrix  # noqa: F401 (re-exported)
 from .warpscore import WarpObjective, charged_sq_distance, sample_many, sample_with  # noqa: F401 (re-exported)
 
 SEARCH_KINDS = ("family", "affine")
-# Search units: one Adam step moves a parameter by about lr * unit.
-_UNITS = {"rotate": 5.0, "shear": 5.0, "scale": 0.05}
 _GRID_STEPS = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
 # A descent stops once a step moves no parameter by more than this many search units: 0.05 degrees of
 # rotation or shear, 0.05% of scale, 1% of a cell of translation; 0.0005 of an affine matrix entry.
@@ -80,123 +79,6 @@ class WarpFit:
     smoothing_control: bool = True
 
 
-class _Family:
-    """g's family: free linear parameters (in spec units) and a free pixel translation."""
-
-    def __init__(self, transform: Transform, height: int, width: int) -> None:
-        self.kinds: list[str] = []  # per linear part: rotate | scale | shear | hflip | vflip
-        init: list[float] = []
-        for part in transform.parts:
-            if part.kind in ("rotate", "shear"):
-                self.kinds.append(part.kind)
-                init.append(part.values[0])
-            elif part.kind == "rot90":
-                self.kinds.append("rotate")
-                init.append(90.0 * int(part.values[0]))
-            elif part.kind == "scale":
-                self.kinds.append("scale")
-                init.append(math.log(part.values[0]))
-            elif part.kind in ("hflip", "vflip"):
-                self.kinds.append(part.kind)
-        pixel = np.eye(3)
-        for part in transform.parts:
-            pixel = part.pixel_matrix() @ pixel
-        self.free = [i for i, k in enumerate(self.kinds) if k in _UNITS]
-        self.init = torch.tensor(init + [pixel[0, 2], pixel[1, 2]], dtype=torch.float64)
-        self.height, self.width = height, width
-
-    def units(self, cell: float) -> torch.Tensor:
-        return torch.tensor([_UNITS[self.kinds[i]] for i in self.free] + [cell, cell], dtype=torch.float64)
-
-    def pixel_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """(P,) or (K, P) parameter values -> (3, 3) or (K, 3, 3) pixel matrices (differentiable)."""
-        rows = values.reshape(-1, values.shape[-1])
-        zero, one = torch.zeros_like(rows[:, 0]), torch.ones_like(rows[:, 0])
-
-        def matrix(*entries: torch.Tensor) -> torch.Tensor:
-            return torch.stack([*entries, zero, zero, one], dim=-1).reshape(-1, 3, 3)
-
-        m = matrix(one, zero, zero, zero, one, zero)
-        free = iter(range(len(self.free)))
-        for kind in self.kinds:
-            if kind == "rotate":
-                angle = torch.deg2rad(rows[:, next(free)])
-                c, s = torch.cos(angle), torch.sin(angle)
-                part = matrix(c, s, zero, -s, c, zero)
-            elif kind == "scale":
-                s = torch.exp(rows[:, next(free)])
-                part = matrix(s, zero, zero, zero, s, zero)
-            elif kind == "shear":
-                part = matrix(one, torch.tan(torch.deg2rad(rows[:, next(free)])), zero, zero, one, zero)
-            else:  # hflip | vflip
-                part = matrix(-one, zero, zero, zero, one, zero) if kind == "hflip" else matrix(one, zero, zero, zero, -one, zero)
-            m = part @ m
-        shift = torch.stack([zero, zero, rows[:, -2], zero, zero, rows[:, -1], zero, zero, zero], dim=-1)
-        m = m + shift.reshape(-1, 3, 3)  # the free translation, in pixels, after the linear part
-        return m if values.ndim > 1 else m[0]
-
-    def normalized(self, values: torch.Tensor) -> torch.Tensor:
-        """(P,) or (K, P) parameter values -> their normalized sampling matrices, (3, 3) or (K, 3, 3)."""
-        to_norm = torch.diag(torch.tensor([2.0 / self.width, 2.0 / self.height, 1.0], dtype=torch.float64))
-        from_norm = torch.diag(torch.tensor([self.width / 2.0, self.height / 2.0, 1.0], dtype=torch.float64))
-        return to_norm @ self.pixel_matrix(values) @ from_norm
-
-    def project(self, matrix: torch.Tensor) -> torch.Tensor:
-        """The family's parameter values whose normalized matrix is nearest ``matrix`` (least squares, from g's).
-
-        Exact for a matrix in the family, e.g. g^-1 composed with a shift.
-        """
-        target = torch.as_tensor(matrix, dtype=torch.float64)[:2].reshape(-1)
-
-        def residual(values: torch.Tensor) -> torch.Tensor:
-            return self.normalized(values)[:2].reshape(-1) - target
-
-        # Gauss-Newton with step halving: a few parameters, six residuals, nearly linear near g's own values
-        values, r = self.init.clone(), residual(self.init)
-        for _ in range(100):
-            jacobian = torch.autograd.functional.jacobian(residual, values)  # (6, P)
-            step = torch.linalg.lstsq(jacobian, -r.unsqueeze(1)).solution.squeeze(1)
-            while True:
-                trial = values + step
-                r_trial = residual(trial)
-                if float(r_trial.square().sum()) <= float(r.square().sum()) or float(step.abs().max()) < 1e-15:
-                    break
-                step = step / 2
-            values, r = trial, r_trial
-            if float(step.abs().max()) < 1e-12:
-                break
-        return values.detach()
-
-    def spec(self, values: torch.Tensor) -> str:
-        pieces, free = [], iter(range(len(self.free)))
-        for kind in self.kinds:
-            if kind in ("hflip", "vflip"):
-                pieces.append(kind)
-                continue
-            value = float(values[next(free)])
-            pieces.append(f"scale{math.exp(value):.4g}" if kind == "scale" else f"{kind}{value:.4g}")
-        tx, ty = float(values[-2]), float(values[-1])
-        if abs(tx) >= 0.005 or abs(ty) >= 0.005 or not pieces:
-            pieces.append(f"translate{_fmt(round(tx, 2))},{_fmt(round(ty, 2))}")
-        return "+".join(pieces)
-
-    def params(self, values: torch.Tensor) -> dict:
-        out, free = {}, iter(range(len(self.free)))
-        for n, kind in enumerate(self.kinds):
-            if kind in _UNITS:
-                value = float(values[next(free)])
-                out[f"{kind}{n}"] = math.exp(value) if kind == "scale" else value
-        out["translate_x_px"], out["translate_y_px"] = float(values[-2]), float(values[-1])
-        return out
-
-
-def analytic_matrix(transform: Transform, height: int, width: int, stride: float = 1.0) -> np.ndarray:
-    """g^-1's 3 x 3 normalized sampling matrix (b' = b(G .)) for an (height, width) map of the given stride,
-    as the search builds it (see :func:`search_warp`)."""
-    family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
-    return family.normalized(family.init).numpy()
-
-
 def _matrix_jacobian(to_matrices, u: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
     """(K, 6, P) derivatives of the top six matrix entries with respect to the (K, P) search units.
 
@@ -218,9 +100,10 @@ def _descend(objective: WarpObjective, to_matrices, starts: torch.Tensor, steps:
     ``to_matrices`` maps (K, P) to (K, 3, 3) sampling matrices; the Gauss-Newton terms in the
     matrix entries (:meth:`WarpObjective.gauss_newton`) are carried to u by its Jacobian. A trial
     step is scored by its loss alone (one resampling); the derivatives (two more) are computed only
-    where a step was taken and the descent goes on, from the residuals the trial already computed. A step is taken only where it lowers the
-    distance. Each start takes at most ``steps`` trial steps and stops once a step moves no
-    parameter by more than ``tolerance`` units (or its damping has grown past any useful step).
+    where a step was taken and the descent goes on, from the residuals the trial already computed.
+    A step is taken only where it lowers the distance. Each start takes at most ``steps`` trial
+    steps and stops once a step moves no parameter by more than ``tolerance`` units (or its
+    damping has grown past any useful step).
     """
 
     def terms(u: torch.Tensor, mismatch: torch.Tensor | None = None):
@@ -324,7 +207,7 @@ def search_warps(
         if tuple(m.shape) not in ((3, 3), (2, 3)):
             raise ValueError(f"a start must be a 3 x 3 or 2 x 3 sampling matrix, got shape {tuple(m.shape)}")
     height, width = reference.shape[-2:]
-    family = _Family(transform, int(round(height * stride)), int(round(width * stride)))
+    family = WarpFamily(transform, int(round(height * stride)), int(round(width * stride)))
     analytic = family.normalized(family.init)
     objective = WarpObjective(reference, moved, mask, chance, analytic, transform.circular, smoothing_control)
     # Coarse to fine: on a large map, descend first on 2 x 2 averages of the maps (the same normalized frame),
@@ -349,7 +232,7 @@ def search_warps(
     return {kind: fits[kind] for kind in kinds}
 
 
-def _search(objective: WarpObjective, levels: list[WarpObjective], family: _Family, analytic: torch.Tensor,
+def _search(objective: WarpObjective, levels: list[WarpObjective], family: WarpFamily, analytic: torch.Tensor,
             analytic_loss: float, stride: float, kind: str, steps: int, extra: list[torch.Tensor], smoothing_control: bool,
             tolerance: float, refine: bool = False) -> WarpFit:
     """One search (see :func:`search_warp`) on a built objective and its coarse levels.
