@@ -54,7 +54,7 @@ from .allocator import OPT_OUT as MALLOC_OPT_OUT
 from .engine import _setup, analyze, resolve_amp
 from .errors import AlignscopeError
 from .images import ImageBatch, bundled_photos, image_stream, read_rgb
-from .interleave import Interleaver, PassTiming, assess_noise, load_average, summarize_passes
+from .interleave import Interleaver, PassTiming, assess_noise, load_average, repeat_spread, summarize_passes
 from .options import ModelOptions
 from .pairs import PairFeeder
 from .peakmemory import SOURCE as PEAK_SOURCE
@@ -231,11 +231,11 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
         return report.meta["fits"]
 
     interleaved_pass()  # warm-up: allocator, kernel selection, file cache
-    if fitting:
-        fit_pass()
     passes, phases, fit_runs = [], [], []
-    # the warm-up has said what the analysis warns of; the timed passes repeat it word for word
+    # the warm-up has said what the analysis warns of; the fitted pass and the timed passes repeat it word for word
     with _quiet_log():
+        if fitting:
+            fit_pass()
         for _ in range(max(1, repeats)):
             timing, split = interleaved_pass()
             passes.append(timing)
@@ -245,6 +245,12 @@ def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, a
     summary = summarize_passes(passes)
     machine = machine_info(dev)
     noise = assess_noise(summary, loads, machine["cores"])
+    if fitting and len(fit_runs) > 1:
+        fit_spread = repeat_spread([run["seconds"] / b for run, b in zip(fit_runs, summary["analysis"]["all"])])
+        if fit_spread is not None and fit_spread > noise["spread_limit"]:
+            noise["reasons"].append(f"fits over analysis (C/B) spread {fit_spread:.0%} between repeats "
+                                    f"(limit {noise['spread_limit']:.0%})")
+            noise["noisy"] = True
     analysis_seconds = summary["analysis"]["median"]
     median_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
     forward_images = sum(fed.values())

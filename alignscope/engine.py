@@ -96,8 +96,13 @@ def _setup(options: ModelOptions, transforms, device: torch.device) -> _Setup:
     module = module.to(device)
     probed = probe_layers(module, cfg.input_size, device)
     chosen, skipped = select_layers(probed, options.layers)
-    for problem in attach_lattices(module, chosen, cfg.input_size, device):
-        log.warning("no lattice measured for %s; its registered_error is NaN", problem)
+    problems = attach_lattices(module, chosen, cfg.input_size, device)
+    if len(problems) > 3:  # one line for many layers (a glob over a transformer's blocks), not one each
+        log.warning("no lattice measured for %d layers, so their registered_error is NaN; e.g. %s", len(problems),
+                    "; ".join(problems[:2]))
+    else:
+        for problem in problems:
+            log.warning("no lattice measured for %s; its registered_error is NaN", problem)
     deepest = max(layer.stride or 1 for layer in chosen)
     return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest), options)
 

@@ -141,8 +141,8 @@ class ModelOptions:
         if sizes is not None and len(sizes) == 3:  # the channels are known now: no need to wait for the model
             for name, values in (("mean", mean), ("std", std)):
                 if values is not None and len(values) != sizes[0]:
-                    raise UsageError(f"{name} has {len(values)} values but input_size has {sizes[0]} channels; "
-                                     "give one per input channel")
+                    raise UsageError(f"{name} (--{name}) has {len(values)} value(s) but input_size has {sizes[0]} "
+                                     f"channel(s); give one per input channel")
         set_(self, "weights", weights)
         set_(self, "input_size", sizes)
         set_(self, "mean", mean)

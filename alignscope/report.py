@@ -165,6 +165,19 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     if len(empty):
         lines.append(f"{len(empty)} row(s) have no valid cells and no aligned_error: "
                      + ", ".join(f"{r['layer']} / {r['transform']}" for _, r in empty.head(8).iterrows()))
+    for column, what in (("permuted_error", "channel permutation"), ("channel_mapped_error", "linear channel map"),
+                         ("optimal_error", "family warp"), ("optimal_affine_error", "affine warp")):
+        if column not in table:
+            continue
+        worse = table[(table[column] > table["aligned_error"] + FLOOR_MARGIN) & ~output]
+        if len(worse):
+            cells = ", ".join(f"{r['layer']} / {r['transform']} ({r[column]:.2f} > {r['aligned_error']:.2f})"
+                              for _, r in worse.head(6).iterrows())
+            calibration = int(table["n_calibration"].max()) if "n_calibration" in table else None
+            on = f" on {calibration} calibration images" if calibration else ""
+            lines.append(f"the {what} fitted{on} is worse than g^-1 alone on the held-out images at {len(worse)} "
+                         f"row(s): {cells}{' ...' if len(worse) > 6 else ''}; it does not carry over to new images "
+                         f"(too few calibration images for its parameters?), so {column} there is no alignment")
     border = meta.get("registered_border") or []
     if border:
         listed = ", ".join(f"{b['layer']} / {b['transform']} ({','.join(f'{v:g}' for v in b['shift_px'])} px)"

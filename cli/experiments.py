@@ -155,7 +155,7 @@ def _bench_lines(result: dict) -> list[str]:
         lines.append(f"fits (C):                {result['fit_seconds']:.2f} s  = {result['fit_ratio']:.3f} x B "
                      f"(calibration pass and {', '.join(v for vs in result['fits'].values() if isinstance(vs, list) for v in vs)}; "
                      f"C/B per repeat {min(per_repeat):.2f}-{max(per_repeat):.2f})")
-        lines.append("  of which:              " + ", ".join(
+        lines.append("  medians of its parts:  " + ", ".join(
             f"{name.replace('_', ' ')} {seconds:.2f} s" for name, seconds in result["fit_phase_seconds"].items()))
     lines.append(f"peak RSS:                {result['peak_rss_mb']:.0f} MiB ({result['peak_rss_of']})")
     if "memory_scaling" in result:
@@ -193,7 +193,8 @@ def _bench_lines(result: dict) -> list[str]:
                    "conv7x64 (see the README).")
 @click.option("--variants", default="default", show_default=True,
               help="Comma-separated: none, input, features@k, shared@k, deep@k, supervised (a control: input's "
-                   "localization net trained on the true transform, the most a net of that size undoes); 'default' "
+                   "localization net alone, trained on the true transform at --lr without the ramp: the most a net of "
+                   "that size undoes; no accuracy and no layer alignment, its classifier is never trained); 'default' "
                    "(none, input, features@1, features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--recipe", type=click.Choice(["digits", "paper"]), default="digits", show_default=True,

@@ -137,3 +137,17 @@ def test_a_repeated_limit_keeps_the_strictest():
     assert list(check(table, min=["aligned_error=0.5", "aligned_error=0.1"])["layer"]) == ["a"]
     with pytest.raises(UsageError):
         check(table, max=["aligned_error=inf"])
+
+
+def test_a_fitted_map_worse_than_the_inverse_warp_held_out_is_a_warning():
+    """A permutation that does not carry over to the held-out images must not pass as an alignment silently."""
+    from alignscope.report import report_warnings
+
+    table = make_table(("rot90", "hflip"), layers=("stem", "deep")).assign(n_calibration=4)
+    table["permuted_error"] = table["aligned_error"] - 0.05  # helps everywhere ...
+    table.loc[(table["layer"] == "deep") & (table["transform"] == "rot90"), "permuted_error"] = 0.9  # ... but here
+    lines = [line for line in report_warnings(table, {"images_used": ["x"] * 8}) if "channel permutation" in line]
+    assert len(lines) == 1
+    assert "4 calibration images" in lines[0] and "1 row(s)" in lines[0] and "deep / rot90 (0.90 > 0.12)" in lines[0]
+    table["permuted_error"] = table["aligned_error"]  # no worse: no warning
+    assert not [line for line in report_warnings(table, {}) if "channel permutation" in line]

@@ -132,9 +132,9 @@ def test_values_are_normalized(stack, tmp_path):
 
 def test_one_mean_and_std_per_input_channel_is_checked_as_soon_as_the_channels_are_known(stack):
     # input_size with C: when the options are made, before any model is loaded
-    with pytest.raises(UsageError, match="mean has 1 values but input_size has 3 channels"):
+    with pytest.raises(UsageError, match=r"mean \(--mean\) has 1 value\(s\) but input_size has 3 channel\(s\)"):
         ModelOptions("resnet18", input_size=(3, 16, 16), mean=(0.5,), std=(0.5,))
-    with pytest.raises(UsageError, match="std has 2 values but input_size has 1 channels"):
+    with pytest.raises(UsageError, match=r"std \(--std\) has 2 value\(s\) but input_size has 1 channel\(s\)"):
         ModelOptions(stack, input_size=(1, 16, 16), std=(0.5, 0.5))
     # (H, W) only: the model's own channel count decides, at load
     with pytest.raises(UsageError, match="mean has 1 and std 1 values for 3 input channels"):

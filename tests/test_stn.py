@@ -335,6 +335,7 @@ def test_supervised_control_learns_the_known_warp_and_nothing_else(digits):
 
     found = evaluate(model, test)
     assert math.isnan(found.metrics["test_accuracy"])
+    assert set(found.alignment) == {"stn"}  # the layers behind it are an untrained classifier's
     assert found.metrics["deming_slope"] < -0.3  # 60 steps: turning against theta, far from done
     # its loss reaches the localization net directly: the multiplier for learning through the classifier is off
     groups = make_optimizer(STNClassifier("supervised", classifier="narrow"), TrainConfig(lr=0.01, loc_lr_multiplier=10.0))

@@ -49,6 +49,8 @@ def evaluate(model: STNClassifier, test: FixedTestSet, batch_size: int = 512) ->
             passes.append(torch.full_like(y, p))
         if p == 0 and len(y) >= 2:
             a_maps, b_maps = model.stages(upright), model.stages(transformed)
+            if model.supervised:  # its classifier never learned: only the warped image itself says something
+                a_maps = {"stn": a_maps["stn"]}
             for layer, a in a_maps.items():
                 b = b_maps[layer]
                 values = pair_distances(reference=a, aligned=b, unaligned=b, other=torch.roll(a, 1, 0),

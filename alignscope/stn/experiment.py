@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,7 +60,9 @@ class STNExperiment:
         })
         if len(self.alignment):
             at = self.alignment.groupby(["variant", "layer"])["alignment_error"].mean()
-            last = self.alignment["layer"].iloc[-1]
+            # the classifier's deepest layer (a control's rows stop at its STN output)
+            numbered = [name for name in dict.fromkeys(self.alignment["layer"]) if re.fullmatch(r"layer\d+", str(name))]
+            last = max(numbered, key=lambda name: int(name[5:])) if numbered else None
             table["alignment_at_stn"] = [at.get((v, "stn"), math.nan) for v in table.index]
             table["alignment_last_layer"] = [at.get((v, last), math.nan) for v in table.index]
         return table.reindex(list(dict.fromkeys(self.results["variant"]))).reset_index(names="variant")
