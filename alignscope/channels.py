@@ -106,7 +106,7 @@ class ChannelStatistic:
 
     def permuted_squared_error(self, perm: torch.Tensor) -> float:
         """sum_p ||a_p - b'_perm(p)||^2 over the cells seen: the error after relabelling b' by ``perm``."""
-        return float(self.pair_costs()[torch.arange(self.channels), perm].sum())
+        return max(0.0, float(self.pair_costs()[torch.arange(self.channels), perm].sum()))  # no rounding below 0
 
     def fit_permutation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(perm, corr)``: a's channel i is matched with b''s channel ``perm[i]``, minimizing the summed L2 cost.

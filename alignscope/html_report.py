@@ -140,6 +140,13 @@ def _prediction_html(table: pd.DataFrame, meta: Mapping[str, Any]) -> str:
     return note + _table_html(rows[[c for c in PREDICTION_TABLE if c in rows.columns]])
 
 
+
+def _layer_count(table) -> int:
+    """Layers measured (the output row, the model's prediction, is not a layer)."""
+    from .prediction_table import layer_rows
+
+    return int(layer_rows(table)["layer"].nunique()) if len(table) else 0
+
 def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[str], warnings: list[str],
                  figures: Mapping[str, bytes] | None = None) -> str:
     """The report as an HTML fragment: header, verdicts, warnings, figures (if given), table, settings, images."""
@@ -149,7 +156,7 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
     parts = [
         f"<h1>alignscope report — {_esc(model)}</h1>",
         f'<p class="sub">weights: {_esc(meta.get("weights", "?"))} · {images} images · '
-        f'{table["layer"].nunique() if len(table) else 0} layers · {table["transform"].nunique() if len(table) else 0} transforms · '
+        f'{_layer_count(table)} layers · {table["transform"].nunique() if len(table) else 0} transforms · '
         f'alignscope {_esc(meta.get("alignscope_version", "?"))}</p>',
     ]
     if random:

@@ -291,7 +291,8 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
 
     def log(line: str) -> None:
         if bar is not None:
-            click.echo("\n" + line, err=True)  # below the bar, which redraws on its next update
+            # on a terminal, below the bar (which redraws on its next update); in a log file, one line each
+            click.echo(("\n" if sys.stderr.isatty() else "") + line, err=True)
 
     if bar is not None:
         bar.__enter__()

@@ -132,3 +132,12 @@ def test_report_renders_in_a_headless_browser(saved, tmp_path):
     assert loaded(page, "probe.html") == (3, 3)
     broken = page.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
     assert loaded(broken, "control.html") == (2, 3)  # the probe does see an image that fails to load
+
+
+def test_the_page_header_counts_layers_not_the_output_row():
+    from alignscope.html_report import summary_html
+
+    table = make_table(("rot90",), layers=("stem", "mid", "deep")).assign(kind="layer")
+    output = table.iloc[:1].assign(kind="output", layer="output", aligned_error=np.nan, prediction_agreement=0.5)
+    page = summary_html(pd.concat([table, output], ignore_index=True), {"model": "net"}, [], [])
+    assert "3 layers" in page and "4 layers" not in page
