@@ -186,6 +186,7 @@ class Calibrator:
         self.image_size = None if image_size is None else tuple(int(v) for v in image_size)
         self.collected: dict[tuple[str, str, str], _Collected] = {}
         self.pairs: dict[tuple[str, str, str], LayerPair] = {}
+        self.seconds = {"warp_search": 0.0, "channel_maps": 0.0}  # what :meth:`fit` spent on each kind
 
     def update(self, pair: LayerPair) -> None:
         key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
@@ -216,7 +217,7 @@ class Calibrator:
     def fit(self, progress=None) -> dict[tuple[str, str, str], PairFit]:
         """Every requested fit of every collected (layer, transform); the seconds each kind took go to :attr:`seconds`."""
         fits = {}
-        self.seconds = {"warp_search": 0.0, "channel_maps": 0.0}
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
         for done, (key, slot) in enumerate(self.collected.items(), start=1):
             pair = self.pairs[key]
             fit = PairFit(circular=pair.transform.circular)

@@ -199,10 +199,6 @@ class WarpObjective:
                                    self.circular, False, self.budget, self.reference.dtype)
             levels.insert(0, coarse)
 
-    def charge(self, matrices: torch.Tensor) -> torch.Tensor:
-        """(K,) the smoothing charge alone of the (K, 3, 3) matrices, weighted as the objective (0 at g^-1)."""
-        return self._weighted(torch.cat([self._averaging_gain(chunk) for chunk in self._chunks(matrices, 2)], dim=1))
-
     def scores(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,) charged and (K,) plain objective of the (K, 3, 3) float64 matrices, from one resampling of each
         (charged = plain where ``smoothing_control`` is off).
@@ -213,24 +209,26 @@ class WarpObjective:
         keys = [tuple(row) for row in torch.round(matrices[:, :2].reshape(-1, 6).double().cpu() * 1e12).tolist()]
         todo = [i for i, key in enumerate(keys) if key not in self._score_cache]
         if todo:
-            plain, gains = [], []
-            for chunk in self._chunks(matrices[todo], 3):
-                plain.append(self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk, self.circular)))
-                gains.append(self._averaging_gain(chunk) if self.smoothing_control else torch.zeros_like(plain[-1]))
-            plain, gain = torch.cat(plain, dim=1), torch.cat(gains, dim=1)
-            for i, charged_i, plain_i in zip(todo, self._weighted(plain + gain).tolist(), self._weighted(plain).tolist()):
+            plain, gain = self._distances(matrices[todo], self.smoothing_control)
+            charged = plain if gain is None else plain + gain
+            for i, charged_i, plain_i in zip(todo, self._weighted(charged).tolist(), self._weighted(plain).tolist()):
                 self._score_cache[keys[i]] = (charged_i, plain_i)
         charged, plain = zip(*(self._score_cache[key] for key in keys))
         return torch.tensor(charged, dtype=torch.float64), torch.tensor(plain, dtype=torch.float64)
 
     def per_image(self, matrices: torch.Tensor, charge: bool | None = None) -> torch.Tensor:
         """(N, K) float64 squared distances (not divided by chance), charged if ``charge`` (default: as configured)."""
-        charge = self.smoothing_control if charge is None else charge
-        out = []
+        plain, gain = self._distances(matrices, self.smoothing_control if charge is None else charge)
+        return plain if gain is None else plain + gain
+
+    def _distances(self, matrices: torch.Tensor, charge: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, K) plain squared distances of the candidates and, if ``charge``, their (N, K) averaging gains."""
+        plain, gains = [], []
         for chunk in self._chunks(matrices, 3 if charge else 1):
-            sq = self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk, self.circular))
-            out.append(sq + self._averaging_gain(chunk) if charge else sq)
-        return torch.cat(out, dim=1)
+            plain.append(self._masked_sq(self.reference.unsqueeze(2) - sample_many(self.moved, chunk, self.circular)))
+            if charge:
+                gains.append(self._averaging_gain(chunk))
+        return torch.cat(plain, dim=1), torch.cat(gains, dim=1) if charge else None
 
     def gauss_newton(self, matrices: torch.Tensor, mismatch: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
