@@ -19,7 +19,7 @@ import difflib
 import fnmatch
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -389,12 +389,20 @@ class FeatureCapture:
     ``output_classes`` = K: the model's own output, checked to be a (B, K)
     tensor, is returned too, under :data:`MODEL_OUTPUT`; the forward pass then
     always runs to the end.
+    ``input_hw`` (H, W): the batch has another size than the probed one (the
+    lattice probe); each layer is read with its layout at that size (token
+    grids factored anew) and checked on its channel count only. ``keep``:
+    ``keep(layer, map)`` is returned instead of the whole (B, C, H, W) map,
+    so that a probe holds only the cells it reads.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerInfo], stop_early: bool = True,
-                 output_classes: int | None = None) -> None:
+                 output_classes: int | None = None, input_hw: tuple[int, int] | None = None,
+                 keep: Callable[[LayerInfo, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model
         self.layers = list(layers)
+        self.input_hw = input_hw
+        self.keep = keep
         self.output_classes = output_classes
         self.stop_early = stop_early and output_classes is None
         self._stop_early_asked = stop_early
@@ -409,10 +417,22 @@ class FeatureCapture:
         if value.shape[0] != self._batch:
             raise LayerError(f"layer {layer.name!r} returned a leading dimension of {value.shape[0]} for a batch of "
                              f"{self._batch}; it is not a per-image map")
-        converted = layer.layout.to_nchw(value)
-        if converted.ndim != 4 or tuple(converted.shape[1:]) != tuple(layer.shape or ()):
-            raise LayerError(f"layer {layer.name!r} read as {layer.layout} gives {tuple(converted.shape[1:])}, "
-                             f"but the probe saw {layer.shape}; pass images of the model's input size")
+        if self.input_hw is None:
+            converted = layer.layout.to_nchw(value)
+            if converted.ndim != 4 or tuple(converted.shape[1:]) != tuple(layer.shape or ()):
+                raise LayerError(f"layer {layer.name!r} read as {layer.layout} gives {tuple(converted.shape[1:])}, "
+                                 f"but the probe saw {layer.shape}; pass images of the model's input size")
+        else:  # another input size (the lattice probe): the same reading, a map of another size
+            try:
+                converted = layer.layout.at_input(value, self.input_hw).to_nchw(value)
+            except (ValueError, RuntimeError) as exc:
+                raise LayerError(f"layer {layer.name!r} gives no {layer.layout.kind} map at a {self.input_hw[0]} x "
+                                 f"{self.input_hw[1]} input: {exc}") from None
+            if converted.ndim != 4 or converted.shape[1] != layer.channels:
+                raise LayerError(f"layer {layer.name!r} read as {layer.layout} gives {tuple(converted.shape[1:])} at a "
+                                 f"{self.input_hw[0]} x {self.input_hw[1]} input, not {layer.channels} channels")
+        if self.keep is not None:
+            return self.keep(layer, converted)  # a reduction is a new tensor: later in-place ops cannot reach it
         return converted.clone() if layer.overwritten_in_place else converted
 
     def __enter__(self) -> "FeatureCapture":

@@ -15,31 +15,56 @@ padding puts it at 2 j + 1 (half a pixel after).
 
 How it is measured
 ------------------
-Not from module types: :func:`measure_lattices` back-propagates an interior
-cell and its neighbour along one axis to a random probe input and reads
-the support of each gradient (the pixels that influence the cell). A
-cell's centre is the midpoint of its support, the stride is the distance
-between the two centres, and the support's reach on either side is kept
-(the registered comparison leaves out the cells whose support reaches past
-the image). The probe is large enough that no support touches its border (it
-grows until none does; one long, thin probe per axis keeps it cheap) and has the model's input size modulo every stride,
-because "SAME" padding depends on the input size modulo the stride.
+Not from module types: :func:`measure_lattices` back-propagates single cells
+to a random probe input and reads the support of each gradient (the pixels
+that influence the cell), through the same :class:`~alignscope.hooks.FeatureCapture`
+reader as the analysis (list elements, channels-last maps, token grids).
+Along each axis, the first two cells' supports end at ``stride * j + offset
++ reach`` (their starts are cut by the image's edge) and the last two cells'
+supports start at ``stride * j + offset - reach``: the step between
+neighbours is the stride, and the midpoint of the two ends is the cell
+centre. Reading each end where the other is cut lets a probe of about
+``reach + 2 * stride`` pixels measure a layer, half of what an interior cell
+would need.
+
+Cost is bounded: each axis is probed with an input long along it and thin
+across it (where the model accepts that), four batch items per layer (one
+cell each, batch items are independent in eval mode), many layers per
+backward pass, each graph freed before the next, and only the cells read are
+kept. The long side starts at the model's input size and doubles while an end
+is cut, up to :data:`MAX_PROBE_SIZE`; every probe size equals the model's
+modulo the least common multiple of the layers' strides, because "SAME"
+padding depends on the input size modulo the stride.
+
+Global layers (attention over the whole image) are found first, without
+gradients: a layer whose first cell changes when the probe's far end is
+re-drawn, and whose last cell changes with its near end, sees the whole probe;
+one that does so at two sizes (2 and 4 times the input's) has no lattice. A
+model that refuses other input sizes (Swin, MaxViT, ViT without dynamic size)
+is probed at its own size only, where such a layer gets no lattice at once.
+Either way the reason is returned, never an exception.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .hooks import LayerInfo
+from .errors import LayerError
+from .hooks import FeatureCapture, LayerInfo
 
 MAX_PROBE_SIZE = 2048
+PROBE_ITEMS_PER_LAYER = 4  # cells 1 and 2 (their supports' ends) and the last-but-two and last-but-one (starts)
+PROBE_PIXEL_BUDGET = 16  # at most this many input-sized images' pixels per backward pass
+GLOBAL_SIZES = (2, 4)
+GRADIENT_SEEDS = (2.0**100, 2.0**40, 1.0)  # the backward pass's seed, smaller after an overflow (see _ends)
+UNDERFLOW_GUARD = 1e-30  # a gradient this small may have lost neighbours to float32 underflow (smallest normal 1.2e-38)
 _CACHE_SIZE = 16
-# measurements by (model fingerprint, input size, layers): the probe costs several forward and backward
-# passes on large inputs, and one process often analyzes the same model again (API loops, sweeps)
+# measurements by (model fingerprint, input size, layers): one process often analyzes the same model again
 _cache: dict[tuple, dict[str, "Lattice | str"]] = {}
 
 
@@ -77,115 +102,277 @@ class Lattice:
                             dtype=torch.float64)
 
 
-class _Stop(Exception):
-    """Ends the probe's forward pass once every wanted layer has run."""
+_AxisLattice = tuple[float, float, tuple[float, float]]  # stride, offset, reach (before, after)
+_Keep = Callable[[LayerInfo, torch.Tensor], torch.Tensor]
 
 
-def _probe_size(size: int, period: int, at_least: int) -> int:
-    """The smallest size >= ``at_least`` congruent to ``size`` modulo ``period``."""
-    steps = max(0, math.ceil((at_least - size) / period))
-    return size + steps * period
+def _congruent(size: int, period: int, at_least: int) -> int:
+    """The smallest size >= ``at_least`` (and >= 1) congruent to ``size`` modulo ``period``."""
+    remainder = size % period
+    return remainder + period * max(0, math.ceil((max(at_least, 1) - remainder) / period))
 
 
-def _axis_support(grad: torch.Tensor, axis: int) -> tuple[int, int] | None:
-    """(first, last) index along ``axis`` (-1: columns, -2: rows) of the non-zero pixels of a (C, H, W) gradient."""
+def _refusal(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
+
+
+@dataclass
+class _AxisProbe:
+    """Probes along one axis (``axis`` -1: x, -2: y) of ``model``: long along it, ``across`` pixels across."""
+
+    model: nn.Module
+    channels: int
+    native: tuple[int, int]  # the model's input (H, W)
+    axis: int
+    period: int
+    across: int
+    generator: torch.Generator
+    device: str | torch.device
+
+    @property
+    def along_native(self) -> int:
+        return self.native[1] if self.axis == -1 else self.native[0]
+
+    def hw(self, size: int) -> tuple[int, int]:
+        return (self.across, size) if self.axis == -1 else (size, self.across)
+
+    def noise(self, batch: int, size: int) -> torch.Tensor:
+        return torch.randn(batch, self.channels, *self.hw(size), generator=self.generator).to(self.device)
+
+    def line(self, layer: LayerInfo, maps: torch.Tensor) -> torch.Tensor:
+        """The (B, C, cells) line of ``maps`` along the axis, through the middle of the other axis."""
+        return maps[:, :, maps.shape[2] // 2, :] if self.axis == -1 else maps[:, :, :, maps.shape[3] // 2]
+
+    def run(self, layers: Sequence[LayerInfo], x: torch.Tensor, keep: _Keep) -> dict[str, torch.Tensor] | str:
+        """``keep(layer, map)`` per layer for the batch ``x``, or why the model (or the reader) refused ``x``."""
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        try:
+            with FeatureCapture(self.model, layers, input_hw=None if hw == self.native else hw, keep=keep) as capture:
+                return capture(x)
+        except LayerError as exc:
+            return str(exc)
+        except Exception as exc:  # the model's own refusal: an assert on the input size, a shape mismatch
+            return _refusal(exc)
+
+
+def _choose_across(model: nn.Module, layers: Sequence[LayerInfo], channels: int, native: tuple[int, int], axis: int,
+                   period: int, generator: torch.Generator, device: str | torch.device) -> int:
+    """A thin side across the probe (two cells of the deepest layer) if the model accepts it, else the input's."""
+    native_across = native[0] if axis == -1 else native[1]
+    thin = min(native_across, _congruent(native_across, period, max(2 * period, 32)))
+    if thin == native_across:
+        return thin
+    probe = _AxisProbe(model, channels, native, axis, period, thin, generator, device)
+    sizes = probe.run(layers, probe.noise(1, probe.along_native), lambda layer, maps: torch.tensor(maps.shape[2:]))
+    if isinstance(sizes, str) or any(int(hw.min()) < 1 for hw in sizes.values()):
+        return native_across
+    return thin
+
+
+def _sees_whole(probe: _AxisProbe, layers: Sequence[LayerInfo], size: int) -> dict[str, tuple[bool, int]] | str:
+    """Per layer: do its first cell depend on the probe's far end and its last cell on the near end? And its cell count.
+
+    One forward pass without gradients: a random probe, the same with its
+    last columns (rows) re-drawn, and with its first ones re-drawn.
+    """
+    width = max(1, min(max(probe.period, 8), size // 4))
+    base = probe.noise(1, size)
+    far, near = base.clone(), base.clone()
+    end = [slice(None)] * 4
+    end[probe.axis] = slice(size - width, size)
+    far[tuple(end)] = probe.noise(1, size)[tuple(end)]
+    end[probe.axis] = slice(0, width)
+    near[tuple(end)] = probe.noise(1, size)[tuple(end)]
+    with torch.no_grad():
+        ends_count: dict[str, int] = {}
+
+        def keep(layer: LayerInfo, maps: torch.Tensor) -> torch.Tensor:
+            line = probe.line(layer, maps)
+            ends_count[layer.name] = int(line.shape[-1])
+            return line[..., [0, -1]].float()
+
+        ends = probe.run(layers, torch.cat([base, far, near]), keep)
+    if isinstance(ends, str):
+        return ends
+    seen = {}
+    for layer in layers:
+        value = ends[layer.name]
+        scale = float(value[0].abs().max()) + 1e-30
+        first_sees_far = float((value[1, :, 0] - value[0, :, 0]).abs().max()) > 1e-6 * scale
+        last_sees_near = float((value[2, :, 1] - value[0, :, 1]).abs().max()) > 1e-6 * scale
+        seen[layer.name] = (first_sees_far and last_sees_near, int(value.shape[-1] and ends_count[layer.name]))
+    return seen
+
+
+def _support(grad: torch.Tensor, axis: int) -> tuple[int, int] | None:
+    """(first, last) index along ``axis`` of the non-zero pixels of a (C, H, W) gradient."""
     hit = grad.abs().sum(dim=0) > 0
     line = hit.any(dim=-2 if axis == -1 else -1)
     where = torch.nonzero(line).flatten()
     return (int(where[0]), int(where[-1])) if where.numel() else None
 
 
-def _capture_with_grad(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    modules = dict(model.named_modules())
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
+def _ends(probe: _AxisProbe, chunk: Sequence[LayerInfo], size: int, strides: dict[str, float],
+          seed: float = GRADIENT_SEEDS[0]) -> dict[str, _AxisLattice | str | None]:
+    """One forward and one backward pass for the layers of ``chunk`` at probe length ``size``.
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, inputs: object, output: object) -> None:
-            if isinstance(output, torch.Tensor) and name not in captured:
-                # a clone keeps the value the layer returned, even if a later in-place op overwrites it
-                captured[name] = output.clone()
-            if len(captured) == len(names):
-                raise _Stop
-
-        return hook
-
-    try:
-        for name in names:
-            handles.append(modules[name].register_forward_hook(make_hook(name)))
-        try:
-            model(x)
-        except _Stop:
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-_AxisLattice = tuple[float, float, tuple[float, float]]  # stride, offset, reach (before, after)
-
-
-def _measure_axis(output: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, axis: int) -> _AxisLattice | str:
-    """Stride, offset and reach along ``axis`` from the supports of two neighbouring cells of ``output`` (2, C, h, w).
-
-    Batch item 0 back-propagates cell k, item 1 cell k + 1 (k along ``axis``,
-    the middle of the other axis), so one backward pass gives both supports.
+    Items 4l .. 4l + 3 belong to layer l: cells 1 and 2 (whose supports'
+    ends are read) and the last-but-two and last-but-one (whose starts are).
+    ``None`` where an end is cut by the probe's border (a longer probe is needed).
     """
-    if output.ndim != 4 or output.shape[axis] < 4:
-        return f"output {tuple(output.shape)} has too few cells on the probe to find an interior one"
-    h, w = output.shape[-2:]
-    k = output.shape[axis] // 2 - 1
-    first, second = (k, w // 2) if axis == -2 else (h // 2, k), (k + 1, w // 2) if axis == -2 else (h // 2, k + 1)
-    weights = weights[: output.shape[1]]
-    target = (output[0, :, first[0], first[1]] * weights).sum() + (output[1, :, second[0], second[1]] * weights).sum()
-    (grad,) = torch.autograd.grad(target, x, retain_graph=True, allow_unused=True)
-    if grad is None:
-        return "the layer's output does not depend on the input"
-    supports = _axis_support(grad[0], axis), _axis_support(grad[1], axis)
-    if supports[0] is None or supports[1] is None:
-        return "zero gradient at the probe cell (no support to measure)"
-    if any(lo == 0 or hi == x.shape[axis] - 1 for lo, hi in supports):
-        return "clipped"
-    centre0, centre1 = (sum(supports[0]) / 2, sum(supports[1]) / 2)
-    stride = centre1 - centre0
+    items = PROBE_ITEMS_PER_LAYER * len(chunk)
+    x = probe.noise(items, size).requires_grad_(True)
+    weights = torch.randn(max(layer.channels for layer in chunk), generator=probe.generator).to(probe.device)
+    found: dict[str, _AxisLattice | str | None] = {}
+    with torch.enable_grad():
+        lines = probe.run(chunk, x, probe.line)
+        if isinstance(lines, str):
+            return {layer.name: f"the probe failed at {size} px: {lines}" for layer in chunk}
+        target = x.new_zeros(())
+        cells_of = {}
+        for index, layer in enumerate(chunk):
+            line = lines[layer.name]
+            count = line.shape[-1]
+            if count < 4:
+                found[layer.name] = None
+                continue
+            cells_of[layer.name] = cells = (1, 2, count - 3, count - 2)
+            for item, cell in enumerate(cells):
+                target = target + (line[PROBE_ITEMS_PER_LAYER * index + item, :, cell] * weights[: line.shape[1]]).sum()
+        del lines
+        grad = None
+        if target.requires_grad:
+            # seeded with a large power of two rather than 1: supports are read as non-zero gradients, and the tails
+            # of a deep support (products of many small weights, such as residual branches' layer scale of 1e-6 at
+            # random initialisation) would underflow float32 and cut the support short, unevenly between cells
+            grad = torch.autograd.grad(target, x, grad_outputs=torch.full_like(target, seed), allow_unused=True)[0]
+    if grad is not None and not bool(torch.isfinite(grad).all()):
+        smaller = [s for s in GRADIENT_SEEDS if s < seed]
+        if smaller:
+            return _ends(probe, chunk, size, strides, smaller[0])
+        return {layer.name: "the probe's gradient is not finite" for layer in chunk}
+    for index, layer in enumerate(chunk):
+        if layer.name not in cells_of:
+            continue
+        if grad is None:
+            found[layer.name] = "the layer's output does not depend on the input"
+            continue
+        first = PROBE_ITEMS_PER_LAYER * index
+        cells = grad[first:first + PROBE_ITEMS_PER_LAYER]
+        smallest = cells.abs()[cells != 0].min() if bool((cells != 0).any()) else None
+        if smallest is not None and float(smallest) < UNDERFLOW_GUARD:
+            found[layer.name] = (f"its support's tails underflow float32 (gradients down to {float(smallest):.0e} after a "
+                                 f"{seed:.0e} seed: paths through many weights near zero, such as a random layer scale)")
+            continue
+        supports = [_support(grad[first + item], probe.axis) for item in range(PROBE_ITEMS_PER_LAYER)]
+        found[layer.name] = _axis_lattice(supports, cells_of[layer.name], size, strides.get(layer.name))
+    return found
+
+
+def _axis_lattice(supports: list[tuple[int, int] | None], cells: tuple[int, ...], size: int,
+                  counted: float | None = None) -> _AxisLattice | str | None:
+    """Stride, offset and reach from the ends of cells 1 and 2 and the starts of the last two (``cells``).
+
+    ``counted``: the stride from the cell counts at two probe sizes, where
+    the model takes other sizes. Float32 underflow can only cut a support
+    short, so with a known stride the farthest end and the earliest start
+    win; without one, the two neighbours' steps must agree.
+    """
+    if any(support is None for support in supports):
+        return "zero gradient at a probe cell (no support to measure)"
+    (_, end1), (_, end2), (start3, _), (start4, _) = supports  # type: ignore[misc]
+    if end2 >= size - 1 or start3 <= 0:
+        return None
+    step_ends, step_starts = end2 - end1, start4 - start3
+    if counted is None and step_ends != step_starts:
+        return (f"neighbouring cells' supports are {step_ends} px apart at the probe's start and {step_starts} px at "
+                "its end; not one lattice")
+    stride = float(step_ends) if counted is None else counted
     if stride <= 0:
         return f"neighbouring cells' supports are not ordered (stride {stride:g}); not a lattice"
-    return stride, centre0 - stride * k, (centre0 - supports[0][0], supports[0][1] - centre0)
+    after = max(end1 - stride * cells[0], end2 - stride * cells[1])  # offset + reach after the centre
+    before = min(start3 - stride * cells[2], start4 - stride * cells[3])  # offset - reach before it
+    if after < before:
+        return "a cell's support ends before it starts; not a lattice"
+    return stride, (after + before) / 2, ((after - before) / 2, (after - before) / 2)
 
 
-def _probe_axis(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int], axis: int, period: int,
-                generator: torch.Generator, device: str | torch.device, max_size: int) -> dict[str, _AxisLattice | str]:
-    """Measure one axis with probes long along it and short across it (cost grows with the probe's area)."""
-    channels, height, width = (int(v) for v in input_size)
-    along, across = (width, height) if axis == -1 else (height, width)
-    # across: one cell of the deepest layer is enough; the support's extent along the axis does not depend on it
-    size_across = _probe_size(across, period, period)
-    target = max(along, 64)
+def _chunks(layers: Sequence[LayerInfo], probe: _AxisProbe, size: int) -> list[list[LayerInfo]]:
+    """Layers in execution order, as many per backward pass as :data:`PROBE_PIXEL_BUDGET` allows."""
+    height, width = probe.hw(size)
+    budget = PROBE_PIXEL_BUDGET * probe.native[0] * probe.native[1]
+    per_pass = max(1, budget // (PROBE_ITEMS_PER_LAYER * height * width))
+    ordered = sorted(layers, key=lambda layer: layer.order)
+    return [ordered[i:i + per_pass] for i in range(0, len(ordered), per_pass)]
+
+
+def _probe_axis(probe: _AxisProbe, layers: Sequence[LayerInfo], max_size: int) -> dict[str, _AxisLattice | str]:
+    """Measure one axis: global layers first (no gradients), then the ends of the rest, doubling the probe."""
+    native = probe.along_native
+    name = "x" if probe.axis == -1 else "y"
     results: dict[str, _AxisLattice | str] = {}
-    pending = list(layers)
+    larger = [_congruent(native, probe.period, factor * native) for factor in GLOBAL_SIZES]
+    refused = ""
+    whole: dict[str, bool] = {layer.name: True for layer in layers}
+    counts: dict[str, list[int]] = {layer.name: [] for layer in layers}
+    for size in larger:
+        seen = _sees_whole(probe, layers, size)
+        if isinstance(seen, str):
+            refused = seen
+            break
+        for key, (sees, count) in seen.items():
+            whole[key] = whole[key] and sees
+            counts[key].append(count)
+    # the stride from the cell counts at two sizes (exact, since the sizes differ by a multiple of every stride)
+    strides = {key: (larger[1] - larger[0]) / (found[1] - found[0]) for key, found in counts.items()
+               if len(found) == 2 and found[1] > found[0]}
+    if refused:  # a model of one input size: probed at that size only
+        seen = _sees_whole(probe, layers, native)
+        if isinstance(seen, str):
+            return {layer.name: f"the probe at the model's own size failed: {seen}" for layer in layers}
+        for layer in layers:
+            if seen[layer.name][0]:
+                results[layer.name] = (f"every cell depends on the whole input along {name} at the model's only input "
+                                       f"size ({native} px): global attention, or a receptive field wider than the input")
+    else:
+        for layer in layers:
+            if whole[layer.name]:
+                results[layer.name] = (f"global: every cell depends on the whole probe along {name} at {larger[0]} and "
+                                       f"{larger[-1]} px (attention, or a receptive field wider than {larger[-1]} px)")
+    pending = [layer for layer in layers if layer.name not in results]
+    size = native
     while pending:
-        size_along = _probe_size(along, period, target)
-        if size_along > max_size:
+        if size > max_size:
             results.update((layer.name, f"the layer's support reaches past a {max_size} px probe") for layer in pending)
             break
-        shape = (2, channels, size_along, size_across) if axis == -2 else (2, channels, size_across, size_along)
-        x = torch.randn(*shape, generator=generator).to(device).requires_grad_(True)
-        weights = torch.randn(max(layer.channels for layer in pending), generator=generator).to(device)
-        with torch.enable_grad():
-            outputs = _capture_with_grad(model, [layer.name for layer in pending], x)
-            clipped = []
-            for layer in pending:
-                output = outputs.get(layer.name)
-                found = _measure_axis(output, x, weights, axis) if output is not None else "the layer did not run on the probe"
-                if found == "clipped":
-                    clipped.append(layer)
+        cut = []
+        for chunk in _chunks(pending, probe, size):
+            found = _ends(probe, chunk, size, strides)
+            for layer in chunk:
+                if found[layer.name] is None:
+                    cut.append(layer)
                 else:
-                    results[layer.name] = found
-        pending = clipped
-        target = 2 * size_along
+                    results[layer.name] = found[layer.name]  # type: ignore[assignment]
+        pending = cut
+        if pending and refused:
+            results.update((layer.name, f"its support reaches past the model's own input size ({native} px along "
+                                        f"{name}), and the model refuses larger probes ({refused})") for layer in pending)
+            break
+        size = _congruent(native, probe.period, 2 * size)
     return results
 
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters need no gradient during the probe (the input does); their flags are restored after."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 def _fingerprint(model: nn.Module) -> tuple:
     """Architecture and weights, cheaply.
@@ -222,12 +409,8 @@ def _measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size:
                       device: str | torch.device, seed: int, max_size: int) -> dict[str, Lattice | str]:
     """:func:`measure_lattices` without the cache.
 
-    ``input_size`` (C, H, W) is the model's input. Each axis is measured on
-    a batch of two random images long along that axis and short across it;
-    every probe size equals the model's modulo the least common multiple of
-    the layers' strides. The long side starts at the input's (at least
-    64 px) and doubles while a support touches the probe's border, up
-    to ``max_size``. The model must be in eval mode (batch items independent).
+    ``input_size`` (C, H, W) is the model's input; the model must be in eval
+    mode (batch items independent). See the module docstring for the probes.
     """
     wanted = [layer for layer in layers if layer.spatial and layer.stride]
     if not wanted:
@@ -235,18 +418,22 @@ def _measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size:
     period = 1
     for layer in wanted:
         period = math.lcm(period, max(1, int(round(layer.stride))))
+    channels, height, width = (int(v) for v in input_size[-3:])
     generator = torch.Generator().manual_seed(seed)
-    along_x = _probe_axis(model, wanted, input_size, -1, period, generator, device, max_size)
-    along_y = _probe_axis(model, wanted, input_size, -2, period, generator, device, max_size)
+    axes = {}
+    with _frozen(model):
+        for axis in (-1, -2):
+            across = _choose_across(model, wanted, channels, (height, width), axis, period, generator, device)
+            probe = _AxisProbe(model, channels, (height, width), axis, period, across, generator, device)
+            axes[axis] = _probe_axis(probe, wanted, max_size)
     results: dict[str, Lattice | str] = {}
     for layer in wanted:
-        fx, fy = along_x[layer.name], along_y[layer.name]
+        fx, fy = axes[-1][layer.name], axes[-2][layer.name]
         if isinstance(fx, str) or isinstance(fy, str):
             results[layer.name] = fx if isinstance(fx, str) else fy
             continue
         results[layer.name] = Lattice(stride_x=fx[0], stride_y=fy[0], offset_x=fx[1], offset_y=fy[1], reach_x=fx[2], reach_y=fy[2])
     return results
-
 
 def attach_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int],
                     device: str | torch.device = "cpu") -> list[str]:

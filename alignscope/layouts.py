@@ -57,6 +57,21 @@ class Layout:
         """(B, C, H, W) view (or copy, for token grids) of ``x``."""
         return CONVERTERS[self.kind](x, self)
 
+    def at_input(self, x: torch.Tensor, input_hw: tuple[int, int]) -> "Layout":
+        """This layout for ``x`` captured from an input of ``input_hw`` (H, W) other than the probed one.
+
+        Channel order does not depend on the input size; a token grid does,
+        so it is factored anew from ``x``'s token count (prefix tokens kept).
+        Raises ``ValueError`` when the tokens form no grid at that size.
+        """
+        if self.grid is None:
+            return self
+        count = int(x.shape[1 if self.kind == "NLC" else 2]) - self.prefix
+        grid = token_grid(count, input_hw)
+        if grid is None:
+            raise ValueError(f"{count} tokens form no grid at a {input_hw[0]} x {input_hw[1]} input")
+        return Layout(self.kind, grid, self.prefix, self.evidence)
+
     def describe(self) -> str:
         """Short label: ``NCHW``, ``NHWC``, ``tokens 14x14`` or ``tokens 1+14x14`` (prefix left out)."""
         if self.grid is None:
