@@ -408,6 +408,7 @@ class FeatureCapture:
         self._stop_early_asked = stop_early
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captured: dict[str, torch.Tensor] = {}
+        self._only: set[str] | None = None  # see restricted()
         self._batch = 0
 
     def _take(self, layer: LayerInfo, output: object) -> torch.Tensor:
@@ -448,8 +449,9 @@ class FeatureCapture:
 
             def hook(module: nn.Module, inputs: object, output: object, group: list[LayerInfo] = group) -> None:
                 for layer in group:
-                    self._captured[layer.name] = self._take(layer, output)
-                if self.stop_early and len(self._captured) == wanted:
+                    if self._only is None or layer.name in self._only:
+                        self._captured[layer.name] = self._take(layer, output)
+                if self.stop_early and len(self._captured) == (wanted if self._only is None else len(self._only)):
                     raise _StopForward
 
             self._handles.append(modules[source].register_forward_hook(hook))
@@ -464,7 +466,8 @@ class FeatureCapture:
         except _StopForward:
             pass
         captured, self._captured = self._captured, {}
-        missing = [layer.name for layer in self.layers if layer.name not in captured]
+        missing = [layer.name for layer in self.layers if layer.name not in captured
+                   and (self._only is None or layer.name in self._only)]
         if missing:
             raise LayerError(f"layers {missing} did not run in the forward pass")
         if self.output_classes is not None:
@@ -485,6 +488,17 @@ class FeatureCapture:
             yield self
         finally:
             self.output_classes, self.stop_early = saved
+
+    @contextlib.contextmanager
+    def restricted(self, names: set[str]) -> Iterator["FeatureCapture"]:
+        """Within this block only the layers ``names`` are captured, and the forward pass stops after them."""
+        saved = self._only
+        with self.layers_only():
+            self._only = set(names)
+            try:
+                yield self
+            finally:
+                self._only = saved
 
     def close(self) -> None:
         for handle in self._handles:

@@ -181,8 +181,13 @@ class PairFeeder:
         self.image_size = tuple(int(v) for v in image_size)
         self.image_disk = disk_mask(*image_size, device=device)
         self.output_pairs: list[OutputPair] = []
+        self._users: dict[Residual, tuple[set[str], int]] | None = None
 
-    def _forward(self, capture: FeatureCapture, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward(self, capture: FeatureCapture, x: torch.Tensor, limit: int | None = None) -> dict[str, torch.Tensor]:
+        """The captured maps of ``x``, fed ``limit`` images at a time (at most one batch of activations alive)."""
+        if limit is not None and x.shape[0] > limit:
+            parts = [self._forward(capture, x[start:start + limit]) for start in range(0, x.shape[0], limit)]
+            return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.timer("forward"):
@@ -291,9 +296,11 @@ class PairFeeder:
         pending: list[tuple[Transform, bool, dict, torch.Tensor | None]] = []
         for transform, disk, kind, batch in self.model_inputs(x, partner, controls):
             if kind == "registered":
-                maps = self._forward(capture, batch)
+                users = self._shift_users()
                 for index, key in enumerate(self._shifts_needed(transform, disk, shifted)):
-                    shifted_maps[key] = {name: v[index * n:(index + 1) * n] for name, v in maps.items()}
+                    # only the layers that compare against this shift, and the forward pass stops after them
+                    with capture.restricted(users[key[1]][0]):
+                        shifted_maps[key] = self._forward(capture, batch[index * n:(index + 1) * n])
                 continue
             yield from self._emit(pending, references, partners, shifted_maps, controls)
             pending = []
@@ -309,7 +316,7 @@ class PairFeeder:
             if batch is None:
                 moved = reference
             else:
-                maps = self._forward(capture, batch)
+                maps = self._forward(capture, batch, n + 1)
                 moved = {k: v[:n] for k, v in maps.items()}
                 if kind == "moved+roundtrip":
                     roundtrip = {k: v[n:] for k, v in maps.items()}
@@ -317,26 +324,48 @@ class PairFeeder:
             pending = [(transform, disk, moved, roundtrip)]
         yield from self._emit(pending, references, partners, shifted_maps, controls)
 
+    def _shift_users(self) -> dict[Residual, tuple[set[str], int]]:
+        """Per residual shift: the layers that compare against it, and the index of the last transform that does."""
+        if self._users is None:
+            self._users = {}
+            for position, transform in enumerate(self.transforms):
+                if transform.circular:
+                    continue
+                for layer in self.layers:
+                    residual = layer_residual(layer, transform, self.image_size)
+                    if residual is not None and residual != (0.0, 0.0):
+                        names, _ = self._users.get(residual, (set(), 0))
+                        self._users[residual] = (names | {layer.name}, position)
+        return self._users
+
     def _emit(self, pending: list, references: dict, partners: dict, shifted_maps: dict,
               controls: bool = True) -> Iterator[LayerPair]:
         for transform, disk, moved, roundtrip in pending:
-            reference = references[disk]
-            for layer in self.layers:
-                a, b = reference[layer.name], moved[layer.name]
-                with self.timer("warping"):
-                    aligned = inverse_warp(b, transform, float(layer.stride or 1))
-                    mask = self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1])
-                    registered = self._register(layer, transform, disk, a, b, aligned, mask, shifted_maps) \
-                        if controls else {}
-                yield LayerPair(
-                    layer=layer, transform=transform, disk=disk, reference=a, moved=b, aligned=aligned,
-                    other=partners[disk][layer.name], mask=mask,
-                    roundtrip=None if roundtrip is None else roundtrip[layer.name], **registered,
-                )
-            if MODEL_OUTPUT in moved:
-                self.output_pairs.append(OutputPair(
-                    transform, disk, reference[MODEL_OUTPUT], moved[MODEL_OUTPUT], partners[disk][MODEL_OUTPUT],
-                    None if roundtrip is None else roundtrip[MODEL_OUTPUT]))
+            yield from self._emit_one(transform, disk, moved, roundtrip, references, partners, shifted_maps, controls)
+            # a shift no later transform compares against is dropped: one batch's maps, not all of its shifts
+            position = next(i for i, known in enumerate(self.transforms) if known is transform)
+            for key in [key for key in shifted_maps if self._shift_users()[key[1]][1] <= position]:
+                del shifted_maps[key]
+
+    def _emit_one(self, transform: Transform, disk: bool, moved: dict, roundtrip: dict | None, references: dict,
+              partners: dict, shifted_maps: dict, controls: bool) -> Iterator[LayerPair]:
+        reference = references[disk]
+        for layer in self.layers:
+            a, b = reference[layer.name], moved[layer.name]
+            with self.timer("warping"):
+                aligned = inverse_warp(b, transform, float(layer.stride or 1))
+                mask = self.mask_for(layer, transform, disk, a.shape[-2], a.shape[-1])
+                registered = self._register(layer, transform, disk, a, b, aligned, mask, shifted_maps) \
+                    if controls else {}
+            yield LayerPair(
+                layer=layer, transform=transform, disk=disk, reference=a, moved=b, aligned=aligned,
+                other=partners[disk][layer.name], mask=mask,
+                roundtrip=None if roundtrip is None else roundtrip[layer.name], **registered,
+            )
+        if MODEL_OUTPUT in moved:
+            self.output_pairs.append(OutputPair(
+                transform, disk, reference[MODEL_OUTPUT], moved[MODEL_OUTPUT], partners[disk][MODEL_OUTPUT],
+                None if roundtrip is None else roundtrip[MODEL_OUTPUT]))
 
     def _register(self, layer: LayerInfo, transform: Transform, disk: bool, a: torch.Tensor, b: torch.Tensor,
                   aligned: torch.Tensor, mask: torch.Tensor, shifted_maps: dict) -> dict:
