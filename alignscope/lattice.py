@@ -112,6 +112,19 @@ def _congruent(size: int, period: int, at_least: int) -> int:
     return remainder + period * max(0, math.ceil((max(at_least, 1) - remainder) / period))
 
 
+def _lattice_stride_guess(stride: float) -> int:
+    """The integer stride of a layer's lattice, from input size / map size.
+
+    An integer ratio is the stride; a fractional one (valid convolutions:
+    299 / 35) comes from a lattice whose stride is the nearest power of two,
+    which is what the probe sizes must respect (the ratio rounded would make
+    their least common multiple, and so the probes, needlessly large).
+    """
+    if abs(stride - round(stride)) < 1e-6:
+        return max(1, int(round(stride)))
+    return 2 ** max(0, round(math.log2(stride)))
+
+
 def _refusal(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
 
@@ -333,12 +346,12 @@ def _probe_axis(probe: _AxisProbe, layers: Sequence[LayerInfo], max_size: int) -
         for layer in layers:
             if seen[layer.name][0]:
                 results[layer.name] = (f"every cell depends on the whole input along {name} at the model's only input "
-                                       f"size ({native} px): global attention, or a receptive field wider than the input")
+                                       f"size ({native} px): attention or squeeze-excitation over the image, or a receptive field wider than the input")
     else:
         for layer in layers:
             if whole[layer.name]:
                 results[layer.name] = (f"global: every cell depends on the whole probe along {name} at {larger[0]} and "
-                                       f"{larger[-1]} px (attention, or a receptive field wider than {larger[-1]} px)")
+                                       f"{larger[-1]} px (attention or squeeze-excitation over the image, or a receptive field wider than {larger[-1]} px)")
     pending = [layer for layer in layers if layer.name not in results]
     size = native
     while pending:
@@ -417,7 +430,7 @@ def _measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size:
         return {}
     period = 1
     for layer in wanted:
-        period = math.lcm(period, max(1, int(round(layer.stride))))
+        period = math.lcm(period, _lattice_stride_guess(float(layer.stride)))
     channels, height, width = (int(v) for v in input_size[-3:])
     generator = torch.Generator().manual_seed(seed)
     axes = {}
