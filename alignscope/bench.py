@@ -56,7 +56,7 @@ from .errors import AlignscopeError
 from .images import ImageBatch, bundled_photos, image_stream, read_rgb
 from .interleave import Interleaver, PassTiming, assess_noise, load_average, repeat_spread, summarize_passes
 from .options import ModelOptions
-from .pairs import PairFeeder
+from .pairs import PairFeeder, forward_chunks
 from .peakmemory import SOURCE as PEAK_SOURCE
 from .peakmemory import run_measured
 from .timing import BoundaryTimer
@@ -112,8 +112,14 @@ def _sync(device: torch.device) -> None:
 
 
 def model_inputs(feeder: PairFeeder, batch: ImageBatch, device: torch.device, channels_last: bool) -> list[torch.Tensor]:
-    """Every batch the analysis feeds the model for ``batch`` (:meth:`PairFeeder.model_inputs`), on ``device``."""
-    inputs = [b for _, _, _, b in feeder.model_inputs(batch.pixels.to(device), batch.partner) if b is not None]
+    """Every batch the analysis feeds the model for ``batch`` (:meth:`PairFeeder.model_inputs`), on ``device``,
+    split as :meth:`PairFeeder.pairs` splits them: stacked inputs in :func:`forward_chunks`, each registered
+    shift on its own (the analysis stops those after the layers that use them; the bare pass runs them whole)."""
+    n = batch.pixels.shape[0]
+    inputs = []
+    for _, _, kind, b in feeder.model_inputs(batch.pixels.to(device), batch.partner):
+        if b is not None:
+            inputs.extend(b.split(n) if kind == "registered" else forward_chunks(b, n + 1))
     return [b.contiguous(memory_format=torch.channels_last) if channels_last else b for b in inputs]
 
 

@@ -283,13 +283,16 @@ def _ends(probe: _AxisProbe, chunk: Sequence[LayerInfo], size: int, strides: dic
 
 
 def _axis_lattice(supports: list[tuple[int, int] | None], cells: tuple[int, ...], size: int,
-                  counted: float | None = None) -> _AxisLattice | str | None:
+                  known: float | None = None) -> _AxisLattice | str | None:
     """Stride, offset and reach from the ends of cells 1 and 2 and the starts of the last two (``cells``).
 
-    ``counted``: the stride from the cell counts at two probe sizes, where
-    the model takes other sizes. Float32 underflow can only cut a support
-    short, so with a known stride the farthest end and the earliest start
-    win; without one, the two neighbours' steps must agree.
+    ``known``: the lattice's stride where it is known without gradients (the
+    cell counts at two probe sizes, or an integer input / map ratio). A
+    support can only come out short, never long (float32 underflow, or a
+    ReLU that is off at its edge for this probe), so the farthest end and the
+    earliest start win, and each neighbour's step must be within half a
+    stride of the stride (window attention, whose cells share supports, is
+    no lattice). Without a known stride the two steps must agree.
     """
     if any(support is None for support in supports):
         return "zero gradient at a probe cell (no support to measure)"
@@ -297,10 +300,11 @@ def _axis_lattice(supports: list[tuple[int, int] | None], cells: tuple[int, ...]
     if end2 >= size - 1 or start3 <= 0:
         return None
     step_ends, step_starts = end2 - end1, start4 - start3
-    if counted is None and step_ends != step_starts:
+    stride = float(step_ends) if known is None else known
+    if (known is None and step_ends != step_starts) or (
+            known is not None and max(abs(step_ends - stride), abs(step_starts - stride)) > stride / 2):
         return (f"neighbouring cells' supports are {step_ends} px apart at the probe's start and {step_starts} px at "
-                "its end; not one lattice")
-    stride = float(step_ends) if counted is None else counted
+                f"its end{'' if known is None else f' (stride {known:g})'}; not one lattice")
     if stride <= 0:
         return f"neighbouring cells' supports are not ordered (stride {stride:g}); not a lattice"
     after = max(end1 - stride * cells[0], end2 - stride * cells[1])  # offset + reach after the centre
@@ -339,6 +343,10 @@ def _probe_axis(probe: _AxisProbe, layers: Sequence[LayerInfo], max_size: int) -
     # the stride from the cell counts at two sizes (exact, since the sizes differ by a multiple of every stride)
     strides = {key: (larger[1] - larger[0]) / (found[1] - found[0]) for key, found in counts.items()
                if len(found) == 2 and found[1] > found[0]}
+    for layer in layers:  # a model of one size: an integer input / map ratio is the stride
+        ratio = float(layer.stride or 0)
+        if layer.name not in strides and ratio >= 1 and abs(ratio - round(ratio)) < 1e-6:
+            strides[layer.name] = float(round(ratio))
     if refused:  # a model of one input size: probed at that size only
         seen = _sees_whole(probe, layers, native)
         if isinstance(seen, str):

@@ -155,6 +155,17 @@ class OutputPair:
     roundtrip: torch.Tensor | None
 
 
+def forward_chunks(batch: torch.Tensor, limit: int) -> list[torch.Tensor]:
+    """``batch`` in as few equal chunks of at most ``limit`` images as possible (the last may be smaller).
+
+    The analysis feeds g x with its round trip g^-1 g x stacked (2n images
+    for a batch of n): fed at most n + 1 at a time, one batch's activations
+    are alive at once, which bounds the peak memory.
+    """
+    count = -(-batch.shape[0] // limit)
+    return list(batch.split(-(-batch.shape[0] // count)))
+
+
 class PairFeeder:
     """Turns image batches into :class:`LayerPair` s, caching masks and chance partners.
 
@@ -184,9 +195,9 @@ class PairFeeder:
         self._users: dict[Residual, tuple[set[str], int]] | None = None
 
     def _forward(self, capture: FeatureCapture, x: torch.Tensor, limit: int | None = None) -> dict[str, torch.Tensor]:
-        """The captured maps of ``x``, fed ``limit`` images at a time (at most one batch of activations alive)."""
+        """The captured maps of ``x``, fed in :func:`forward_chunks` of at most ``limit`` images."""
         if limit is not None and x.shape[0] > limit:
-            parts = [self._forward(capture, x[start:start + limit]) for start in range(0, x.shape[0], limit)]
+            parts = [self._forward(capture, chunk) for chunk in forward_chunks(x, limit)]
             return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -160,10 +160,11 @@ def _tiny_benchmark(run=bench.benchmark, **kwargs):
 def test_each_batch_is_forwarded_bare_on_a_copy_right_before_its_analysis():
     LOG.clear()
     model, result = _tiny_benchmark()
-    # drop the layer probes (all-zero batches) and the lattice probes (other sizes); the rest alternates:
+    # drop the layer and lattice probes (everything before the first bare pass); the rest alternates:
     # the copy (A) then the hooked model (B)
     runs = []
-    for owner, n, total, size in LOG:
+    first_bare = next(i for i, (owner, *_) in enumerate(LOG) if owner != id(model))
+    for owner, n, total, size in LOG[first_bare:]:
         if total == 0.0 or size != (32, 32):
             continue
         who = "B" if owner == id(model) else "A"

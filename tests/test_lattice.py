@@ -225,3 +225,134 @@ def test_border_effects_of_the_registered_comparison_reach_the_report():
     assert len(lines) == 1 and "5 / hflip (7,0 px)" in lines[0]
     interior = report.table.set_index("layer")["registered_fraction"]
     assert interior["1"] < 1 and interior["5"] == 1  # layer 1 keeps interior cells; layer 5 has none
+
+
+# --- the probe itself: one capture path, probes the model accepts, bounded cost ---------------------------------
+
+class _Pad1Stack(nn.Module):
+    """Three 3 x 3 stride-2 convs with padding 1: lattices stride 2, 4, 8 at offsets 0 (cell j at 2^k j)."""
+
+    def __init__(self, fixed_size: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fixed_size = fixed_size
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 4, 4, 3, stride=2, padding=1) for i in range(3))
+
+    def forward(self, x):
+        if self.fixed_size is not None:
+            assert x.shape[-1] == self.fixed_size and x.shape[-2] == self.fixed_size, "input size must be fixed"
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return x
+
+
+PAD1_EXPECTED = {f"convs.{k}": (2.0 ** (k + 1), 0.0) for k in range(3)}
+
+
+def _probe(net, size=64, request=None):
+    alignscope.lattice._cache.clear()  # nets of one architecture and seed that differ in Python behaviour only
+    layers, _ = select_layers(probe_layers(net, (3, size, size)), request)
+    return layers, measure_lattices(net, layers, (3, size, size))
+
+
+@pytest.mark.parametrize("fixed", [None, 64], ids=["any_size", "fixed_size"])
+def test_probe_finds_known_lattices_whether_or_not_the_model_takes_other_sizes(fixed):
+    net = _Pad1Stack(fixed).eval()
+    layers, found = _probe(net, request=["convs.*"])
+    for name, (stride, offset) in PAD1_EXPECTED.items():
+        assert isinstance(found[name], Lattice), found[name]
+        assert found[name].stride == (stride, stride) and found[name].offset == (offset, offset)
+
+
+class _WithGlobal(nn.Module):
+    """A local conv, then a layer that adds the image mean (every cell sees every pixel), optionally of fixed size."""
+
+    def __init__(self, fixed_size: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fixed_size = fixed_size
+        self.local = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.mixed = nn.Identity()
+
+    def forward(self, x):
+        if self.fixed_size is not None and x.shape[-1] != self.fixed_size:
+            raise RuntimeError(f"Input width ({x.shape[-1]}) doesn't match model ({self.fixed_size})")
+        h = self.local(x)
+        return self.mixed(h + h.mean(dim=(2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("fixed", [None, 64], ids=["any_size", "fixed_size"])
+def test_a_global_layer_has_no_lattice_and_says_why_without_an_exception(fixed):
+    net = _WithGlobal(fixed).eval()
+    _, found = _probe(net, request=["local", "mixed"])
+    assert found["local"].stride == (2.0, 2.0) and found["local"].offset == (0.0, 0.0)
+    assert isinstance(found["mixed"], str)
+    assert ("global" in found["mixed"]) if fixed is None else ("only input size" in found["mixed"])
+
+
+class _Layouts(nn.Module):
+    """The same stride-4 map returned as NCHW, channels-last, an element of a list, and a token sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.nhwc = nn.Identity()
+        self.pair = _Pair()
+        self.tokens = nn.Identity()
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(x)))
+        a = self.nhwc(h.permute(0, 2, 3, 1))
+        b = self.pair(h)[1]
+        c = self.tokens(h.flatten(2).transpose(1, 2))
+        return a.mean() + b.mean() + c.mean()
+
+
+class _Pair(nn.Module):
+    def forward(self, h):
+        return [h[:, :3], h[:, 3:]]
+
+
+def test_every_layout_is_probed_through_the_analysis_reader():
+    # list elements, channels-last maps and token grids: the hook code the analysis uses reads each right
+    net = _Layouts().eval()
+    layers, found = _probe(net, request=["conv2", "nhwc", "pair", "tokens"])
+    assert {str(layer.layout).split()[0] for layer in layers} >= {"NCHW", "NHWC", "tokens"}
+    expected = found["conv2"]
+    assert isinstance(expected, Lattice) and expected.stride == (4.0, 4.0)
+    for name in ("nhwc", "pair[0]", "pair[1]", "tokens"):
+        assert found[name] == expected, (name, found[name])
+
+
+def test_a_support_below_float32s_range_is_reported_not_measured():
+    net = _Pad1Stack().eval()
+    with torch.no_grad():
+        for conv in net.convs:
+            conv.weight.mul_(1e-21)  # the gradient of convs.2 at the input: about (1e-21)^3 * 1e30
+    _, found = _probe(net, request=["convs.2"])
+    assert "underflow" in found["convs.2"]
+
+
+def test_the_probe_costs_the_same_passes_for_many_layers_and_leaves_the_model_as_it_was():
+    calls = []
+
+    def count(module, args):
+        calls.append(args[0].shape[0])
+
+    for request in (["convs.2"], ["convs.*"]):
+        net = _Pad1Stack().eval()
+        net.convs[0].weight.requires_grad_(False)  # a frozen parameter stays frozen, the others trainable
+        handle = net.register_forward_pre_hook(count)
+        calls.clear()
+        alignscope.lattice._cache.clear()
+        _probe(net, request=request)
+        handle.remove()
+        if request == ["convs.2"]:
+            one_layer = len(calls)
+        else:
+            assert len(calls) == one_layer  # more layers: bigger batches, not more passes
+            assert max(calls) == 4 * 3  # four cells per layer, three layers in one pass
+        assert [p.requires_grad for p in net.parameters()] == [False, True, True, True, True, True]
+        assert not net.training
