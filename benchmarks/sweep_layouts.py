@@ -5,9 +5,10 @@ photos, rot90 and translate32,0) and prints what was read and how: the
 layouts of the default layers, dropped default stages, how many modules of
 ``all`` are maps and why the others are not, the median aligned / unaligned
 error of rot90 and translate32,0 at the default layers, and whether the
-chance distance collapsed. Models are built small (reduced input sizes where
-the architecture allows) so that the sweep runs in minutes on a CPU; it
-measures reading, not speed.
+chance distance collapsed, and how many default layers have a measured
+lattice. Every model runs at its native input size (timm's
+``pretrained_cfg``), the size users run it at; the sweep measures reading,
+not speed (``benchmarks/zoo_timing.py`` times the default runs).
 
 Run:  python benchmarks/sweep_layouts.py                 # the whole list, a markdown table
       python benchmarks/sweep_layouts.py resnet18 vit_tiny_patch16_224
@@ -19,31 +20,16 @@ import collections
 import logging
 import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
 
 import alignscope
 
-# name -> (input size, extra timm kwargs); kwargs shrink token models to the input size
-MODELS: dict[str, tuple[int, dict]] = {
-    "resnet18": (128, {}),
-    "tf_efficientnet_lite0": (128, {}),
-    "mobilenetv3_small_100": (128, {}),
-    "convnext_atto": (128, {}),
-    "regnetx_002": (128, {}),
-    "repvgg_a0": (128, {}),
-    "hrnet_w18_small": (128, {}),
-    "selecsls42b": (128, {}),
-    "tresnet_m": (128, {}),
-    "inception_v3": (139, {}),  # no multiple of 32: fractional strides
-    "vit_tiny_patch16_224": (128, {"img_size": 128}),
-    "deit_tiny_distilled_patch16_224": (128, {"img_size": 128}),
-    "swin_tiny_patch4_window7_224": (128, {"img_size": 128, "window_size": 4}),
-    "levit_128s": (224, {}),
-    "efficientformer_l1": (224, {}),
-    "mobilevit_xxs": (128, {}),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo_models import ZOO  # noqa: E402  (one model per family, as the zoo test runs them)
+
 TRANSFORMS = ["rot90", "translate32,0"]
 
 
@@ -76,14 +62,15 @@ def _reason_kind(reason: str) -> str:
     return next((label for key, label in labels.items() if key in reason), "other")
 
 
-def sweep_one(name: str, size: int, kwargs: dict) -> dict:
+def sweep_one(name: str) -> dict:
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False).eval()
     cfg = model.pretrained_cfg
+    size = int(cfg["input_size"][-1])
     mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     default, warnings = _run(model, size, mean, std, None)
-    table = default.table
+    table = default.table[default.table["kind"] == "layer"]
     layouts = collections.Counter(v["layout"].split(" ")[0] for v in default.meta["layer_layouts"].values())
     rows = {t: table[table["transform"] == t] for t in TRANSFORMS}
     everything, _ = _run(model, size, mean, std, "all")
@@ -100,6 +87,7 @@ def sweep_one(name: str, size: int, kwargs: dict) -> dict:
         "rot90 al/un": f"{rows['rot90']['aligned_error'].median():.2f}/{rows['rot90']['unaligned_error'].median():.2f}",
         "shift al/un": f"{rows['translate32,0']['aligned_error'].median():.2f}/{rows['translate32,0']['unaligned_error'].median():.2f}",
         "collapse": "yes" if any("chance distance collapsed" in m for m in warnings) else "no",
+        "lattice": f"{int(rows['rot90']['registered_error'].notna().sum())}/{len(rows['rot90'])}",
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -108,20 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="timm names (default: the built-in list)")
     args = parser.parse_args(argv)
-    names = args.models or list(MODELS)
+    names = args.models or list(ZOO)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    columns = ["model", "input", "default", "dropped", "all", "all skipped", "strides", "rot90 al/un", "shift al/un", "collapse"]
+    columns = ["model", "input", "default", "dropped", "all", "all skipped", "strides", "rot90 al/un", "shift al/un", "collapse", "lattice"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     failures = 0
     for name in names:
-        size, kwargs = MODELS.get(name, (224, {}))
         try:
-            row = sweep_one(name, size, kwargs)
+            row = sweep_one(name)
         except Exception as exc:  # one line per model, also for a failure
             failures += 1
             first = (str(exc).splitlines() or [""])[0][:100]
-            row = {"model": name, "input": size, "default": f"ERROR {type(exc).__name__}: {first}"}
+            row = {"model": name, "default": f"ERROR {type(exc).__name__}: {first}"}
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |", flush=True)
         print(f"{name}: {row.get('seconds', '-')} s", file=sys.stderr)
     return 1 if failures else 0
