@@ -77,3 +77,22 @@ def tune_malloc() -> dict[str, object]:
 def malloc_tuning() -> dict[str, object]:
     """What :func:`tune_malloc` did in this process (``{}`` if it was not called)."""
     return dict(_state)
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free memory to the system (glibc ``malloc_trim``) after a phase with a high peak.
+
+    The tuning keeps freed memory in the heap, which suits the analysis's
+    repeated batches of one size; the set-up's probes (other sizes, autograd
+    graphs) leave free memory of other shapes behind, which the analysis
+    would add to. Returns whether anything was done (glibc only, and only
+    when the tuning is in effect).
+    """
+    if not _state.get("tuned"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -371,10 +371,39 @@ def memory_scaling(counts: Sequence[int] = (32, 512), model: str | ModelOptions 
                 raise AlignscopeError(f"the analysis asked for {count} images used {used}; its peak memory is not comparable")
             results[count] = {"images": used, "peak_rss_mb": round(run.peak_mb, 1), "seconds": round(run.seconds, 2)}
             launcher.append(run.launcher_mb)
+        bare = run_measured([sys.executable, "-c", _BARE_FORWARD, json.dumps(_option_fields(model, model_settings)),
+                             str(batch_size + 1)]).check("the bare forward passes")
+        launcher.append(bare.launcher_mb)
     small, large = results[min(counts)], results[max(counts)]
     floor = max((v for v in launcher if v is not None), default=None)
     return {"runs": results, "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "bare_forward": {"images": batch_size + 1, "peak_rss_mb": round(bare.peak_mb, 1)},
             "peak_rss_source": PEAK_SOURCE, "launcher_mb": None if floor is None else round(floor, 1)}
+
+
+# The physical floor of the analysis's memory: Python, torch and timm, the model, and its bare forward passes on
+# the largest batch the analysis feeds (a batch and its carried partner), malloc set up as the command line does.
+_BARE_FORWARD = """
+import json, sys
+import torch
+from alignscope.allocator import tune_malloc
+tune_malloc()
+from alignscope.options import ModelOptions
+model, cfg = ModelOptions.build(**json.loads(sys.argv[1])).load()
+x = torch.randn(int(sys.argv[2]), *cfg.input_size)
+with torch.inference_mode():
+    for _ in range(3):
+        model(x)
+"""
+
+
+def _option_fields(model: str | ModelOptions, settings: dict) -> dict:
+    """The fields of ``ModelOptions.build(model, **settings)`` that a fresh process needs, as JSON."""
+    options = ModelOptions.build(model, **settings)
+    if not isinstance(options.model, str):
+        raise AlignscopeError("memory scaling runs fresh processes: pass a timm name, not an nn.Module")
+    return {"model": options.model, "weights": options.weights, "pretrained": options.pretrained,
+            "input_size": options.input_size, "mean": options.mean, "std": options.std}
 
 
 def bench_arguments(model: str | ModelOptions = "tf_efficientnet_lite0", images=None, max_images: int | None = 64,

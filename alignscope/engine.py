@@ -24,7 +24,7 @@ from torch import nn
 
 from .checks import warn_chance_collapse
 from .distributed import all_reduce_sum, gather_to_main, init_from_environment
-from .allocator import malloc_tuning, tune_malloc
+from .allocator import malloc_tuning, release_free_memory, tune_malloc
 from .errors import AlignscopeError, ImageError, ModelError, UsageError
 from .fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers
@@ -97,6 +97,7 @@ def _setup(options: ModelOptions, transforms, device: torch.device) -> _Setup:
     probed = probe_layers(module, cfg.input_size, device)
     chosen, skipped = select_layers(probed, options.layers)
     problems = attach_lattices(module, chosen, cfg.input_size, device)
+    release_free_memory()  # the probes' transient memory, before the analysis's batches
     if len(problems) > 3:  # one line for many layers (a glob over a transformer's blocks), not one each
         log.warning("no lattice measured for %d layers, so their registered_error is NaN; e.g. %s", len(problems),
                     "; ".join(problems[:2]))

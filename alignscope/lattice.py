@@ -170,16 +170,22 @@ class _AxisProbe:
 
 def _choose_across(model: nn.Module, layers: Sequence[LayerInfo], channels: int, native: tuple[int, int], axis: int,
                    period: int, generator: torch.Generator, device: str | torch.device) -> int:
-    """A thin side across the probe (two cells of the deepest layer) if the model accepts it, else the input's."""
+    """The thinnest side across the probe that the model accepts with a cell in every layer, else the input's.
+
+    Tried from two cells of the deepest layer upwards, one stride of it at a
+    time (valid convolutions need more than two); each try is one forward
+    pass of one image.
+    """
     native_across = native[0] if axis == -1 else native[1]
-    thin = min(native_across, _congruent(native_across, period, max(2 * period, 32)))
-    if thin == native_across:
-        return thin
-    probe = _AxisProbe(model, channels, native, axis, period, thin, generator, device)
-    sizes = probe.run(layers, probe.noise(1, probe.along_native), lambda layer, maps: torch.tensor(maps.shape[2:]))
-    if isinstance(sizes, str) or any(int(hw.min()) < 1 for hw in sizes.values()):
-        return native_across
-    return thin
+    across = _congruent(native_across, period, max(2 * period, 32))
+    while across < native_across:
+        probe = _AxisProbe(model, channels, native, axis, period, across, generator, device)
+        with torch.no_grad():
+            sizes = probe.run(layers, probe.noise(1, probe.along_native), lambda layer, maps: torch.tensor(maps.shape[2:]))
+        if not isinstance(sizes, str) and all(int(hw.min()) >= 1 for hw in sizes.values()):
+            return across
+        across += period
+    return native_across
 
 
 def _sees_whole(probe: _AxisProbe, layers: Sequence[LayerInfo], size: int) -> dict[str, tuple[bool, int]] | str:

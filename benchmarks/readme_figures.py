@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         scaling = results["memory"]["memory_scaling"]
         runs = scaling["runs"]
         print("\nmemory: " + ", ".join(f"{count} images {run['peak_rss_mb']:.0f} MiB" for count, run in runs.items())
-              + f", ratio {scaling['rss_ratio']:.3f} (launcher floor {scaling['launcher_mb']} MiB)")
+              + f", ratio {scaling['rss_ratio']:.3f} (launcher floor {scaling['launcher_mb']} MiB)"
+              + (f"; bare forward passes {scaling['bare_forward']['peak_rss_mb']:.0f} MiB on "
+                 f"{scaling['bare_forward']['images']} images" if "bare_forward" in scaling else ""))
     if "malloc" in results:
         comparison = results["malloc"]["malloc_comparison"]
         for name in comparison["order"]:

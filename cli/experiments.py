@@ -164,6 +164,9 @@ def _bench_lines(result: dict) -> list[str]:
             lines.append(f"peak RSS, {count:>4} images:  {run['peak_rss_mb']:.0f} MiB ('alignscope analyze' in a fresh process, "
                          f"{run['seconds']:.1f} s)")
         lines.append(f"ratio:                   {scaling['rss_ratio']:.3f}   (launcher floor {scaling['launcher_mb']} MiB)")
+        bare = scaling["bare_forward"]
+        lines.append(f"bare forward passes:     {bare['peak_rss_mb']:.0f} MiB (the model alone on {bare['images']} images "
+                     "in a fresh process: the floor)")
     if "malloc_comparison" in result:
         comparison = result["malloc_comparison"]
         for name in comparison["order"]:
