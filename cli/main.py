@@ -100,26 +100,6 @@ def _parse_ridge(text: str) -> float | str:
     return value
 
 
-def _import_in_background(*modules: str) -> None:
-    """Import the plotting modules (matplotlib, seaborn: about a second) while the analysis runs.
-
-    The forward passes release the GIL, so the import mostly overlaps them.
-    A failure here is ignored: the report's own import raises it again, in
-    the main thread, where it is reported.
-    """
-    import importlib
-    import threading
-
-    def run() -> None:
-        for module in modules:
-            try:
-                importlib.import_module(module)
-            except Exception:  # noqa: BLE001 (see the docstring)
-                return
-
-    threading.Thread(target=run, name="alignscope-preload", daemon=True).start()
-
-
 @app.command(epilog=EPILOG_ANALYZE)
 @model_options
 @click.option("--transform", "transforms", multiple=True, help=TRANSFORM_HELP)
@@ -185,8 +165,6 @@ def analyze(options, transforms, images, max_images, batch_size, mask, amp, chan
     out_path = check_destination(out, force, inputs=images)  # before the work, not after it
     main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
-    if not no_plots and main_rank:
-        _import_in_background("alignscope.plots", "alignscope.html_report")
     try:
         report = alignscope.analyze(
             model=options,
