@@ -462,6 +462,16 @@ def _measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size:
         results[layer.name] = Lattice(stride_x=fx[0], stride_y=fy[0], offset_x=fx[1], offset_y=fy[1], reach_x=fx[2], reach_y=fy[2])
     return results
 
+_REASON_LABELS = (("global", "global"), ("only input size", "global at its size"), ("underflow", "underflow"),
+                  ("not one lattice", "not a lattice"), ("not a lattice", "not a lattice"), ("reaches past", "reach"),
+                  ("probe failed", "probe failed"), ("zero gradient", "zero gradient"), ("does not depend", "constant"))
+
+
+def reason_label(reason: str) -> str:
+    """A short label for a "no lattice" reason, for narrow tables (the reason itself says more)."""
+    return next((label for key, label in _REASON_LABELS if key in reason), "other")
+
+
 def attach_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int],
                     device: str | torch.device = "cpu") -> list[str]:
     """Measure and store ``layer.lattice`` for ``layers``; returns one line per layer that has none, saying why."""

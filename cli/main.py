@@ -254,7 +254,7 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
     import pandas as pd
 
     from alignscope.hooks import probe_layers
-    from alignscope.lattice import Lattice, measure_lattices
+    from alignscope.lattice import Lattice, measure_lattices, reason_label
 
     if model_name and options.model not in (model_name, DEFAULT_MODEL):
         raise UsageError(f"two models given ({model_name} and --model {options.model}); name one")
@@ -280,8 +280,10 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
             "layout": str(layer.layout) if layer.spatial else "",
             "offset_x": lattices[layer.name].offset_x if isinstance(lattices.get(layer.name), Lattice) else "",
             "offset_y": lattices[layer.name].offset_y if isinstance(lattices.get(layer.name), Lattice) else "",
+            "no_lattice": reason_label(lattices[layer.name]) if isinstance(lattices.get(layer.name), str) else "",
             "default": layer.default,
             "note": layer.reason,
+            "lattice_note": lattices[layer.name] if isinstance(lattices.get(layer.name), str) else "",
         })
     table = pd.DataFrame(rows)
     if table.empty:
@@ -297,7 +299,11 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
                    f"translations are interpolated; default = stages from timm feature_info; cell (i, j) "
                    f"sits at input pixel (stride j + offset_x, stride i + offset_y), measured"
                    f"{'' if lattice_all else ' for the stages (--lattice-all: every module)'}; centred frame: (stride - 1) / 2)")
-        click.echo(table.drop(columns=[] if show_all else ["note"]).to_string(index=False))
+        click.echo(table.drop(columns=["lattice_note"] + ([] if show_all else ["note"])).to_string(index=False))
+        missing = table[table["lattice_note"] != ""]
+        if len(missing):
+            click.echo(f"no_lattice: no offsets measured for {len(missing)} listed layers; e.g. {missing.iloc[0]['name']}: "
+                       f"{missing.iloc[0]['lattice_note']} (--format csv or json gives each reason)")
 
 
 @app.command()

@@ -356,3 +356,20 @@ def test_the_probe_costs_the_same_passes_for_many_layers_and_leaves_the_model_as
             assert max(calls) == 4 * 3  # four cells per layer, three layers in one pass
         assert [p.requires_grad for p in net.parameters()] == [False, True, True, True, True, True]
         assert not net.training
+
+
+def test_the_layers_command_says_why_a_listed_layer_has_no_offsets():
+    import io
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from alignscope.cli.main import app
+
+    # a ViT's blocks are global attention: listed, no offsets, and the reason in the table
+    result = CliRunner().invoke(app, ["layers", "vit_tiny_patch16_224", "--no-pretrained", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.output)).fillna("")
+    stages = table[table["default"]]
+    assert (stages["no_lattice"] != "").all() and stages["lattice_note"].str.len().gt(20).all()
+    assert stages["offset_x"].eq("").all()
