@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ from .options import ModelOptions, resolve_device  # noqa: F401  (resolve_device
 from .pairs import MASK_MODES, PairFeeder, registration_columns, uses_disk
 from .prediction import Head, PredictionMeter, find_head, image_rows
 from .prediction_table import output_layer_name, with_output_rows
-from .report import AlignmentReport
+from .report import AlignmentReport, no_lattice_sentence
 from .timing import PhaseTimer
 from .transforms import Transform, as_transforms
 
@@ -73,6 +73,7 @@ class _Setup:
     skipped_layers: list[LayerInfo]
     transforms: list[Transform]
     options: ModelOptions
+    no_lattice: dict[str, str] = field(default_factory=dict)  # layer -> why it has no measured lattice
 
 
 def check_finite_weights(module: nn.Module) -> None:
@@ -96,16 +97,12 @@ def _setup(options: ModelOptions, transforms, device: torch.device) -> _Setup:
     module = module.to(device)
     probed = probe_layers(module, cfg.input_size, device)
     chosen, skipped = select_layers(probed, options.layers)
-    problems = attach_lattices(module, chosen, cfg.input_size, device)
+    no_lattice = attach_lattices(module, chosen, cfg.input_size, device)
     release_free_memory()  # the probes' transient memory, before the analysis's batches
-    if len(problems) > 3:  # one line for many layers (a glob over a transformer's blocks), not one each
-        log.warning("no lattice measured for %d layers, so their registered_error is NaN; e.g. %s", len(problems),
-                    "; ".join(problems[:2]))
-    else:
-        for problem in problems:
-            log.warning("no lattice measured for %s; its registered_error is NaN", problem)
+    if no_lattice:
+        log.warning("%s", no_lattice_sentence(no_lattice))
     deepest = max(layer.stride or 1 for layer in chosen)
-    return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest), options)
+    return _Setup(module, cfg, chosen, skipped, as_transforms(transforms, deepest), options, no_lattice)
 
 
 def analyze(
@@ -459,6 +456,7 @@ def _run_metadata(setup, stream, dev, mask, batch_size, seed, max_images, images
         "data_config": {k: v for k, v in setup.cfg.as_dict().items() if k not in ("extra",)},
         "layers": [layer.name for layer in setup.layers],
         "layers_skipped": [{"layer": layer.name, "reason": layer.reason} for layer in setup.skipped_layers],
+        "no_lattice": dict(setup.no_lattice),
         "layer_layouts": {layer.name: {"layout": str(layer.layout), "evidence": layer.layout.evidence} for layer in setup.layers},
         "transforms": [t.spec for t in setup.transforms],
         "mask": mask,

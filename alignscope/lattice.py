@@ -63,6 +63,7 @@ PROBE_PIXEL_BUDGET = 16  # at most this many input-sized images' pixels per back
 GLOBAL_SIZES = (2, 4)
 GRADIENT_SEEDS = (2.0**100, 2.0**40, 1.0)  # the backward pass's seed, smaller after an overflow (see _ends)
 UNDERFLOW_GUARD = 1e-30  # a gradient this small may have lost neighbours to float32 underflow (smallest normal 1.2e-38)
+TAIL_GUARD = 1e-28  # a support whose weakest pixel is this far below its strongest has tails float32 cannot resolve
 _CACHE_SIZE = 16
 # measurements by (model fingerprint, input size, layers): one process often analyzes the same model again
 _cache: dict[tuple, dict[str, "Lattice | str"]] = {}
@@ -223,9 +224,14 @@ def _sees_whole(probe: _AxisProbe, layers: Sequence[LayerInfo], size: int) -> di
     return seen
 
 
-def _support(grad: torch.Tensor, axis: int) -> tuple[int, int] | None:
-    """(first, last) index along ``axis`` of the non-zero pixels of a (C, H, W) gradient."""
-    hit = grad.abs().sum(dim=0) > 0
+def _influence(grad: torch.Tensor) -> torch.Tensor:
+    """(H, W) influence of each pixel on a cell, from its (C, H, W) gradient."""
+    return grad.abs().sum(dim=0)
+
+
+def _support(influence: torch.Tensor, axis: int) -> tuple[int, int] | None:
+    """(first, last) index along ``axis`` (-1: columns, -2: rows) of the pixels with influence."""
+    hit = influence > 0
     line = hit.any(dim=-2 if axis == -1 else -1)
     where = torch.nonzero(line).flatten()
     return (int(where[0]), int(where[-1])) if where.numel() else None
@@ -277,13 +283,16 @@ def _ends(probe: _AxisProbe, chunk: Sequence[LayerInfo], size: int, strides: dic
             found[layer.name] = "the layer's output does not depend on the input"
             continue
         first = PROBE_ITEMS_PER_LAYER * index
-        cells = grad[first:first + PROBE_ITEMS_PER_LAYER]
-        smallest = cells.abs()[cells != 0].min() if bool((cells != 0).any()) else None
-        if smallest is not None and float(smallest) < UNDERFLOW_GUARD:
-            found[layer.name] = (f"its support's tails underflow float32 (gradients down to {float(smallest):.0e} after a "
-                                 f"{seed:.0e} seed: paths through many weights near zero, such as a random layer scale)")
-            continue
-        supports = [_support(grad[first + item], probe.axis) for item in range(PROBE_ITEMS_PER_LAYER)]
+        influence = [_influence(grad[first + item]) for item in range(PROBE_ITEMS_PER_LAYER)]
+        kept = torch.cat([values[values > 0] for values in influence])
+        if kept.numel():
+            smallest, relative = float(kept.min()), float(kept.min().double() / kept.max().double())
+            if smallest < UNDERFLOW_GUARD or relative < TAIL_GUARD:
+                found[layer.name] = (f"its support's tails are below float32's range (influence down to {relative:.0e} of "
+                                     "the largest: paths through weights near zero, such as a random layer scale or an "
+                                     "attention mask), so its extent and centre cannot be measured")
+                continue
+        supports = [_support(values, probe.axis) for values in influence]
         found[layer.name] = _axis_lattice(supports, cells_of[layer.name], size, strides.get(layer.name))
     return found
 
@@ -462,24 +471,14 @@ def _measure_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size:
         results[layer.name] = Lattice(stride_x=fx[0], stride_y=fy[0], offset_x=fx[1], offset_y=fy[1], reach_x=fx[2], reach_y=fy[2])
     return results
 
-_REASON_LABELS = (("global", "global"), ("only input size", "global at its size"), ("underflow", "underflow"),
-                  ("not one lattice", "not a lattice"), ("not a lattice", "not a lattice"), ("reaches past", "reach"),
-                  ("probe failed", "probe failed"), ("zero gradient", "zero gradient"), ("does not depend", "constant"))
-
-
-def reason_label(reason: str) -> str:
-    """A short label for a "no lattice" reason, for narrow tables (the reason itself says more)."""
-    return next((label for key, label in _REASON_LABELS if key in reason), "other")
-
-
 def attach_lattices(model: nn.Module, layers: Sequence[LayerInfo], input_size: Sequence[int],
-                    device: str | torch.device = "cpu") -> list[str]:
-    """Measure and store ``layer.lattice`` for ``layers``; returns one line per layer that has none, saying why."""
+                    device: str | torch.device = "cpu") -> dict[str, str]:
+    """Measure and store ``layer.lattice`` for ``layers``; returns ``{name: why}`` for each spatial layer that has none."""
     found = measure_lattices(model, layers, input_size, device)
-    problems = []
+    missing = {}
     for layer in layers:
         value = found.get(layer.name)
         layer.lattice = value if isinstance(value, Lattice) else None
         if layer.spatial and not isinstance(value, Lattice):
-            problems.append(f"{layer.name}: {value or 'not measured'}")
-    return problems
+            missing[layer.name] = value or "not measured"
+    return missing

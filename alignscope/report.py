@@ -121,6 +121,38 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+_LATTICE_REASON_LABELS = (
+    ("global", "global"), ("only input size", "global at the model's size"), ("float32", "support below float32"),
+    ("not one lattice", "not one lattice"), ("not a lattice", "not one lattice"), ("reaches past", "support past the probe"),
+    ("probe failed", "probe failed"), ("zero gradient", "zero gradient"), ("does not depend", "constant"))
+
+
+def lattice_reason_label(reason: str) -> str:
+    """A short label for why a layer has no measured lattice (see :mod:`alignscope.lattice`)."""
+    return next((label for key, label in _LATTICE_REASON_LABELS if key in reason), "other")
+
+
+def no_lattice_sentence(no_lattice: dict[str, str], names_per_reason: int = 12) -> str:
+    """One sentence naming every layer without a lattice, grouped by reason (``""`` when there is none).
+
+    The log line and the report's warning are this same sentence; run.json's
+    ``no_lattice`` holds each layer's full reason.
+    """
+    if not no_lattice:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for layer, reason in no_lattice.items():
+        groups.setdefault(lattice_reason_label(reason), []).append(layer)
+    parts = []
+    for label, layers in groups.items():
+        shown = ", ".join(layers[:names_per_reason])
+        more = f" and {len(layers) - names_per_reason} more" if len(layers) > names_per_reason else ""
+        parts.append(f"{label}: {shown}{more}")
+    first, reason = next(iter(no_lattice.items()))
+    return (f"no lattice measured for {len(no_lattice)} layer(s), so their registered_error is NaN ({'; '.join(parts)}); "
+            f"e.g. {first}: {reason} (run.json no_lattice gives each reason)")
+
+
 def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     """Every caveat a reader of the report must see, one sentence each, from the table and run.json.
 
@@ -178,6 +210,9 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
             lines.append(f"the {what} fitted{on} is worse than g^-1 alone on the held-out images at {len(worse)} "
                          f"row(s): {cells}{' ...' if len(worse) > 6 else ''}; it does not carry over to new images "
                          f"(too few calibration images for its parameters?), so {column} there is no alignment")
+    missing_lattices = no_lattice_sentence(meta.get("no_lattice") or {})
+    if missing_lattices:
+        lines.append(missing_lattices)
     border = meta.get("registered_border") or []
     if border:
         listed = ", ".join(f"{b['layer']} / {b['transform']} ({','.join(f'{v:g}' for v in b['shift_px'])} px)"

@@ -254,7 +254,8 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
     import pandas as pd
 
     from alignscope.hooks import probe_layers
-    from alignscope.lattice import Lattice, measure_lattices, reason_label
+    from alignscope.lattice import Lattice, measure_lattices
+    from alignscope.report import lattice_reason_label
 
     if model_name and options.model not in (model_name, DEFAULT_MODEL):
         raise UsageError(f"two models given ({model_name} and --model {options.model}); name one")
@@ -280,7 +281,7 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
             "layout": str(layer.layout) if layer.spatial else "",
             "offset_x": lattices[layer.name].offset_x if isinstance(lattices.get(layer.name), Lattice) else "",
             "offset_y": lattices[layer.name].offset_y if isinstance(lattices.get(layer.name), Lattice) else "",
-            "no_lattice": reason_label(lattices[layer.name]) if isinstance(lattices.get(layer.name), str) else "",
+            "no_lattice": lattice_reason_label(lattices[layer.name]) if isinstance(lattices.get(layer.name), str) else "",
             "default": layer.default,
             "note": layer.reason,
             "lattice_note": lattices[layer.name] if isinstance(lattices.get(layer.name), str) else "",

@@ -56,8 +56,13 @@ def test_whole_analysis_at_native_size(name, caplog):
         assert 0 < with_lattice < len(rot), f"{with_lattice} of {len(rot)} layers have a lattice"
     else:
         assert with_lattice == want, f"{with_lattice} of {len(rot)} layers have a lattice"
-    if with_lattice < len(rot):  # a layer without a lattice is named in a warning with its reason
-        assert any("no lattice measured" in record.getMessage() for record in caplog.records)
+    # a layer without a lattice is named, with its reason, in the log, the report's warnings and run.json
+    missing = set(rot.loc[rot["registered_error"].isna(), "layer"])
+    assert set(report.meta["no_lattice"]) == missing
+    if missing:
+        sentence = next(w for w in report.warnings() if w.startswith("no lattice measured"))
+        assert all(layer in sentence for layer in missing), sentence
+        assert any(sentence in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("name", ALL_LAYERS)
