@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import LayerError
+from .errors import LayerError, UsageError
 from .layouts import NCHW, Layout, ModelHints, resolve_layout
 
 log = logging.getLogger("alignscope")
@@ -177,7 +177,13 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
     """
     modules = dict(model.named_modules())
     channels, height, width = (int(v) for v in input_size[-3:])
-    outputs, versions, order, calls, _ = _run_hooked(model, modules, torch.zeros((PROBE_BATCH, channels, height, width), device=device))
+    try:
+        outputs, versions, order, calls, _ = _run_hooked(model, modules, torch.zeros((PROBE_BATCH, channels, height, width),
+                                                                                    device=device))
+    except (AssertionError, RuntimeError, ValueError) as exc:  # the model's own check of its input, most often
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UsageError(f"the model refuses a {channels}x{height}x{width} input ({first}); pass the input size it was "
+                         "built for (--input-size, input_size=)") from exc
     resized, _, _, _, _ = _run_hooked(
         model, modules, torch.zeros((PROBE_BATCH, channels, height + RESIZE_PROBE_STEP, width + RESIZE_PROBE_STEP), device=device),
         tolerate=True, shapes_only=True)

@@ -373,3 +373,10 @@ def test_the_layers_command_says_why_a_listed_layer_has_no_offsets():
     stages = table[table["default"]]
     assert (stages["no_lattice"] != "").all() and stages["lattice_note"].str.len().gt(20).all()
     assert stages["offset_x"].eq("").all()
+
+
+def test_a_model_that_refuses_the_asked_input_size_is_a_usage_error():
+    from alignscope.errors import UsageError
+
+    with pytest.raises(UsageError, match="refuses a 3x32x32 input .*input size must be fixed"):
+        probe_layers(_Pad1Stack(64).eval(), (3, 32, 32))
