@@ -43,6 +43,12 @@ one that does so at two sizes (2 and 4 times the input's) has no lattice. A
 model that refuses other input sizes (Swin, MaxViT, ViT without dynamic size)
 is probed at its own size only, where such a layer gets no lattice at once.
 Either way the reason is returned, never an exception.
+
+Supports are read as non-zero gradients, so float32's range matters: the
+backward pass is seeded with 2**100, and a support whose weakest pixel is
+below :data:`TAIL_GUARD` of its strongest (or below :data:`UNDERFLOW_GUARD`
+outright) may have lost pixels at its tails, unevenly between cells; such a
+layer gets no lattice, with that reason, rather than a wrong centre.
 """
 from __future__ import annotations
 
