@@ -42,3 +42,8 @@ class ReportExistsError(UsageError):
 
 class LimitsBroken(AlignscopeError):
     """Rows of a report break the limits of a gate (``alignscope check``, ``--fail-above``): exit code 1."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), cut to ``limit`` characters."""
+    return ((str(exc).splitlines() or [""])[0] or type(exc).__name__)[:limit]

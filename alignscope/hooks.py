@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import LayerError, UsageError
+from .errors import LayerError, UsageError, first_line
 from .layouts import NCHW, Layout, ModelHints, resolve_layout
 
 log = logging.getLogger("alignscope")
@@ -136,7 +136,7 @@ def _run_hooked(model: nn.Module, modules: dict[str, nn.Module], dummy: torch.Te
             except Exception as exc:
                 if not tolerate:
                     raise
-                failure = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+                failure = first_line(exc, 120)
     finally:
         for handle in handles:
             handle.remove()
@@ -181,8 +181,7 @@ def probe_layers(model: nn.Module, input_size: Sequence[int], device: str | torc
         outputs, versions, order, calls, _ = _run_hooked(model, modules, torch.zeros((PROBE_BATCH, channels, height, width),
                                                                                     device=device))
     except (AssertionError, RuntimeError, ValueError) as exc:  # the model's own check of its input, most often
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise UsageError(f"the model refuses a {channels}x{height}x{width} input ({first}); pass the input size it was "
+        raise UsageError(f"the model refuses a {channels}x{height}x{width} input ({first_line(exc)}); pass the input size it was "
                          "built for (--input-size, input_size=)") from exc
     resized, _, _, _, _ = _run_hooked(
         model, modules, torch.zeros((PROBE_BATCH, channels, height + RESIZE_PROBE_STEP, width + RESIZE_PROBE_STEP), device=device),

@@ -60,7 +60,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import LayerError
+from .errors import LayerError, first_line
 from .hooks import FeatureCapture, LayerInfo
 
 MAX_PROBE_SIZE = 2048
@@ -132,10 +132,6 @@ def _lattice_stride_guess(stride: float) -> int:
     return 2 ** max(0, round(math.log2(stride)))
 
 
-def _refusal(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
-
-
 @dataclass
 class _AxisProbe:
     """Probes along one axis (``axis`` -1: x, -2: y) of ``model``: long along it, ``across`` pixels across."""
@@ -172,7 +168,7 @@ class _AxisProbe:
         except LayerError as exc:
             return str(exc)
         except Exception as exc:  # the model's own refusal: an assert on the input size, a shape mismatch
-            return _refusal(exc)
+            return first_line(exc)
 
 
 def _choose_across(model: nn.Module, layers: Sequence[LayerInfo], channels: int, native: tuple[int, int], axis: int,
@@ -226,7 +222,7 @@ def _sees_whole(probe: _AxisProbe, layers: Sequence[LayerInfo], size: int) -> di
         scale = float(value[0].abs().max()) + 1e-30
         first_sees_far = float((value[1, :, 0] - value[0, :, 0]).abs().max()) > 1e-6 * scale
         last_sees_near = float((value[2, :, 1] - value[0, :, 1]).abs().max()) > 1e-6 * scale
-        seen[layer.name] = (first_sees_far and last_sees_near, int(value.shape[-1] and ends_count[layer.name]))
+        seen[layer.name] = (first_sees_far and last_sees_near, ends_count[layer.name])
     return seen
 
 
@@ -375,12 +371,14 @@ def _probe_axis(probe: _AxisProbe, layers: Sequence[LayerInfo], max_size: int) -
         for layer in layers:
             if seen[layer.name][0]:
                 results[layer.name] = (f"every cell depends on the whole input along {name} at the model's only input "
-                                       f"size ({native} px): attention or squeeze-excitation over the image, or a receptive field wider than the input")
+                                       f"size ({native} px): attention or squeeze-excitation over the image, or a "
+                                       "receptive field wider than the input")
     else:
         for layer in layers:
             if whole[layer.name]:
                 results[layer.name] = (f"global: every cell depends on the whole probe along {name} at {larger[0]} and "
-                                       f"{larger[-1]} px (attention or squeeze-excitation over the image, or a receptive field wider than {larger[-1]} px)")
+                                       f"{larger[-1]} px (attention or squeeze-excitation over the image, or a receptive "
+                                       f"field wider than {larger[-1]} px)")
     pending = [layer for layer in layers if layer.name not in results]
     size = native
     while pending:
