@@ -22,6 +22,7 @@ import torch
 
 from .channels import CHANNEL_MAPS, ChannelStatistic, apply_linear, apply_permutation, choose_ridge
 from .errors import UsageError
+from .columns import FIT_QUANTITIES
 from .pairs import LayerPair
 from .warpsearch import SEARCH_KINDS, WarpFit, analytic_matrix, charged_sq_distance, sample_with, search_warps
 
@@ -29,10 +30,6 @@ log = logging.getLogger("alignscope")
 
 MIN_IMAGES_FOR_FITS = 8
 MIN_PER_SPLIT = 4
-# The columns each fitted alignment adds (values are distance / chance, like aligned_error). A searched warp
-# adds its error charged for the smoothing of resampling (the one it was chosen by) and its plain distance.
-FIT_QUANTITIES = {"family": ("optimal", "optimal_plain"), "affine": ("optimal_affine", "optimal_affine_plain"),
-                  "linear": ("channel_mapped",), "permutation": ("permuted",)}
 
 
 def _as_choices(value: str | Sequence[str] | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:

@@ -23,30 +23,11 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from .columns import limitable_columns
 from .errors import UsageError
 from .prediction_table import is_output_row, is_prediction_column
 
 Limits = Mapping[str, float] | Iterable[str] | None
-
-
-def limitable_columns() -> frozenset[str]:
-    """Every numeric column an analysis can write, with every fit and the output row: what a limit may name.
-
-    A superset (a quantity's interval columns are listed whether or not it has them), so a limit
-    outside it is a typo to refuse before any work; whether this run's table has the column is
-    checked on the table itself.
-    """
-    from .fitting import FIT_QUANTITIES
-    from .metrics import QUANTITIES, REGISTERED_QUANTITIES
-    from .prediction import PREDICTION_QUANTITIES
-    from .report import NUMERIC_COLUMNS
-
-    measured = [*QUANTITIES, *REGISTERED_QUANTITIES, *(f"{q}_error" for qs in FIT_QUANTITIES.values() for q in qs),
-                *PREDICTION_QUANTITIES]
-    return frozenset([*NUMERIC_COLUMNS, *(f"{q}{suffix}" for q in measured for suffix in ("", "_std", "_ci_low", "_ci_high")),
-                      "valid_fraction", "registered_fraction", "magnitude", "offset_x", "offset_y", "n_nonfinite",
-                      "n_calibration", "optimal_calibration_error", "optimal_plain_calibration_error",
-                      "analytic_calibration_error", "channel_map_ridge", "permuted_channels", "permutation_mean_correlation"])
 
 
 def check_limit_columns(columns: Iterable[str], option: str) -> None:

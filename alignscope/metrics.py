@@ -16,8 +16,7 @@ from typing import Mapping
 
 import torch
 
-QUANTITIES = ("aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "chance_distance", "reference_norm")
-REGISTERED_QUANTITIES = ("registered_error",)  # the engine's, next to QUANTITIES (see registered_distances)
+from .columns import DISTANCE_QUANTITIES as QUANTITIES, REGISTERED_QUANTITIES  # noqa: F401  (re-exported)
 
 
 def _masked_sq_norm(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

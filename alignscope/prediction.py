@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .columns import AGREEMENT_QUANTITIES, PREDICTION_QUANTITIES
 from .hooks import PROBE_BATCH
 from .metrics import AlignmentStatistic
 from .pairs import OutputPair, uses_disk
@@ -45,9 +46,6 @@ from .prediction_table import OUTPUT_KIND
 from .transforms import Transform
 
 log = logging.getLogger("alignscope")
-
-AGREEMENT_QUANTITIES = ("prediction_agreement", "prediction_agreement_chance", "prediction_agreement_floor")
-PREDICTION_QUANTITIES = AGREEMENT_QUANTITIES + ("prediction_kl", "prediction_kl_chance", "prediction_kl_floor")
 
 
 @dataclass

@@ -24,16 +24,7 @@ import pandas as pd
 from .errors import ReportExistsError, UsageError
 from .files import check_destination, publish_folder, write_text_atomic  # noqa: F401  (re-exported)
 
-REQUIRED_COLUMNS = (
-    "model", "layer", "depth", "module", "channels", "height", "width", "stride", "transform", "exact",
-    "n_images", "aligned_error", "aligned_error_std", "aligned_error_ci_low", "aligned_error_ci_high",
-    "unaligned_error", "floor_error", "aligned_cosine",
-)
-NUMERIC_COLUMNS = (
-    "depth", "channels", "height", "width", "stride", "n_images", "aligned_error", "aligned_error_std",
-    "aligned_error_ci_low", "aligned_error_ci_high", "unaligned_error", "floor_error", "aligned_cosine",
-)
-SUMMARY_COLUMNS = ("layer", "stride", "transform", "aligned_error", "unaligned_error", "floor_error", "aligned_cosine", "n_images")
+from .columns import NUMERIC_COLUMNS, REQUIRED_COLUMNS, SUMMARY_COLUMNS  # noqa: F401  (re-exported)
 HALF_CHANCE = 0.5
 FLOOR_MARGIN = 0.01  # a floor above the aligned error by less than 1% of chance is rounding, not a finding
 

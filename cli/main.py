@@ -85,7 +85,7 @@ def _progress(enabled: bool):
     return update, finish
 
 
-FITTED_COLUMNS = ("optimal_error", "optimal_affine_error", "channel_mapped_error", "permuted_error")
+
 
 
 def _parse_ridge(text: str) -> float | str:
@@ -204,7 +204,8 @@ def analyze(options, transforms, images, max_images, batch_size, mask, amp, chan
 
 def _print_summary(report, out_path: Path) -> None:
     from alignscope.prediction_table import PREDICTION_SUMMARY, layer_rows, output_rows
-    from alignscope.report import SUMMARY_COLUMNS, format_table
+    from alignscope.columns import FITTED_SUMMARY, SUMMARY_COLUMNS
+    from alignscope.report import format_table
 
     meta = report.meta
     weights_note = "" if meta.get("pretrained", True) else "  [RANDOM WEIGHTS: not pretrained]"
@@ -217,7 +218,7 @@ def _print_summary(report, out_path: Path) -> None:
         shown = "; ".join(f"{entry['layer'] or 'the root module'} ({entry['reason']})" for entry in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         click.echo(f"layers left out ({len(skipped)}, run.json layers_skipped): {shown}{more}")
-    fitted = tuple(c for c in FITTED_COLUMNS if c in report.table.columns)
+    fitted = tuple(c for c in FITTED_SUMMARY if c in report.table.columns)
     columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
     click.echo(format_table(layer_rows(report.table), columns))
     if len(output_rows(report.table)):

@@ -115,7 +115,7 @@ def test_every_numeric_column_of_a_full_table_may_carry_a_limit():
     from torch import nn
 
     import alignscope
-    from alignscope.gate import limitable_columns
+    from alignscope.columns import all_names, describe, limitable_columns
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
@@ -126,6 +126,8 @@ def test_every_numeric_column_of_a_full_table_may_carry_a_limit():
     numeric = {c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])}
     assert "optimal_affine_error" in numeric and "prediction_kl" in numeric and "registered_error" in numeric
     assert numeric <= limitable_columns(), numeric - limitable_columns()
+    assert set(table.columns) <= all_names(), set(table.columns) - all_names()  # every column written is described
+    assert all(describe(c) for c in table.columns)
 
 
 def test_a_repeated_limit_keeps_the_strictest():
