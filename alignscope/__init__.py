@@ -17,13 +17,13 @@ from .errors import AlignscopeError, UsageError
 # Public names and the module each lives in. They are imported on first use, so that
 # ``alignscope --help`` and the command line's start do not pay for importing torch twice.
 _LAZY = {
-    "analyze": "engine", "AlignmentStatistic": "metrics", "FeatureCapture": "hooks", "LayerInfo": "hooks",
-    "probe_layers": "hooks", "select_layers": "hooks", "bundled_photos": "images", "discover_images": "images",
-    "image_stream": "images", "DataConfig": "models", "load_model": "models", "ModelOptions": "options",
-    "AlignmentReport": "report",
-    "read_report_csv": "report", "Transform": "transforms", "default_transforms": "transforms",
-    "parse_transform": "transforms", "parse_transforms": "transforms", "inverse_warp": "warping",
-    "valid_mask": "warping", "warp": "warping",
+    "analyze": "engine", "AlignmentStatistic": "measure.metrics", "FeatureCapture": "model.capture", "LayerInfo": "model.capture",
+    "probe_layers": "model.capture", "select_layers": "model.capture", "bundled_photos": "inputs.images", "discover_images": "inputs.images",
+    "image_stream": "inputs.images", "DataConfig": "model.build", "load_model": "model.build", "ModelOptions": "model.options",
+    "AlignmentReport": "report.report",
+    "read_report_csv": "report.report", "Transform": "geometry.transforms", "default_transforms": "geometry.transforms",
+    "parse_transform": "geometry.transforms", "parse_transforms": "geometry.transforms", "inverse_warp": "geometry.warping",
+    "valid_mask": "geometry.warping", "warp": "geometry.warping",
 }
 
 __all__ = ["__version__", "AlignscopeError", "UsageError", *_LAZY]
@@ -43,11 +43,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import analyze  # noqa: F401
-    from .hooks import FeatureCapture, LayerInfo, probe_layers, select_layers  # noqa: F401
-    from .images import bundled_photos, discover_images, image_stream  # noqa: F401
-    from .metrics import AlignmentStatistic  # noqa: F401
-    from .models import DataConfig, load_model  # noqa: F401
-    from .options import ModelOptions  # noqa: F401
-    from .report import AlignmentReport, read_report_csv  # noqa: F401
-    from .transforms import Transform, default_transforms, parse_transform, parse_transforms  # noqa: F401
-    from .warping import inverse_warp, valid_mask, warp  # noqa: F401
+    from .model.capture import FeatureCapture, LayerInfo, probe_layers, select_layers  # noqa: F401
+    from .inputs.images import bundled_photos, discover_images, image_stream  # noqa: F401
+    from .measure.metrics import AlignmentStatistic  # noqa: F401
+    from .model.build import DataConfig, load_model  # noqa: F401
+    from .model.options import ModelOptions  # noqa: F401
+    from .report.report import AlignmentReport, read_report_csv  # noqa: F401
+    from .geometry.transforms import Transform, default_transforms, parse_transform, parse_transforms  # noqa: F401
+    from .geometry.warping import inverse_warp, valid_mask, warp  # noqa: F401

@@ -27,15 +27,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .channels import ChannelStatistic
-from .engine import _setup, check_common_options
+from .fit.channels import ChannelStatistic
+from .engine.context import RunContext
 from .errors import ImageError, UsageError
-from .hooks import FeatureCapture
-from .images import ImageSource, image_stream
-from .options import ModelOptions
-from .pairs import PairFeeder
-from .report import publish_folder
-from .transforms import Transform, as_transforms
+from .model.capture import FeatureCapture
+from .inputs.images import ImageSource
+from .inputs.options import PairOptions
+from .model.options import ModelOptions
+from .report.report import publish_folder
+from .geometry.transforms import Transform
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ChannelExplanation:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def figure(self, top: int = 4):
-        from .plots import channel_grid_figure
+        from .report.plots import channel_grid_figure
 
         return channel_grid_figure(self, top)
 
@@ -60,7 +60,7 @@ class ChannelExplanation:
         """Write ``channels.csv``, ``explain.json`` and ``channels.png`` into ``out`` atomically."""
 
         def write(folder: Path) -> None:
-            from .plots import save_figures
+            from .report.plots import save_figures
 
             self.table.to_csv(folder / "channels.csv", index=False)
             (folder / "explain.json").write_text(json.dumps(self.meta, indent=2, default=str), encoding="utf-8")
@@ -91,38 +91,33 @@ def explain(
     ``model`` and the model options (``weights``, ``pretrained``,
     ``input_size``, ``mean``, ``std``, ``device``; ``layer`` is its
     ``layers``) as for :func:`alignscope.analyze`, or one
-    :class:`~alignscope.options.ModelOptions`.
+    :class:`~alignscope.model.options.ModelOptions`.
     ``image`` picks the example drawn by :meth:`ChannelExplanation.figure` by
     file name, stem or path (default: the image with the most structure at the layer).
     """
-    check_common_options(mask, batch_size)
-    transforms = as_transforms(transform)
-    if len(transforms) != 1:
-        raise UsageError(f"explain takes one transform, {transform!r} gives {len(transforms)}; pick one value of the sweep")
+    pairs = PairOptions.build(transform, images, batch_size, mask, seed, max_images)
+    if len(pairs.transforms) != 1:
+        raise UsageError(f"explain takes one transform, {transform!r} gives {len(pairs.transforms)}; pick one value of the sweep")
     options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
                                  layers=layer, device=device)
-    dev = options.resolve_device()
-    setup = _setup(options, transforms, dev)
+    ctx = RunContext.open(options, pairs, options.resolve_device())
     if options.layers is None:  # the default: the deepest of the model's default layers
-        setup.layers = setup.layers[-1:]
-    if len(setup.layers) != 1:
-        names = ", ".join(info.name for info in setup.layers[:6])
-        raise UsageError(f"explain takes one layer; {', '.join(options.layers or ())!r} selects {len(setup.layers)} ({names}...); name one")
-    info, g = setup.layers[0], setup.transforms[0]
-    stream = image_stream(images, setup.cfg, batch_size, max_images, seed)
-    if len(stream) < 2:
-        raise ImageError(f"need at least 2 images (chance compares different images), got {len(stream)}")
+        ctx.layers = ctx.layers[-1:]
+    if len(ctx.layers) != 1:
+        names = ", ".join(info.name for info in ctx.layers[:6])
+        raise UsageError(f"explain takes one layer; {', '.join(options.layers or ())!r} selects {len(ctx.layers)} ({names}...); name one")
+    info, g, dev = ctx.layers[0], ctx.transforms[0], ctx.device
+    stream = ctx.stream()
     if image is not None and stream.paths is not None and not any(_matches(p, image) for p in stream.paths):
         raise _unknown_image(image, [str(p) for p in stream.paths])  # before the work, not after it
-    fill = [-m / s for m, s in zip(setup.cfg.mean, setup.cfg.std)]
-    feeder = PairFeeder(setup.layers, setup.transforms, mask, fill, tuple(setup.cfg.input_size[1:]), dev)
+    feeder = ctx.feeder()
     channels = info.shape[0]
     sums = {k: torch.zeros(channels, dtype=torch.float64) for k in ("aligned", "unaligned", "chance", "sq_b")}
     stat = ChannelStatistic(channels)
     per_image: dict[str, list[torch.Tensor]] = {"aligned": [], "chance": []}  # (B,) squared distances, all channels
     example: dict[str, torch.Tensor] = {}
     best_structure = -1.0
-    with torch.inference_mode(), FeatureCapture(setup.model, setup.layers) as capture:
+    with torch.inference_mode(), FeatureCapture(ctx.model, ctx.layers) as capture:
         for batch in stream:
             for pair in feeder.pairs(batch.pixels.to(dev), capture, batch.partner):  # chance partners as analyze forms them
                 m = pair.mask.to(pair.reference.dtype)
@@ -157,8 +152,8 @@ def explain(
         "matched_error": (matched.clamp(min=0).sqrt() / safe).numpy(),
     })
     meta = {
-        "model": setup.cfg.model_name, "model_options": options.as_json(), "weights": setup.cfg.weights,
-        "pretrained": setup.cfg.pretrained,
+        "model": ctx.cfg.model_name, "model_options": options.as_json(), "weights": ctx.cfg.weights,
+        "pretrained": ctx.cfg.pretrained,
         "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": mask,
         "images_used": list(stream.used), "example_image": example.get("image"),
         "example_reason": "chosen by name" if image else f"most structure at {info.name}",

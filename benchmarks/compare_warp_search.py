@@ -12,7 +12,7 @@ cells), their charged calibration losses, and whether each kept g^-1.
 Run:  python benchmarks/compare_warp_search.py --baseline 27b903a            # all 5 stages x 9 transforms
       python benchmarks/compare_warp_search.py --baseline 27b903a --json out.json --maps /tmp/maps.pt
 
-``--baseline`` is any git revision of this repository whose ``alignscope/warpsearch.py`` and
+``--baseline`` is any git revision of this repository whose ``alignscope/fit/search.py`` and
 ``warpscore.py`` define ``search_warp``; ``--maps`` keeps the captured maps in a file and reuses them.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 import alignscope
-from alignscope import fitting, warpsearch
-from alignscope.transforms import parse_transform
+from alignscope.fit import fitting
+from alignscope.fit import search as warpsearch
+from alignscope.geometry.transforms import parse_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +79,8 @@ def load_baseline(revision: str):
                               capture_output=True, text=True).stdout
         (package / name).write_text(text)
     (package / "__init__.py").write_text("")
-    (package / "transforms.py").write_text("from alignscope.transforms import *  # noqa\n"
-                                           "from alignscope.transforms import _fmt  # noqa\n")
+    (package / "transforms.py").write_text("from alignscope.geometry.transforms import *  # noqa\n"
+                                           "from alignscope.geometry.transforms import _fmt  # noqa\n")
     sys.path.insert(0, str(folder))
     return importlib.import_module("warpsearch_baseline.warpsearch")
 

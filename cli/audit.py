@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from alignscope.cli.main import app
+from alignscope.cli.app import app
 
 LIMIT_HELP = "repeatable; any numeric column of alignment.csv"
 
@@ -15,8 +15,8 @@ LIMIT_HELP = "repeatable; any numeric column of alignment.csv"
 def enforce_limits(table, maximum=(), minimum=(), layers=(), transforms=()) -> None:
     """Print the rows of ``table`` that break the limits and raise :class:`LimitsBroken` (exit 1); else one ok line."""
     from alignscope.errors import LimitsBroken
-    from alignscope.gate import check, checked_rows, gate_summary
-    from alignscope.report import format_table
+    from alignscope.report.gate import check, checked_rows, gate_summary
+    from alignscope.report.report import format_table
 
     failing = check(table, max=list(maximum), min=list(minimum), layers=list(layers) or None,
                     transforms=list(transforms) or None)
@@ -51,6 +51,6 @@ def check(csv: str, maximum: tuple[str, ...], minimum: tuple[str, ...], layers: 
       alignscope check report/alignment.csv --max aligned_error=0.5
       alignscope check report/alignment.csv --max aligned_error=0.6 --layers 'blocks.*' --transforms rot90
     """
-    from alignscope.report import read_report_csv
+    from alignscope.report.report import read_report_csv
 
     enforce_limits(read_report_csv(csv), maximum, minimum, layers, transforms)

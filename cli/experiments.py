@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from alignscope.cli.main import app
+from alignscope.cli.app import app
 from alignscope.cli.options import model_options
 
 
@@ -44,7 +44,7 @@ def explain(options, layer, transform, images, max_images, batch_size, mask, top
     from dataclasses import replace
 
     import alignscope.explain as explaining
-    from alignscope.report import check_destination, format_table
+    from alignscope.report.report import check_destination, format_table
 
     out_path = check_destination(out, force, inputs=images)
     result = explaining.explain(model=replace(options, layers=layer), transform=transform, images=list(images) or None,
@@ -108,7 +108,7 @@ def bench(options, transforms, images, max_images, batch_size, amp, channels_las
     """
     import json
 
-    import alignscope.bench as benching
+    import alignscope.bench.bench as benching
 
     common = dict(model=options, transforms=list(transforms) or None, batch_size=batch_size)
     timing = dict(images=images, max_images=max_images, amp=amp, channels_last=channels_last, workers=workers, repeats=repeats)
@@ -254,7 +254,7 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
       alignscope stn --recipe paper --data mnist:~/mnist --classifier classic --iterations 150000
     """
     from alignscope.errors import UsageError
-    from alignscope.report import check_destination
+    from alignscope.report.report import check_destination
     from alignscope.stn import run_experiment, variant_names
     from alignscope.stn.train import recipe as make_recipe
     from alignscope.stn.experiment import QUICK, combine_experiments, load_experiment
@@ -314,7 +314,7 @@ def _print_stn_summary(experiment, out_path, as_json: bool) -> None:
     if as_json:
         click.echo(summary.to_json(orient="records"))
         return
-    from alignscope.report import format_table
+    from alignscope.report.report import format_table
 
     click.echo(format_table(summary, tuple(summary.columns)))
     click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_angles.csv, stn_summary.csv, plots)")

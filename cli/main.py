@@ -5,7 +5,6 @@ or 1 (runtime); ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from alignscope._version import __version__
+from alignscope.cli.app import app
 from alignscope.cli.options import DEFAULT_MODEL, model_options
 from alignscope.errors import AlignscopeError, UsageError
 
@@ -34,34 +33,6 @@ TRANSFORM_HELP = (
     "rot90/180/270, identity; a+b composes (a first); rotate:-90:90:15 sweeps. Default: a set contrasting "
     "translations (alignable) with rotations, scalings and a flip."
 )
-
-
-class _OneLineHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
-
-
-def _setup_logging() -> None:
-    logger = logging.getLogger("alignscope")
-    if not any(isinstance(h, _OneLineHandler) for h in logger.handlers):
-        logger.addHandler(_OneLineHandler())
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "--version", prog_name="alignscope")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def app(debug: bool) -> None:
-    """Can a spatial warp align a CNN's feature maps of a transformed image with the original's?
-
-    alignscope feeds image / transformed-image pairs through a model, un-warps
-    the intermediate feature maps of the transformed image with the inverse
-    transform, and reports per layer how far they stay from the original's,
-    against controls: unaligned, chance (another image) and the floor
-    (resampling the image alone).
-    """
-    _setup_logging()
 
 
 def _progress(enabled: bool):
@@ -149,12 +120,12 @@ def analyze(options, transforms, images, max_images, batch_size, mask, amp, chan
     and one verdict per transform.
     """
     import alignscope
-    from alignscope.report import check_destination
+    from alignscope.report.report import check_destination
 
-    from alignscope.distributed import launched_world_size
-    from alignscope.gate import check_limit_columns, parse_limit
+    from alignscope.runtime.distributed import launched_world_size
+    from alignscope.report.gate import check_limit_columns, parse_limit
 
-    from alignscope.transforms import as_transforms
+    from alignscope.geometry.transforms import as_transforms
 
     ridge_value = _parse_ridge(ridge)
     if transforms:
@@ -203,9 +174,9 @@ def analyze(options, transforms, images, max_images, batch_size, mask, amp, chan
 
 
 def _print_summary(report, out_path: Path) -> None:
-    from alignscope.prediction_table import PREDICTION_SUMMARY, layer_rows, output_rows
+    from alignscope.report.output_rows import PREDICTION_SUMMARY, layer_rows, output_rows
     from alignscope.columns import FITTED_SUMMARY, SUMMARY_COLUMNS
-    from alignscope.report import format_table
+    from alignscope.report.report import format_table
 
     meta = report.meta
     weights_note = "" if meta.get("pretrained", True) else "  [RANDOM WEIGHTS: not pretrained]"
@@ -254,9 +225,10 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
 
     import pandas as pd
 
-    from alignscope.hooks import probe_layers
-    from alignscope.lattice import Lattice, measure_lattices
-    from alignscope.report import lattice_reason_label
+    from alignscope.model.capture import probe_layers
+    from alignscope.model.lattice import Lattice
+    from alignscope.model.lattice_probe import measure_lattices
+    from alignscope.report.verdicts import lattice_reason_label
 
     if model_name and options.model not in (model_name, DEFAULT_MODEL):
         raise UsageError(f"two models given ({model_name} and --model {options.model}); name one")
@@ -311,7 +283,7 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
 @app.command()
 def models() -> None:
     """List models whose pretrained weights are available offline on this machine."""
-    from alignscope.models import offline_model_table
+    from alignscope.model.build import offline_model_table
 
     rows = offline_model_table()
     click.echo("Pretrained weights available offline now:")
@@ -319,7 +291,7 @@ def models() -> None:
         click.echo(f"  {row['model']:<28} {row['weights']}")
     if not rows:
         click.echo("  (none)")
-    from alignscope.offline_weights import missing_offline_weights
+    from alignscope.model.offline_weights import missing_offline_weights
 
     for entry in missing_offline_weights():
         click.echo(f"  {entry.name:<28} not installed: {entry.description}")
@@ -336,9 +308,9 @@ def models() -> None:
 def plot(csv: str, out: str | None, force: bool) -> None:
     """Redraw the plots of a report from its alignment.csv."""
     from alignscope.errors import ReportExistsError
-    from alignscope.files import is_alignscope_folder, mark_folder, record_files
-    from alignscope.plots import report_figures, save_figures
-    from alignscope.report import read_report_csv
+    from alignscope.report.files import is_alignscope_folder, mark_folder, record_files
+    from alignscope.report.plots import report_figures, save_figures
+    from alignscope.report.report import read_report_csv
 
     table = read_report_csv(csv)
     folder = Path(out) if out else Path(csv).parent
@@ -373,9 +345,9 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    from alignscope.comparison import check_distinct_runs, combine_runs, comparison_table, prediction_comparison
-    from alignscope.plots import depth_figure, save_figures
-    from alignscope.report import publish_folder, read_report_csv
+    from alignscope.report.comparison import check_distinct_runs, combine_runs, comparison_table, prediction_comparison
+    from alignscope.report.plots import depth_figure, save_figures
+    from alignscope.report.report import publish_folder, read_report_csv
 
     check_distinct_runs(csvs)
     combined = combine_runs([read_report_csv(path) for path in csvs], csvs)
@@ -396,7 +368,10 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     click.echo(f"\ncomparison written to {out}/ (comparison.csv holds every row of every run)")
 
 
-from alignscope.cli import audit, experiments  # noqa: E402,F401  (register check; explain, bench, stn)
+
+
+# Commands defined elsewhere register themselves on ``app`` when imported (they import only cli.app).
+from alignscope.cli import audit, experiments  # noqa: E402,F401  (registers check; explain, bench, stn)
 
 
 class Terminated(KeyboardInterrupt):
@@ -410,14 +385,14 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click app, turning errors into one line and an exit code.
 
-    glibc malloc is tuned for large tensors first (see :mod:`alignscope.allocator`);
+    glibc malloc is tuned for large tensors first (see :mod:`alignscope.runtime.allocator`);
     SIGTERM is handled like Ctrl-C, so a half-written result is cleaned up; Python
     warnings from libraries are silenced unless ``--debug`` (the ones a user can act
     on are reported by alignscope itself as one line each).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    from alignscope.allocator import tune_malloc
+    from alignscope.runtime.allocator import tune_malloc
 
     tune_malloc()
     previous_term = signal.signal(signal.SIGTERM, _terminate)

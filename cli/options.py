@@ -4,8 +4,8 @@
 ``--input-size``, ``--mean``, ``--std`` and ``--device`` (and, where a
 command measures several layers, ``--layers``) with the same names, defaults
 and help everywhere, and hands the command one
-:class:`~alignscope.options.ModelOptions` as ``options`` instead of the
-separate values. :meth:`ModelOptions.argv <alignscope.options.ModelOptions.argv>`
+:class:`~alignscope.model.options.ModelOptions` as ``options`` instead of the
+separate values. :meth:`ModelOptions.argv <alignscope.model.options.ModelOptions.argv>`
 writes the same flags back for a fresh process.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 
 import click
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"  # alignscope.models.DEFAULT_MODEL, repeated so --help loads no torch
+DEFAULT_MODEL = "tf_efficientnet_lite0"  # alignscope.model.build.DEFAULT_MODEL, repeated so --help loads no torch
 
 MODEL_FIELDS = ("model", "weights", "no_pretrained", "input_size", "mean", "std", "device")
 
@@ -66,7 +66,7 @@ def model_options(command=None, *, layers: bool = True):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
-        from alignscope.options import ModelOptions
+        from alignscope.model.options import ModelOptions
 
         values = {name: kwargs.pop(name) for name in MODEL_FIELDS}
         chosen = kwargs.pop("layers") if layers else None

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import alignscope  # noqa: E402
-from alignscope.reference_nets import C8Network, PlainNetwork  # noqa: E402
+from alignscope.model.reference_nets import C8Network, PlainNetwork  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from alignscope.report import REQUIRED_COLUMNS
+from alignscope.report.report import REQUIRED_COLUMNS
 
 
 def make_table(transforms=("identity", "rot90", "hflip"), layers=("stem", "mid", "deep"), model="net", pretrained=True,

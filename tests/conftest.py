@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def lite0():
-    from alignscope.models import load_model
+    from alignscope.model.build import load_model
 
     return load_model("tf_efficientnet_lite0")
 
@@ -20,8 +20,8 @@ def lite0():
 @pytest.fixture()
 def photo_tensor():
     """The bundled photos prepared at 64 x 64 (ImageNet mean/std), as an N x 3 x 64 x 64 tensor."""
-    from alignscope.images import image_stream
-    from alignscope.models import DataConfig
+    from alignscope.inputs.images import image_stream
+    from alignscope.model.build import DataConfig
 
     cfg = DataConfig(input_size=(3, 64, 64), crop_pct=1.0, interpolation="bilinear")
     return torch.cat([b.pixels for b in image_stream(None, cfg, batch_size=8)])

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-import alignscope.bench as bench
-import alignscope.timing as timing
+import alignscope.bench.bench as bench
+import alignscope.runtime.timing as timing
 from alignscope.cli.main import main
 from alignscope.errors import AlignscopeError
-from alignscope.interleave import Interleaver, PassTiming, assess_noise, summarize_passes
-from alignscope.peakmemory import CommandRun, run_measured
-from alignscope.timing import BoundaryTimer
+from alignscope.bench.interleave import Interleaver, PassTiming, assess_noise, summarize_passes
+from alignscope.bench.peakmemory import CommandRun, run_measured
+from alignscope.runtime.timing import BoundaryTimer
 
 MIB = 2**20
 
@@ -309,7 +309,7 @@ def test_readme_figures_script_prints_the_rows_and_refuses_noisy_runs(monkeypatc
 
 def test_a_killed_child_is_named_by_its_signal_not_by_its_last_warning():
     from alignscope.errors import AlignscopeError
-    from alignscope.peakmemory import CommandRun
+    from alignscope.bench.peakmemory import CommandRun
 
     killed = CommandRun(peak_mb=1.0, launcher_mb=None, seconds=1.0, returncode=-9, stdout="",
                         stderr="warning: a border effect at blocks.6\n")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import alignscope
-from alignscope.checks import collapsed_layers
+from alignscope.report.caveats import collapsed_layers
 
 
 def test_collapsed_layers_compares_chance_with_the_map_scale():

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from alignscope.cli.main import main
-from alignscope.report import REQUIRED_COLUMNS
+from alignscope.report.report import REQUIRED_COLUMNS
 
 
 def cli(*args):

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import alignscope
-from alignscope.channels import ChannelStatistic, apply_linear, apply_permutation, choose_ridge
+from alignscope.fit.channels import ChannelStatistic, apply_linear, apply_permutation, choose_ridge
 from alignscope.errors import UsageError
-from alignscope.transforms import parse_transform
-from alignscope.warping import inverse_warp, valid_mask, warp
-from alignscope.warpsearch import search_warp, sample_with
+from alignscope.geometry.transforms import parse_transform
+from alignscope.geometry.warping import inverse_warp, valid_mask, warp
+from alignscope.fit.search import search_warp, sample_with
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -153,7 +153,7 @@ def test_channel_statistic_refuses_mismatched_shapes():
 def test_stem_permutation_under_hflip_is_not_worse_than_the_inverse_warp_held_out(lite0, tmp_path):
     """The default model's stem under hflip, 48 distinct crops (32 calibrate, 16 held out): the permutation
     fitted in L2 does not do worse than g^-1 alone beyond the 95% half-width on held-out images."""
-    from alignscope.bench import make_image_folder
+    from alignscope.bench.bench import make_image_folder
 
     folder = make_image_folder(48, tmp_path / "crops")
     report = alignscope.analyze("tf_efficientnet_lite0", transforms=["hflip"], layers=["conv_stem"], images=str(folder),
@@ -214,7 +214,7 @@ class Marker(nn.Module):
 
 
 def test_fits_see_only_the_calibration_images(monkeypatch):
-    from alignscope import fitting
+    from alignscope.fit import fitting
 
     torch.manual_seed(0)
     images = torch.randn(10, 3, 16, 16)
@@ -254,9 +254,9 @@ def test_unknown_fit_choice_and_bad_ridge_are_usage_errors(photo_tensor):
 def theorem_tables():
     """The three e2cnn validation cases on the bundled photos at 64 x 64 under rot90."""
     pytest.importorskip("e2cnn")
-    from alignscope.images import image_stream
-    from alignscope.models import DataConfig
-    from alignscope.reference_nets import C8Network, PlainNetwork
+    from alignscope.inputs.images import image_stream
+    from alignscope.model.build import DataConfig
+    from alignscope.model.reference_nets import C8Network, PlainNetwork
 
     cfg = DataConfig(input_size=(3, 64, 64), crop_pct=1.0, interpolation="bilinear")
     photos = torch.cat([b.pixels for b in image_stream(None, cfg, batch_size=8)])
@@ -289,7 +289,7 @@ def test_plain_cnn_aligns_neither_way(theorem_tables):
 
 def test_c8_permutation_is_the_cyclic_shift():
     pytest.importorskip("e2cnn")
-    from alignscope.reference_nets import C8Network
+    from alignscope.model.reference_nets import C8Network
 
     torch.manual_seed(0)
     images = F.avg_pool2d(torch.randn(8, 3, 40, 40), 3, 1, 1)

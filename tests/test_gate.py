@@ -7,8 +7,8 @@ from _tables import make_table
 
 from alignscope.cli.main import main
 from alignscope.errors import UsageError
-from alignscope.gate import check, parse_limit
-from alignscope.report import AlignmentReport
+from alignscope.report.gate import check, parse_limit
+from alignscope.report.report import AlignmentReport
 
 
 def cli(*args):
@@ -131,7 +131,7 @@ def test_every_numeric_column_of_a_full_table_may_carry_a_limit():
 
 
 def test_a_repeated_limit_keeps_the_strictest():
-    from alignscope.gate import check
+    from alignscope.report.gate import check
 
     table = pd.DataFrame({"layer": ["a", "b"], "transform": ["t", "t"], "aligned_error": [0.4, 0.7]})
     assert list(check(table, max=["aligned_error=0.5", "aligned_error=0.9"])["layer"]) == ["b"]
@@ -143,7 +143,7 @@ def test_a_repeated_limit_keeps_the_strictest():
 
 def test_a_fitted_map_worse_than_the_inverse_warp_held_out_is_a_warning():
     """A permutation that does not carry over to the held-out images must not pass as an alignment silently."""
-    from alignscope.report import report_warnings
+    from alignscope.report.verdicts import report_warnings
 
     table = make_table(("rot90", "hflip"), layers=("stem", "deep")).assign(n_calibration=4)
     table["permuted_error"] = table["aligned_error"] - 0.05  # helps everywhere ...

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from alignscope.errors import LayerError
-from alignscope.hooks import FeatureCapture, probe_layers, select_layers
+from alignscope.model.capture import FeatureCapture, probe_layers, select_layers
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from alignscope.errors import ImageError
-from alignscope.images import bundled_photos, discover_images, image_stream, read_rgb
-from alignscope.models import DataConfig
+from alignscope.inputs.images import bundled_photos, discover_images, image_stream, read_rgb
+from alignscope.model.build import DataConfig
 
 CFG = DataConfig(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear")
 

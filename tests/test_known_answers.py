@@ -112,7 +112,7 @@ def test_statistics_match_per_image_values(photo_tensor):
 def test_t_quantile_matches_scipy():
     from scipy import stats
 
-    from alignscope.metrics import t_quantile_975
+    from alignscope.measure.metrics import t_quantile_975
 
     for dof in (1, 2, 3, 5, 7, 10, 30, 200):
         assert t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=2e-3)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import alignscope
-from alignscope.hooks import probe_layers, select_layers
-from alignscope.lattice import Lattice, measure_lattices
-from alignscope.transforms import parse_transform
-from alignscope.warping import grid_residual, registered_sampling_matrix
+from alignscope.model.capture import probe_layers, select_layers
+from alignscope.model.lattice import Lattice
+from alignscope.model.lattice_probe import measure_lattices
+from alignscope.geometry.transforms import parse_transform
+from alignscope.geometry.warping import grid_residual, registered_sampling_matrix
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -74,8 +75,8 @@ def test_residuals_and_offsets_of_pad1_and_same_padding(photo_tensor):
 
 
 def test_odd_input_is_a_centred_lattice_and_both_columns_agree(photo_tensor):
-    from alignscope.images import image_stream
-    from alignscope.models import DataConfig
+    from alignscope.inputs.images import image_stream
+    from alignscope.model.build import DataConfig
 
     cfg = DataConfig(input_size=(3, 65, 65), crop_pct=1.0, interpolation="bilinear")
     photos = torch.cat([b.pixels for b in image_stream(None, cfg, batch_size=8)])
@@ -179,9 +180,9 @@ def test_convention_flip_residual_formula(offset, shape):
 
 @pytest.mark.parametrize("size, expected", [(64, ["reference", "moved", "registered", "moved"]), (65, ["reference", "moved", "moved"])])
 def test_one_extra_forward_for_all_residuals_and_none_when_they_are_zero(size, expected):
-    from alignscope.lattice import attach_lattices
-    from alignscope.pairs import PairFeeder
-    from alignscope.transforms import parse_transforms
+    from alignscope.model.lattice_probe import attach_lattices
+    from alignscope.inputs.pairs import PairFeeder
+    from alignscope.geometry.transforms import parse_transforms
 
     net = strided_net("hflip")
     layers, _ = select_layers(probe_layers(net, (3, size, size)), ["1", "3", "5"])
@@ -198,7 +199,7 @@ def test_one_extra_forward_for_all_residuals_and_none_when_they_are_zero(size, e
 def test_the_warp_search_also_starts_from_the_registered_warp():
     from types import SimpleNamespace
 
-    from alignscope.fitting import Calibrator, FitRequest
+    from alignscope.fit.fitting import Calibrator, FitRequest
 
     lattice = Lattice(stride_x=2.0, stride_y=2.0, offset_x=1.0, offset_y=1.0, reach_x=(1.0, 1.0), reach_y=(1.0, 1.0))
     hflip = parse_transform("hflip")[0]
@@ -250,7 +251,7 @@ PAD1_EXPECTED = {f"convs.{k}": (2.0 ** (k + 1), 0.0) for k in range(3)}
 
 
 def _probe(net, size=64, request=None):
-    alignscope.lattice._cache.clear()  # nets of one architecture and seed that differ in Python behaviour only
+    alignscope.model.lattice_probe._cache.clear()  # nets of one architecture and seed that differ in Python behaviour only
     layers, _ = select_layers(probe_layers(net, (3, size, size)), request)
     return layers, measure_lattices(net, layers, (3, size, size))
 
@@ -346,7 +347,7 @@ def test_the_probe_costs_the_same_passes_for_many_layers_and_leaves_the_model_as
         net.convs[0].weight.requires_grad_(False)  # a frozen parameter stays frozen, the others trainable
         handle = net.register_forward_pre_hook(count)
         calls.clear()
-        alignscope.lattice._cache.clear()
+        alignscope.model.lattice_probe._cache.clear()
         _probe(net, request=request)
         handle.remove()
         if request == ["convs.2"]:

@@ -13,8 +13,8 @@ from torch import nn
 
 import alignscope
 from alignscope.errors import LayerError
-from alignscope.hooks import FALLBACK_CAP, FeatureCapture, probe_layers, select_layers
-from alignscope.layouts import Layout, ModelHints, grid_fits, resolve_layout, token_grid
+from alignscope.model.capture import FALLBACK_CAP, FeatureCapture, probe_layers, select_layers
+from alignscope.model.layouts import Layout, ModelHints, grid_fits, resolve_layout, token_grid
 
 
 def _raw_output(model, name, x):

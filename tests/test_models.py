@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from alignscope.errors import ModelError
-from alignscope.images import bundled_photos, build_preprocess, read_rgb
-from alignscope.models import load_checkpoint, load_model
-from alignscope.offline_weights import convert_lite0_state_dict, lite0_key_to_timm
+from alignscope.inputs.images import bundled_photos, build_preprocess, read_rgb
+from alignscope.model.build import load_checkpoint, load_model
+from alignscope.model.offline_weights import convert_lite0_state_dict, lite0_key_to_timm
 
 
 def test_lite0_key_mapping_examples():

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import alignscope
-from alignscope import bench
+from alignscope.bench import bench
 from alignscope.cli.main import _print_summary, app, main
 from alignscope.cli.options import model_options
 from alignscope.errors import UsageError
 from alignscope.explain import explain
-from alignscope.options import ModelOptions
+from alignscope.model.options import ModelOptions
 
 
 def _cli(*args):
@@ -258,7 +258,7 @@ from test_layouts import _DroppedStages  # noqa: E402  (the same model with stag
 
 def test_cli_default_model_is_the_librarys():
     from alignscope.cli.options import DEFAULT_MODEL as CLI_DEFAULT
-    from alignscope.models import DEFAULT_MODEL
+    from alignscope.model.build import DEFAULT_MODEL
 
     assert CLI_DEFAULT == DEFAULT_MODEL
 
@@ -277,7 +277,7 @@ def test_dropped_default_stages_reach_run_json_and_the_summary(images, tmp_path,
 
 
 def test_models_command_says_which_zoo_weights_are_missing(monkeypatch, capsys):
-    from alignscope import offline_weights
+    from alignscope.model import offline_weights
 
     entry = offline_weights.offline_weights("tf_efficientnet_lite0")
     missing = replace(entry, name="tf_efficientnet_lite9", description="package efficientnet-lite9 (zoo extra)",

@@ -56,7 +56,7 @@ def test_worker_processes_give_the_same_table(reference_table, monkeypatch):
 
 
 def test_channels_last_gives_the_same_table(reference_table, monkeypatch):
-    from alignscope.hooks import FeatureCapture
+    from alignscope.model.capture import FeatureCapture
 
     layouts = []
     original = FeatureCapture.__call__

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from _tables import make_table
 
-from alignscope.comparison import combine_runs, comparison_table, overlap
-from alignscope.plots import depth_figure, depth_rows, heatmap_figure, report_figures, sweep_figures
-from alignscope.report import verdicts
+from alignscope.report.comparison import combine_runs, comparison_table, overlap
+from alignscope.report.plots import depth_figure, depth_rows, heatmap_figure, report_figures, sweep_figures
+from alignscope.report.verdicts import verdicts
 
 
 @pytest.fixture(autouse=True)
@@ -168,7 +168,7 @@ def test_a_sweep_value_that_is_the_identity_gets_no_panel():
 
 
 def test_runs_of_one_model_in_folders_of_one_name_stay_apart_and_output_rows_are_compared():
-    from alignscope.comparison import prediction_comparison
+    from alignscope.report.comparison import prediction_comparison
 
     def with_output(model, agreement):
         table = make_table(("rot90",), model=model).assign(kind="layer")

@@ -12,9 +12,9 @@ from torch import nn
 import alignscope
 from alignscope.cli.main import main
 from alignscope.errors import UsageError
-from alignscope.metrics import AlignmentStatistic, wilson_interval
-from alignscope.prediction import find_head, prediction_values
-from alignscope.prediction_table import is_output_row, layer_rows, output_rows
+from alignscope.measure.metrics import AlignmentStatistic, wilson_interval
+from alignscope.measure.prediction import find_head, prediction_values
+from alignscope.report.output_rows import is_output_row, layer_rows, output_rows
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -13,7 +13,7 @@ import pytest
 from _tables import make_table
 from PIL import Image
 
-from alignscope.report import AlignmentReport
+from alignscope.report.report import AlignmentReport
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -135,7 +135,7 @@ def test_report_renders_in_a_headless_browser(saved, tmp_path):
 
 
 def test_the_page_header_counts_layers_not_the_output_row():
-    from alignscope.html_report import summary_html
+    from alignscope.report.html import summary_html
 
     table = make_table(("rot90",), layers=("stem", "mid", "deep")).assign(kind="layer")
     output = table.iloc[:1].assign(kind="output", layer="output", aligned_error=np.nan, prediction_agreement=0.5)

@@ -19,8 +19,8 @@ from alignscope.stn import (CLASSIFIERS, STNClassifier, FixedTestSet, TrainConfi
 from alignscope.stn.angles import NO_COMPENSATION_STD
 from alignscope.stn.data import apply_task, invert_affine, task_matrices
 from alignscope.stn.train import RECIPES, SCHEDULES, make_optimizer, make_schedule, recipe
-from alignscope.transforms import parse_transform
-from alignscope.warping import warp
+from alignscope.geometry.transforms import parse_transform
+from alignscope.geometry.warping import warp
 
 IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 ALL_VARIANTS = [(c, v) for c in CLASSIFIERS for v in variant_names(c) if v != "none"]

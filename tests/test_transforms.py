@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from alignscope.errors import TransformSpecError
-from alignscope.transforms import default_transforms, parse_transform, parse_transforms
-from alignscope.warping import disk_mask, inverse_warp, sample_affine, valid_mask, warp
+from alignscope.geometry.transforms import default_transforms, parse_transform, parse_transforms
+from alignscope.geometry.warping import disk_mask, inverse_warp, sample_affine, valid_mask, warp
 
 
 def one(spec):

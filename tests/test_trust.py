@@ -20,7 +20,7 @@ from torch import nn
 import alignscope
 from alignscope.cli.main import main
 from alignscope.errors import AlignscopeError, ImageError, ModelError, ReportExistsError, TransformSpecError, UsageError
-from alignscope.transforms import as_transforms, parse_transform
+from alignscope.geometry.transforms import as_transforms, parse_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SCRIPT = Path(sys.executable).parent / "alignscope"
@@ -55,7 +55,7 @@ def test_console_script_ignores_a_source_folder_in_the_working_directory(tmp_pat
 
 
 def test_malloc_is_tuned_in_process_and_the_opt_out_works():
-    code = "from alignscope.allocator import tune_malloc; import json; print(json.dumps(tune_malloc()))"
+    code = "from alignscope.runtime.allocator import tune_malloc; import json; print(json.dumps(tune_malloc()))"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     tuned = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
     skipped = json.loads(subprocess.run([sys.executable, "-c", code], env=dict(env, ALIGNSCOPE_NO_MALLOC_TUNING="1"),
@@ -92,7 +92,7 @@ def test_force_never_deletes_a_folder_that_is_not_a_report(tmp_path):
 
 
 def test_force_keeps_files_a_user_added_to_a_report_folder(tmp_path):
-    from alignscope.files import publish_folder
+    from alignscope.report.files import publish_folder
 
     out = publish_folder(tmp_path / "r", lambda d: (d / "alignment.csv").write_text("1"), force=False)
     (out / "mynotes.txt").write_text("mine")
@@ -105,7 +105,7 @@ def test_force_keeps_files_a_user_added_to_a_report_folder(tmp_path):
 
 
 def test_force_replaces_an_alignscope_folder_and_modes_follow_the_umask(tmp_path):
-    from alignscope.files import MARKER, publish_folder
+    from alignscope.report.files import MARKER, publish_folder
 
     old = os.umask(0o022)
     try:
@@ -143,7 +143,7 @@ def test_plot_and_compare_refuse_user_folders_and_their_inputs(tmp_path):
 def test_an_interrupted_plot_leaves_the_old_png_whole(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from alignscope.plots import report_figures, save_figures
+    from alignscope.report.plots import report_figures, save_figures
 
     figures = report_figures(fake_table())
     save_figures(dict(figures), tmp_path)
@@ -166,7 +166,7 @@ def test_sigterm_while_writing_removes_the_staging_folder(tmp_path):
         import os, signal, time
         from pathlib import Path
         from alignscope.cli.main import Terminated, _terminate
-        from alignscope.files import publish_folder
+        from alignscope.report.files import publish_folder
         signal.signal(signal.SIGTERM, _terminate)
         def write(folder):
             (folder / "part.csv").write_text("1")
@@ -314,14 +314,14 @@ def test_ridge_must_be_finite(ridge):
 # --- 4. bad input fails fast, with exit 2 and one line ---------------------------------------------
 
 def no_model_loading(monkeypatch):
-    import alignscope.engine
-    import alignscope.options
+    import alignscope.engine.context
+    import alignscope.model.options
 
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(alignscope.options, "load_model", fail)
-    monkeypatch.setattr(alignscope.engine, "probe_layers", fail)
+    monkeypatch.setattr(alignscope.model.options, "load_model", fail)
+    monkeypatch.setattr(alignscope.engine.context, "probe_layers", fail)
 
 
 @pytest.mark.parametrize("args", [
@@ -383,7 +383,7 @@ def test_compare_needs_two_distinct_reports(tmp_path):
 
 def test_text_file_as_weights_is_not_called_a_pickle(tmp_path):
     from alignscope.errors import ModelError
-    from alignscope.models import load_checkpoint
+    from alignscope.model.build import load_checkpoint
 
     path = tmp_path / "weights.pth"
     path.write_text("these are not weights\n")
@@ -397,7 +397,7 @@ def test_repeated_images_options_use_the_union(tmp_path):
         folder.mkdir()
         for i in range(2):
             Image.new("RGB", (70, 70), (colour + 40 * i, 20, 90)).save(folder / f"{i}.png")
-    from alignscope.images import discover_images
+    from alignscope.inputs.images import discover_images
 
     assert len(discover_images([str(a), str(b)])) == 4
     out = tmp_path / "r"
@@ -407,8 +407,8 @@ def test_repeated_images_options_use_the_union(tmp_path):
 
 
 def test_a_decompression_bomb_is_skipped_and_listed(tmp_path, monkeypatch):
-    from alignscope.images import image_stream
-    from alignscope.models import DataConfig
+    from alignscope.inputs.images import image_stream
+    from alignscope.model.build import DataConfig
 
     for i in range(3):
         Image.new("RGB", (40, 40), (60 * i, 10, 10)).save(tmp_path / f"ok{i}.png")

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignscope.transforms import parse_transform
-from alignscope.warping import valid_mask, warp
-from alignscope.warpscore import WarpObjective, sample_many, sample_with_gradient
-from alignscope.warpsearch import TOLERANCE, analytic_matrix, search_warp
+from alignscope.geometry.transforms import parse_transform
+from alignscope.geometry.warping import valid_mask, warp
+from alignscope.fit.score import WarpObjective, sample_many, sample_with_gradient
+from alignscope.fit.search import TOLERANCE, analytic_matrix, search_warp
 
 
 def smooth_field(n=4, c=5, height=40, width=48, seed=0):

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import alignscope
-from alignscope.metrics import AlignmentStatistic
-from alignscope.transforms import parse_transform
-from alignscope.warping import valid_mask, warp
-from alignscope.warpsearch import (WarpObjective, analytic_matrix, charged_sq_distance, sample_many, sample_with,
+from alignscope.measure.metrics import AlignmentStatistic
+from alignscope.geometry.transforms import parse_transform
+from alignscope.geometry.warping import valid_mask, warp
+from alignscope.fit.search import (WarpObjective, analytic_matrix, charged_sq_distance, sample_many, sample_with,
                                    search_warp)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,9 +32,9 @@ def random_filter_cnn() -> nn.Module:
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory):
     """16 distinct natural crops (the benchmark's), prepared at 65 x 65."""
-    from alignscope.bench import make_image_folder
-    from alignscope.images import image_stream
-    from alignscope.models import DataConfig
+    from alignscope.bench.bench import make_image_folder
+    from alignscope.inputs.images import image_stream
+    from alignscope.model.build import DataConfig
 
     folder = make_image_folder(16, tmp_path_factory.mktemp("crops"))
     cfg = DataConfig(input_size=(3, SIZE, SIZE), crop_pct=1.0, interpolation="bilinear")

@@ -9,9 +9,9 @@ import timm
 import torch
 
 from alignscope.errors import ModelError
-from alignscope.images import build_preprocess, bundled_photos, read_rgb
-from alignscope.models import load_model, offline_model_table
-from alignscope.offline_weights import (
+from alignscope.inputs.images import build_preprocess, bundled_photos, read_rgb
+from alignscope.model.build import load_model, offline_model_table
+from alignscope.model.offline_weights import (
     LITE12_STAGE_DEPTHS,
     convert_lite_state_dict,
     lite_key_to_timm,
@@ -87,7 +87,7 @@ socket.create_connection = refuse
 socket.socket.connect = refuse
 import torch
 from safetensors.torch import load_file
-from alignscope.models import load_model
+from alignscope.model.build import load_model
 model, cfg = load_model("resnet18")
 expected = load_file({str(snapshot / 'model.safetensors')!r})
 assert set(expected) == set(model.state_dict())

@@ -78,7 +78,7 @@ def _digits(arg: str | None, data_seed: int) -> UprightData:
 def _folder(arg: str | None, data_seed: int) -> UprightData:
     from PIL import Image
 
-    from ..images import IMAGE_SUFFIXES
+    from ..inputs.images import IMAGE_SUFFIXES
 
     root = Path(arg or "")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

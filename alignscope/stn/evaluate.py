@@ -9,7 +9,7 @@
   transformed version g x, at the STN's output (``stn``) and after each
   layer, the distance between the maps of g x and x divided by the chance
   distance (x against another test image), as :func:`alignscope.analyze`
-  reports it (:func:`alignscope.metrics.pair_distances`).
+  reports it (:func:`alignscope.measure.metrics.pair_distances`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..metrics import AlignmentStatistic, pair_distances
+from ..measure.metrics import AlignmentStatistic, pair_distances
 from .angles import angle_metrics, warp_angle_deg
 from .data import FixedTestSet
 from .models import STNClassifier

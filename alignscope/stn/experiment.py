@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 
 from ..errors import UsageError
-from ..files import publish_folder
+from ..report.files import publish_folder
 from .data import TASKS, FixedTestSet, UprightData, load_data
 from .evaluate import evaluate
-from .models import WARPS, STNClassifier, check_variant, spatial_transform
+from .models import WARPS, STNClassifier, check_variant
 from .train import DIGITS_RECIPE, TrainConfig, parameter_counts, train_variant
 
 MODELS_FILE = "stn_models.pt"
@@ -79,7 +79,7 @@ class STNExperiment:
 
     def save(self, out: str | Path, force: bool = False) -> Path:
         def write(folder: Path) -> None:
-            from ..plots import save_figures
+            from ..report.plots import save_figures
 
             self.results.to_csv(folder / "stn_results.csv", index=False)
             self.alignment.to_csv(folder / "stn_alignment.csv", index=False)
@@ -314,11 +314,3 @@ def combine_experiments(parts: Sequence[STNExperiment]) -> STNExperiment:
                          pd.concat([p.angles for p in parts if len(p.angles)], ignore_index=True)
                          if any(len(p.angles) for p in parts) else parts[0].angles,
                          settings, models, next((p.test for p in parts if p.test is not None), None))
-
-
-@torch.inference_mode()
-def warped_inputs(model: STNClassifier, images: torch.Tensor) -> torch.Tensor:
-    """What the learned warp does to ``images``; for ``features@k`` the warp of layer k's map drawn on the image."""
-    model.eval()
-    theta = model.predict_theta(images)
-    return images if theta is None else spatial_transform(images, theta)

@@ -259,3 +259,11 @@ class STNClassifier(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@torch.inference_mode()
+def warped_inputs(model: "STNClassifier", images: torch.Tensor) -> torch.Tensor:
+    """What the learned warp does to ``images``; for ``features@k`` the warp of layer k's map drawn on the image."""
+    model.eval()
+    theta = model.predict_theta(images)
+    return images if theta is None else spatial_transform(images, theta)

@@ -77,7 +77,7 @@ def angle_figure(experiment, max_points: int = 600) -> plt.Figure:
 def warp_grid_figure(experiment, n: int = 8) -> plt.Figure:
     """Rows: transformed test digits, then what each variant's learned warp does to them (seed 0)."""
     from .data import apply_task
-    from .experiment import warped_inputs
+    from .models import warped_inputs
 
     test = experiment.test
     images = apply_task(test.upright[:n], test.task, test.params[0, :n])

@@ -1,0 +1,1 @@
+"""Benchmarks users run: timing the analysis against bare forward passes, interleaved runs, peak memory."""

@@ -1,0 +1,46 @@
+"""How a run executes, said once: :class:`RunOptions` (autocast, memory format, output row, per-image rows).
+
+What is measured lives elsewhere: the model in :class:`~alignscope.model.options.ModelOptions`
+(with the device), the pairs in :class:`~alignscope.inputs.options.PairOptions`, the fits in
+:class:`~alignscope.fit.fitting.FitRequest`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str | None) -> torch.dtype | None:
+    """``None``/``"off"`` -> no autocast; ``"bf16"`` / ``"fp16"`` -> that dtype."""
+    if amp in (None, "off", "none"):
+        return None
+    if amp not in AMP_DTYPES:
+        raise UsageError(f"amp must be one of off, {', '.join(AMP_DTYPES)}; got {amp!r}")
+    return AMP_DTYPES[amp]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """``amp``: ``"bf16"`` | ``"fp16"`` runs the model under autocast (maps compared in float32, statistics in
+    float64); ``channels_last``: NHWC tensors for the model (``None``: on for CUDA); ``output``: measure the
+    output row where the model has a classifier head; ``per_image``: keep one row per image too."""
+
+    amp: str | None = None
+    channels_last: bool | None = None
+    output: bool = True
+    per_image: bool = False
+
+    def __post_init__(self) -> None:
+        resolve_amp(self.amp)  # a bad value fails when the options are made
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return resolve_amp(self.amp)
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)
