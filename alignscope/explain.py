@@ -85,6 +85,8 @@ def explain(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     image: str | None = None,
+    *,
+    pairs: PairOptions | None = None,
 ) -> ChannelExplanation:
     """Per-channel alignment of ``layer`` (default: the deepest stage) under one ``transform``.
 
@@ -94,10 +96,14 @@ def explain(
     :class:`~alignscope.model.options.ModelOptions`.
     ``image`` picks the example drawn by :meth:`ChannelExplanation.figure` by
     file name, stem or path (default: the image with the most structure at the layer).
+    ``pairs``: a :class:`~alignscope.inputs.options.PairOptions` instead of ``transform``, ``images``,
+    ``batch_size``, ``mask``, ``seed`` and ``max_images``.
     """
-    pairs = PairOptions.build(transform, images, batch_size, mask, seed, max_images)
+    pairs = pairs or PairOptions.build(transform, images, batch_size, mask, seed, max_images)
     if len(pairs.transforms) != 1:
-        raise UsageError(f"explain takes one transform, {transform!r} gives {len(pairs.transforms)}; pick one value of the sweep")
+        given = ", ".join(t.spec for t in pairs.transforms[:4])
+        raise UsageError(f"explain takes one transform; {len(pairs.transforms)} were given ({given}"
+                         f"{' ...' if len(pairs.transforms) > 4 else ''}); pick one value of the sweep")
     options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
                                  layers=layer, device=device)
     ctx = RunContext.open(options, pairs, options.resolve_device())

@@ -10,24 +10,20 @@ from pathlib import Path
 import click
 
 from alignscope.cli.app import app
-from alignscope.cli.options import model_options
+from alignscope.cli.options import fit_options, model_options, pair_options, run_options
 
 
 @app.command()
 @model_options(layers=False)
 @click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
-@click.option("--transform", default="rot90", show_default=True, help="One transform spec (see 'alignscope analyze --help').")
-@click.option("--images", multiple=True, help="Folder (recursive), file or glob; repeat to use the union. Default: the bundled photos.")
-@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True)
+@pair_options(one_transform=True, seed=False, workers=False)
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
 @click.option("--image", default=None, help="Image drawn in channels.png, by file name or stem. Default: the one with the most structure at the layer.")
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-explain", show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-channel table as JSON records.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def explain(options, layer, transform, images, max_images, batch_size, mask, top, image, out, force, as_json, debug) -> None:
+def explain(options, layer, pairs, top, image, out, force, as_json, debug) -> None:
     """Show which channels of one layer carry the misalignment under one transform.
 
     Writes OUT/channels.csv (per channel: aligned_error, unaligned_error,
@@ -46,9 +42,8 @@ def explain(options, layer, transform, images, max_images, batch_size, mask, top
     import alignscope.explain as explaining
     from alignscope.report.report import check_destination, format_table
 
-    out_path = check_destination(out, force, inputs=images)
-    result = explaining.explain(model=replace(options, layers=layer), transform=transform, images=list(images) or None,
-                                batch_size=batch_size, mask=mask, max_images=max_images, image=image)
+    out_path = check_destination(out, force, inputs=tuple(pairs.images or ()))
+    result = explaining.explain(model=replace(options, layers=layer), pairs=pairs, image=image)
     result.save(out_path, force=force, top=top)
     if as_json:
         click.echo(result.table.to_json(orient="records"))
@@ -70,25 +65,17 @@ def explain(options, layer, transform, images, max_images, batch_size, mask, top
 
 @app.command()
 @model_options
-@click.option("--transform", "transforms", multiple=True, help="Transform spec, repeatable. Default: the default set.")
-@click.option("--images", default=None, help="Folder, file or glob. Default: distinct crops of the bundled photos.")
-@click.option("--max-images", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
-@click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors (default: on for CUDA).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@pair_options(images_default_help="Folder (recursive), file or glob; repeat to use the union. Default: distinct crops "
+                                  "of the bundled photos.", max_images_default=64, mask=False, seed=False)
+@run_options(outputs=False)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes after a warm-up.")
 @click.option("--memory-scaling", is_flag=True, help="Also peak RSS of 'alignscope analyze' on 32 and 512 images, each in a fresh process.")
 @click.option("--compare-malloc", is_flag=True,
               help="Also run this benchmark in two fresh processes, malloc tuned and not (ALIGNSCOPE_NO_MALLOC_TUNING=1).")
-@click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]), help="Also time these warp searches (as analyze).")
-@click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
-              help="Also time these channel maps (as analyze).")
-@click.option("--calibration-images", type=click.IntRange(min=4), default=None, help="Images the fits calibrate on (as analyze).")
+@fit_options(tuning=False, min_calibration=4)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def bench(options, transforms, images, max_images, batch_size, amp, channels_last, workers, repeats, memory_scaling,
-          compare_malloc, optimal, channel_map, calibration_images, as_json, debug) -> None:
+def bench(options, pairs, run, fits, repeats, memory_scaling, compare_malloc, as_json, debug) -> None:
     """Time the analysis against the bare forward passes it needs (overhead ratio).
 
     (A) full-model forward passes over exactly the inputs the analysis feeds
@@ -110,10 +97,12 @@ def bench(options, transforms, images, max_images, batch_size, amp, channels_las
 
     import alignscope.bench.bench as benching
 
-    common = dict(model=options, transforms=list(transforms) or None, batch_size=batch_size)
-    timing = dict(images=images, max_images=max_images, amp=amp, channels_last=channels_last, workers=workers, repeats=repeats)
-    fits = dict(optimal=list(optimal), channel_map=list(channel_map), calibration_images=calibration_images)
-    result = benching.benchmark(**common, **timing, **fits)
+    transforms = [t.spec for t in pairs.transforms] if pairs.transforms is not None else None
+    common = dict(model=options, transforms=transforms, batch_size=pairs.batch_size)
+    timing = dict(images=pairs.images, max_images=pairs.max_images, amp=run.amp, channels_last=run.channels_last,
+                  workers=pairs.workers, repeats=repeats)
+    fitted = dict(optimal=list(fits.optimal), channel_map=list(fits.channel_map), calibration_images=fits.calibration_images)
+    result = benching.benchmark(**common, **timing, **fitted)
     if memory_scaling:
         result["memory_scaling"] = benching.memory_scaling(**common)
     if compare_malloc:

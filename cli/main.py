@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from alignscope.cli.app import app
-from alignscope.cli.options import DEFAULT_MODEL, model_options
+from alignscope.cli.options import DEFAULT_MODEL, fit_options, model_options, pair_options, run_options
 from alignscope.errors import AlignscopeError, UsageError
 
 EPILOG_ANALYZE = """\b
@@ -27,13 +27,6 @@ Examples:
   alignscope analyze --json --no-plots --out run1 > table.json
   alignscope analyze --transform rot90 --optimal family --channel-map permutation --channel-map linear
 """
-
-TRANSFORM_HELP = (
-    "Transform spec, repeatable: rotate30, scale0.8, translate16,-8, roll16,-8, shear15, hflip, vflip, "
-    "rot90/180/270, identity; a+b composes (a first); rotate:-90:90:15 sweeps. Default: a set contrasting "
-    "translations (alignable) with rotations, scalings and a flip."
-)
-
 
 def _progress(enabled: bool):
     """A progress callback drawing a bar on stderr, or None."""
@@ -59,61 +52,26 @@ def _progress(enabled: bool):
 
 
 
-def _parse_ridge(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise click.BadParameter(f"{text!r} is neither 'auto' nor a finite number >= 0", param_hint="--ridge")
-    return value
+def _image_paths(pairs) -> tuple:
+    """The image paths a report folder must not overlap (none for the bundled photos)."""
+    return tuple(pairs.images or ())
 
 
 @app.command(epilog=EPILOG_ANALYZE)
 @model_options
-@click.option("--transform", "transforms", multiple=True, help=TRANSFORM_HELP)
-@click.option("--images", multiple=True, help="Folder (recursive), file or glob; repeat to use the union. Default: the bundled photos.")
-@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most N images (seeded sample, sorted).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--mask", type=click.Choice(["auto", "disk", "none"]), default="auto", show_default=True,
-              help="disk: keep the centred disk of each image and compare only inside it; auto: disk for rotations and shears.")
-@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
-              help="Run the model under autocast; maps are compared in float32, statistics kept in float64.")
-@click.option("--channels-last/--no-channels-last", default=None, help="NHWC tensors for the model (default: on for CUDA).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Processes decoding images (pinned memory on CUDA).")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
-              help="Seed for image sampling and order (chance partners).")
-@click.option("--optimal", multiple=True, type=click.Choice(["family", "affine"]),
-              help="Also search the best spatial warp: 'family' frees g's own parameters plus a shift (optimal_error), "
-                   "'affine' all six affine entries (optimal_affine_error). Cost: a few Gauss-Newton steps per start over the "
-                   "calibration maps per layer and transform, large maps first on their 2 x 2 averages.")
-@click.option("--channel-map", "channel_map", multiple=True, type=click.Choice(["linear", "permutation"]),
-              help="Also re-mix channels after the inverse warp: 'linear' a ridge least-squares C x C map "
-                   "(channel_mapped_error), 'permutation' the best channel relabelling (permuted_error). Cost: C x C "
-                   "statistics per layer and transform, one C^3 solve (linear) or assignment (permutation).")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=None,
-              help="Images the fits are calibrated on (default: half, at most 16); all columns are then measured on the rest.")
-@click.option("--ridge", default="auto", show_default=True, help="Ridge of the linear channel map, or 'auto' (two-fold cross-validation).")
-@click.option("--search-steps", type=click.IntRange(min=0), default=60, show_default=True, help="At most this many descent steps per start of the warp search (it stops earlier at its tolerance).")
+@pair_options
+@run_options
+@fit_options
 @click.option("--out", type=click.Path(file_okay=False), default="alignscope-report", show_default=True, help="Report folder.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
-@click.option("--per-image", is_flag=True, help="Also write per_image.csv with one row per image.")
-@click.option("--no-output", is_flag=True,
-              help="Skip the output row (top-1 agreement and softmax KL between x and g x), measured by default for "
-                   "models with a classifier head; forward passes then stop after the deepest layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON records on stdout instead of text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--fail-above", multiple=True, metavar="COLUMN=NUMBER",
               help="Gate: after writing the report, print the rows above this limit and exit 1 (see 'alignscope check').")
 @click.option("--fail-below", multiple=True, metavar="COLUMN=NUMBER", help="Gate: the same for a lower limit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def analyze(options, transforms, images, max_images, batch_size, mask, amp, channels_last, workers, seed,
-            optimal, channel_map, calibration_images, ridge, search_steps, out, force, no_plots, per_image, no_output,
-            as_json, quiet, fail_above, fail_below, debug) -> None:
+def analyze(options, pairs, run, fits, out, force, no_plots, as_json, quiet, fail_above, fail_below, debug) -> None:
     """Measure per layer how well the inverse warp aligns feature maps.
 
     Writes OUT/alignment.csv, OUT/run.json and plots, prints a compact table
@@ -125,44 +83,20 @@ def analyze(options, transforms, images, max_images, batch_size, mask, amp, chan
     from alignscope.runtime.distributed import launched_world_size
     from alignscope.report.gate import check_limit_columns, parse_limit
 
-    from alignscope.geometry.transforms import as_transforms
-
-    ridge_value = _parse_ridge(ridge)
-    if transforms:
-        as_transforms(list(transforms))  # a typo fails in a moment, before the model loads
     for text in fail_above + fail_below:  # malformed limits and unknown columns fail before the work
         option = "--fail-above" if text in fail_above else "--fail-below"
         check_limit_columns([parse_limit(text, option)[0]], option)
-    out_path = check_destination(out, force, inputs=images)  # before the work, not after it
+    out_path = check_destination(out, force, inputs=_image_paths(pairs))  # before the work, not after it
     main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
     try:
-        report = alignscope.analyze(
-            model=options,
-            transforms=list(transforms) or None,
-            images=list(images) or None,
-            batch_size=batch_size,
-            mask=mask,
-            seed=seed,
-            per_image=per_image,
-            max_images=max_images,
-            optimal=list(optimal) or None,
-            channel_map=list(channel_map) or None,
-            ridge=ridge_value,
-            search_steps=search_steps,
-            calibration_images=calibration_images,
-            amp=amp,
-            channels_last=channels_last,
-            workers=workers,
-            progress=update,
-            output=not no_output,
-        )
+        report = alignscope.analyze(model=options, pairs=pairs, run=run, fits=fits, progress=update)
     finally:
         if finish:
             finish()
     if report.meta.get("rank", 0) != 0:
         return  # under torchrun only rank 0 writes and prints
-    report.save(out_path, force=force, plots=not no_plots, inputs=images)
+    report.save(out_path, force=force, plots=not no_plots, inputs=_image_paths(pairs))
     if as_json:
         click.echo(report.table.to_json(orient="records"))
     elif not quiet:

@@ -35,42 +35,66 @@ def collapsed_layers(table: pd.DataFrame, ratio: float = CHANCE_COLLAPSE_RATIO) 
     return [(str(layer), float(value)) for layer, value in relative.items() if value < ratio]
 
 
-def warn_chance_collapse(table: pd.DataFrame, ratio: float = CHANCE_COLLAPSE_RATIO) -> list[tuple[str, float]]:
-    """Log one warning naming the layers whose chance distance is negligible; returns them."""
+def chance_collapse_caveat(table: pd.DataFrame, ratio: float = CHANCE_COLLAPSE_RATIO) -> str:
+    """The sentence naming the layers whose chance distance is negligible ("" when none)."""
     collapsed = collapsed_layers(table, ratio)
-    if collapsed:
-        shown = ", ".join(f"{layer} ({value:.1e})" for layer, value in collapsed[:5])
-        more = f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else ""
-        log.warning(
-            "chance distance collapsed at %d layer(s): %s%s (chance / map norm); these maps barely depend on the "
-            "image, so every *_error there divides by almost nothing and is not meaningful (%s)", len(collapsed), shown, more,
-            "an exact 0 means the maps of different images are identical: duplicate images, or a layer that ignores "
-            "its input" if any(value == 0 for _, value in collapsed) else "random weights? use pretrained ones")
-    return collapsed
+    if not collapsed:
+        return ""
+    shown = ", ".join(f"{layer} ({value:.1e})" for layer, value in collapsed[:5])
+    more = f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else ""
+    why = ("an exact 0 means the maps of different images are identical: duplicate images, or a layer that ignores "
+           "its input" if any(value == 0 for _, value in collapsed) else "random weights? use pretrained ones")
+    return (f"chance distance collapsed at {len(collapsed)} layer(s): {shown}{more} (chance / map norm); these maps "
+            f"barely depend on the image, so every *_error there divides by almost nothing and is not meaningful ({why})")
+
+
+def warn_chance_collapse(table: pd.DataFrame, ratio: float = CHANCE_COLLAPSE_RATIO) -> list[tuple[str, float]]:
+    """Log :func:`chance_collapse_caveat` as one warning; returns the collapsed layers."""
+    sentence = chance_collapse_caveat(table, ratio)
+    if sentence:
+        log.warning("%s", sentence)
+    return collapsed_layers(table, ratio)
+
+
+def nonfinite_caveat(table: pd.DataFrame, n_images: int) -> str:
+    """The sentence naming the layers with NaN/inf maps and for how many images ("" when none)."""
+    nonfinite = table["n_nonfinite"] if "n_nonfinite" in table else pd.Series(0, index=table.index)
+    bad = table[nonfinite > 0]
+    if bad.empty:
+        return ""
+    per_layer = bad.groupby("layer", sort=False)["n_nonfinite"].max()
+    details = ", ".join(f"{layer} ({int(count)} of {n_images} images)" for layer, count in per_layer.items())
+    return (f"non-finite feature maps (NaN or inf) at {len(per_layer)} layer(s): {details}; those images are left out "
+            "of these rows (column n_nonfinite). The layer overflows or its weights/inputs are broken.")
 
 
 def nonfinite_layers(table: pd.DataFrame, n_images: int) -> list[str]:
-    """Say plainly which layers gave NaN/inf maps for how many images; fail when no number is left."""
+    """Log :func:`nonfinite_caveat` and return the layers with NaN/inf maps; fail when no number is left."""
     bad = table[table["n_nonfinite"] > 0]
     if bad.empty:
         return []
-    per_layer = bad.groupby("layer", sort=False)["n_nonfinite"].max()
     if len(bad) == len(table) and (bad["n_nonfinite"] >= n_images).all():
         raise AlignscopeError(
             f"every feature map was NaN or inf (all {n_images} images at all {table['layer'].nunique()} layers): "
             "the model's computation overflows or its inputs are not finite; nothing to report")
-    details = ", ".join(f"{layer} ({count} of {n_images} images)" for layer, count in per_layer.items())
-    log.warning("non-finite feature maps (NaN or inf) at %d layer(s): %s; those images are left out of these rows "
-                "(column n_nonfinite). The layer overflows or its weights/inputs are broken.", len(per_layer), details)
-    return list(per_layer.index)
+    log.warning("%s", nonfinite_caveat(table, n_images))
+    return list(bad.groupby("layer", sort=False)["n_nonfinite"].max().index)
+
+
+def left_out_caveat(table: pd.DataFrame, n_images: int) -> str:
+    """The sentence saying how many rows left images out for a zero chance distance ("" when none)."""
+    nonfinite = table["n_nonfinite"] if "n_nonfinite" in table else pd.Series(0, index=table.index)
+    short = table[table["n_images"] + nonfinite < n_images]
+    if not len(short):
+        return ""
+    worst = short.loc[short["n_images"].idxmin()]
+    return (f"{len(short)} of {len(table)} (layer, transform) rows left images out for a zero chance distance (an "
+            f"image identical to its partner, or no valid cells); fewest: {int(worst['n_images'])} of {n_images} images "
+            f"at {worst['layer']} / {worst['transform']}. Remove duplicate images or use a milder transform.")
 
 
 def warn_left_out(table: pd.DataFrame, n_images: int) -> None:
-    """Say so when images were left out because their chance distance was 0."""
-    short = table[table["n_images"] + table["n_nonfinite"] < n_images]
-    if len(short):
-        worst = short.loc[short["n_images"].idxmin()]
-        log.warning(
-            "%d of %d (layer, transform) rows left images out for a zero chance distance (an image identical "
-            "to its partner, or no valid cells); fewest: %d of %d images at %s / %s. Remove duplicate images "
-            "or use a milder transform.", len(short), len(table), worst["n_images"], n_images, worst["layer"], worst["transform"])
+    """Log :func:`left_out_caveat` as one warning."""
+    sentence = left_out_caveat(table, n_images)
+    if sentence:
+        log.warning("%s", sentence)

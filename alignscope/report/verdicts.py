@@ -151,24 +151,12 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     for entry in meta.get("layers_skipped") or []:
         lines.append(f"layer {entry.get('layer')} skipped: {entry.get('reason')}")
     used = len(meta.get("images_used") or [])
-    nonfinite = table["n_nonfinite"] if "n_nonfinite" in table else pd.Series(0, index=table.index)
-    bad = table[nonfinite > 0]
-    if len(bad):
-        per_layer = bad.groupby("layer", sort=False)["n_nonfinite"].max()
-        lines.append("non-finite feature maps (NaN or inf) left images out at " + ", ".join(
-            f"{layer} ({int(count)} of {used} images)" for layer, count in per_layer.items()) + " (column n_nonfinite)")
-    from .caveats import collapsed_layers
+    from .caveats import chance_collapse_caveat, left_out_caveat, nonfinite_caveat
 
-    collapsed = collapsed_layers(table)
-    if collapsed:
-        lines.append("chance distance collapsed (chance / map norm) at " + ", ".join(
-            f"{layer} ({value:.1e})" for layer, value in collapsed[:8]) + "; the *_error values there are not meaningful")
-    if used and "n_images" in table:
-        short = table[(table["n_images"] + nonfinite < used) & ~output]
-        if len(short):
-            worst = short.loc[short["n_images"].idxmin()]
-            lines.append(f"{len(short)} of {len(table)} rows left images out for a zero chance distance; fewest "
-                         f"{int(worst['n_images'])} of {used} at {worst['layer']} / {worst['transform']}")
+    layer_table = table[~output]
+    # the same sentences the run logged, so the report carries them
+    lines += [c for c in (nonfinite_caveat(table, used), chance_collapse_caveat(table),
+                          left_out_caveat(layer_table, used) if used and "n_images" in table else "") if c]
     empty = table[table["aligned_error"].isna() & ~output]
     if len(empty):
         lines.append(f"{len(empty)} row(s) have no valid cells and no aligned_error: "
