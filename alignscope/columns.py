@@ -66,31 +66,36 @@ _LAYER = [
     _c("channels", "the layer's output channels at the model's input size"),
     _c("height", "the layer's output height in cells at the model's input size"),
     _c("width", "the layer's output width in cells at the model's input size"),
-    _c("stride", "input height / map height; a fraction (valid convolutions at sizes such as 299) means a "
-                 "translation moves the map by a fraction of a cell and is interpolated (`exact` false, a floor measured)"),
+    _c("stride", "input height / map height; a fraction (valid convolutions at sizes such as 299: 2.034, "
+                 "37.375) means a translation moves the map by a fraction of a cell and is interpolated (`exact` "
+                 "false, a floor measured); flips and quarter turns stay index operations. `analyze` says so in one "
+                 "line"),
     _c("transform", "canonical transform spec", False),
     _c("exact", "g is applied to the image and g⁻¹ to this layer's map by index operations only", False),
     _c("n_images", "images that counted (a zero chance distance, or NaN/inf maps, leave an image out)"),
     _c("aligned_error", "mean over images of aligned / chance; `_std` the sample std, `_ci_low/high` the 95% "
                         "Student-t interval of the mean", suffixes=(STD, *INTERVAL)),
-    _c("unaligned_error", "mean of unaligned / chance: what an invariant layer would give", suffixes=INTERVAL),
-    _c("floor_error", "mean of floor / chance: what resampling the image alone costs", suffixes=INTERVAL),
+    _c("unaligned_error", "mean of unaligned / chance: what an invariant layer would give; `_ci_low/high` its 95% "
+                          "interval", suffixes=INTERVAL),
+    _c("floor_error", "mean of floor / chance: what resampling the image alone costs; `_ci_low/high` its 95% "
+                      "interval", suffixes=INTERVAL),
     _c("aligned_cosine", "mean cosine similarity of M·a and M·b'"),
     _c("chance_distance", "mean chance distance (the absolute scale)"),
-    _c("reference_norm", "mean ‖M a‖₂, the map's own scale; a chance distance below 10⁻³ of it is warned about"),
+    _c("reference_norm", "mean ‖M a‖₂, the map's own scale; a chance distance below 10⁻³ of it is warned about: "
+                         "the errors then divide by almost nothing"),
     _c("valid_fraction", "fraction of the layer's cells inside the mask M"),
     _c("mask", "`disk` or `none`, as used for this transform", False),
     _c("sweep", "the sweep spec (empty outside a sweep)", False),
-    _c("magnitude", "the swept value; outside a sweep a one-part transform's own number (30 for `rotate30`), "
-                    "NaN for `hflip`, `identity` and compositions"),
+    _c("magnitude", "the swept value; outside a sweep a one-part transform's own number (30 for `rotate30`, 1 for "
+                    "`rot90`, 1.25 for `scale1.25`), NaN for `hflip`, `identity` and compositions"),
     _c("pretrained", "whether pretrained weights were used", False),
     _c("offset_x", "measured lattice offset in input pixels: cell (i, j) sits at (stride·j + offset_x, "
                    "stride·i + offset_y); NaN where none could be measured"),
     _c("offset_y", "the same along the height"),
     _c("grid_residual", "\"dx,dy\" input pixels by which g moves the lattice onto itself (exact g); empty where "
                         "g⁻¹ is interpolated on the lattice", False),
-    _c("registered_error", "mean over images of registered / chance, g⁻¹ applied in the layer's lattice",
-       suffixes=INTERVAL),
+    _c("registered_error", "mean over images of registered / chance, g⁻¹ applied in the layer's lattice (see "
+                           "\"Sampling lattices and the registered comparison\")", suffixes=INTERVAL),
     _c("registered_fraction", "fraction of the layer's cells the registered comparison used"),
     _c("n_nonfinite", "images whose maps at this layer were NaN/inf (overflow); 0 in a healthy run"),
     _c("kind", "`layer`, or `output` for the output rows (the model's prediction; their distance columns are empty)",
@@ -109,9 +114,10 @@ _OUTPUT = [
 _FITTED = [
     _c("n_calibration", "images the fits were calibrated on (none of them is in `n_images`)", group="fitted"),
     _c("optimal_error", "aligned error after the best warp in g's family (g's parameters and a shift free), "
-                        "charged for the smoothing of resampling", suffixes=INTERVAL, group="fitted"),
-    _c("optimal_plain_error", "the plain distance of the same warp, without the charge", suffixes=INTERVAL,
+                        "charged for the smoothing of resampling (see \"Searched warps\")", suffixes=INTERVAL,
        group="fitted"),
+    _c("optimal_plain_error", "the plain distance of the same warp, without the charge (lower by what averaging "
+                              "alone gains)", suffixes=INTERVAL, group="fitted"),
     _c("optimal_transform", "that warp as a transform spec, e.g. `rotate44.8+translate-0.24,0.31`", False,
        group="fitted"),
     _c("optimal_calibration_error", "RMS aligned error (charged) of the found warp on the calibration images",
@@ -126,8 +132,10 @@ _FITTED = [
                                "identity by a ridge", suffixes=INTERVAL, group="fitted"),
     _c("channel_map_ridge", "that ridge (cross-validated between two halves of the calibration images unless "
                             "`--ridge X`)", group="fitted"),
-    _c("permuted_error", "error after the best one-to-one channel relabelling (Hungarian on the calibration "
-                         "images' valid cells)", suffixes=INTERVAL, group="fitted"),
+    _c("permuted_error", "error after the best one-to-one channel relabelling: Hungarian on the C × C cost "
+                         "Σ‖a_i − b'_j‖² over the calibration images' valid cells, the distance that is reported (the "
+                         "identity is a candidate, so on the calibration images it is never worse than no relabelling)",
+       suffixes=INTERVAL, group="fitted"),
     _c("permuted_channels", "channels the permutation moves", group="fitted"),
     _c("permutation_mean_correlation", "mean Pearson correlation of the matched channels (descriptive only)",
        group="fitted"),

@@ -1,15 +1,15 @@
-"""Measure every figure of the README's Performance section, on a quiet machine, in one go.
+"""Measure every figure of docs/performance.md, on a quiet machine, in one go.
 
 Run:  python benchmarks/readme_figures.py --out bench-results
 
-Each measurement is the README's own command line, run in a fresh process:
+Each measurement is the page's own command line, run in a fresh process:
 
     alignscope bench --max-images 64 --json                                  (lite0)
     alignscope bench --model resnet50 --no-pretrained --max-images 64 --json
     alignscope bench --memory-scaling --repeats 1 --max-images 16 --json     (memory: 32 and 512 images)
     alignscope bench --compare-malloc --repeats 3 --max-images 64 --json     (malloc tuned / untuned)
 
-The JSON of each lands in OUT/, and the rows for the README's tables are
+The JSON of each lands in OUT/, and the rows for its tables are
 printed, with the machine and its load. A run flagged noisy is printed as
 such and makes the exit status 1: its figures are not to be quoted.
 """

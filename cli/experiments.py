@@ -182,7 +182,7 @@ def _bench_lines(result: dict) -> list[str]:
               help="rotate: a fresh random angle in [-90, 90] degrees per sample; scale: a zoom in [0.5, 1].")
 @click.option("--classifier", type=click.Choice(["small", "narrow", "classic"]), default="narrow", show_default=True,
               help="small: 4 conv-ReLU-BN blocks of 16-32 channels; narrow: the same with 4-8; classic: conv9x64, "
-                   "conv7x64 (see the README).")
+                   "conv7x64 (see docs/stn-experiments.md).")
 @click.option("--variants", default="default", show_default=True,
               help="Comma-separated: none, input, features@k, shared@k, deep@k, supervised (a control: input's "
                    "localization net alone, trained on the true transform at --lr without the ramp: the most a net of "
@@ -192,7 +192,7 @@ def _bench_lines(result: dict) -> list[str]:
 @click.option("--recipe", type=click.Choice(["digits", "paper"]), default="digits", show_default=True,
               help="digits: the recipe that brought the input STN closest to undoing rotation on the offline digits "
                    "in the CPU budget; "
-                   "paper: the papers' SGD recipe (see the README). The options below override single fields.")
+                   "paper: the papers' SGD recipe (see docs/stn-experiments.md). The options below override single fields.")
 @click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]), default=None, help="Default: from --recipe.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: from --recipe.")
 @click.option("--loc-lr-multiplier", type=click.FloatRange(min=0), default=None,

@@ -1,9 +1,9 @@
-"""The whole analysis on one model of each timm family the README names, at the model's native input size.
+"""The whole analysis on one model of each timm family the docs name (docs/models.md), at the model's native input size.
 
 Random weights, two bundled photos, the default layers (and ``layers="all"``
 on two small models), rot90 (which uses the measured lattices) and
 translate32,0. Each model must finish without an error, read its default
-layers with the layouts the README lists, give them the channel counts
+layers with the layouts docs/models.md lists, give them the channel counts
 timm's ``feature_info`` states, and keep the lattices it is expected to have
 (see ``tests/zoo_models.py``; random initialisation matters there: zero-initialised
 residual branches keep ResNet's and LeViT's early supports local, SE blocks make

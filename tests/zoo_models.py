@@ -1,8 +1,8 @@
-"""One model of each timm family the README names, for the zoo test and ``benchmarks/zoo_timing.py``.
+"""One model of each timm family the docs name (docs/models.md), for the zoo test and ``benchmarks/zoo_timing.py``.
 
 Each is built with random weights at its native input size (timm's
 ``pretrained_cfg``). ``layouts``: how the default layers read (kind: count),
-as the README's layouts table lists them; ``lattice``: whether the default
+as the layouts table in docs/models.md lists them; ``lattice``: whether the default
 layers have a measured lattice on rot90 ("all", "some" or "none"), so that a
 model whose lattices silently vanish is noticed.
 """

@@ -38,7 +38,7 @@ def check_limit_columns(columns: Iterable[str], option: str) -> None:
     for column in columns:
         if column not in known:
             close = difflib.get_close_matches(column, sorted(known), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}?" if close else "see the README's column table"
+            hint = f"did you mean {' or '.join(close)}?" if close else "see docs/measures.md for the columns"
             raise UsageError(f"{option}: no analysis writes a column {column!r}; {hint}")
 
 

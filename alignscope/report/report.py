@@ -57,8 +57,8 @@ def _json_default(value: Any) -> Any:
 class AlignmentReport:
     """Result of :func:`alignscope.analyze`.
 
-    ``table``: one row per (model, layer, transform), columns described in the
-    README; ``per_image``: one row per image as well (when asked for);
+    ``table``: one row per (model, layer, transform), columns described in
+    docs/measures.md (:mod:`alignscope.columns`); ``per_image``: one row per image as well (when asked for);
     ``meta``: settings, versions, images and timings (what run.json holds).
     """
 

@@ -5,7 +5,7 @@ threshold with fresh ``mmap`` calls and returns them to the system on
 ``free``. A CNN forward pass on a batch allocates and frees activations of
 tens of MiB again and again, so every one of them is page-faulted anew: on
 the 2-core development machine this made a ResNet-50 analysis spend a third
-of its time in the kernel (see the README's Performance section). Keeping
+of its time in the kernel (see docs/performance.md). Keeping
 freed memory in the heap avoids that.
 
 :func:`tune_malloc` sets the three thresholds with ``mallopt`` at run time,

@@ -16,7 +16,7 @@ same seed gives the same model on CPU.
 ``TrainConfig()`` is the papers' recipe at a short length; the default of
 ``alignscope stn`` is :data:`DIGITS_RECIPE`, the recipe that brought the
 input STN closest to undoing the rotation on the offline digits within the CPU
-budget (see the README's STN results).
+budget (see docs/stn-experiments.md).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class TrainConfig:
 RECIPES: dict[str, TrainConfig] = {
     # the papers' recipe (SGD 0.01, no momentum, batch 256, step decay); they train 150k steps on MNIST
     "paper": TrainConfig(),
-    # the offline digits within the CPU budget, with the narrow classifier (see the README's STN results)
+    # the offline digits within the CPU budget, with the narrow classifier (see docs/stn-experiments.md)
     "digits": TrainConfig(optimizer="adam", lr=1e-3, loc_lr_multiplier=3.0, iterations=8000, batch_size=64, ramp=0.6,
                           schedule="cosine"),
 }
