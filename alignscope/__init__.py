@@ -23,7 +23,9 @@ _LAZY = {
     "AlignmentReport": "report.report",
     "read_report_csv": "report.report", "Transform": "geometry.transforms", "default_transforms": "geometry.transforms",
     "parse_transform": "geometry.transforms", "parse_transforms": "geometry.transforms", "inverse_warp": "geometry.warping",
-    "valid_mask": "geometry.warping", "warp": "geometry.warping",
+    "valid_mask": "geometry.warping", "warp": "geometry.warping", "PairOptions": "inputs.options",
+    "RunOptions": "engine.options", "FitRequest": "fit.fitting", "RunContext": "engine.context",
+    "LayerMeter": "measure.layers", "PredictionMeter": "measure.prediction",
 }
 
 __all__ = ["__version__", "AlignscopeError", "UsageError", *_LAZY]
@@ -51,3 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .report.report import AlignmentReport, read_report_csv  # noqa: F401
     from .geometry.transforms import Transform, default_transforms, parse_transform, parse_transforms  # noqa: F401
     from .geometry.warping import inverse_warp, valid_mask, warp  # noqa: F401
+    from .inputs.options import PairOptions  # noqa: F401
+    from .engine.options import RunOptions  # noqa: F401
+    from .engine.context import RunContext  # noqa: F401
+    from .fit.fitting import FitRequest  # noqa: F401
+    from .measure.layers import LayerMeter  # noqa: F401
+    from .measure.prediction import PredictionMeter  # noqa: F401
