@@ -40,9 +40,9 @@ def explain(options, layer, pairs, top, image, out, force, as_json, debug) -> No
     from dataclasses import replace
 
     import alignscope.explain as explaining
-    from alignscope.report.report import check_destination, format_table
+    from alignscope.report.report import validate_destination, format_table
 
-    out_path = check_destination(out, force, inputs=tuple(pairs.images or ()))
+    out_path = validate_destination(out, force, inputs=tuple(pairs.images or ()))
     result = explaining.explain(model=replace(options, layers=layer), pairs=pairs, image=image)
     result.save(out_path, force=force, top=top)
     if as_json:
@@ -243,13 +243,13 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
       alignscope stn --recipe paper --data mnist:~/mnist --classifier classic --iterations 150000
     """
     from alignscope.errors import UsageError
-    from alignscope.report.report import check_destination
+    from alignscope.report.report import validate_destination
     from alignscope.stn import run_experiment, variant_names
     from alignscope.stn.train import recipe as make_recipe
     from alignscope.stn.experiment import QUICK, combine_experiments, load_experiment
 
     if combine:
-        out_path = check_destination(out, force, inputs=combine)
+        out_path = validate_destination(out, force, inputs=combine)
         experiment = combine_experiments([load_experiment(folder) for folder in combine])
         experiment.save(out_path, force=force)
         _print_stn_summary(experiment, out_path, as_json)
@@ -274,7 +274,7 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
                          loc_weight_decay=loc_weight_decay, iterations=iterations, batch_size=batch_size,
                          schedule=schedule, ramp=ramp)
     folder = data.partition(":")[2]
-    out_path = check_destination(out, force, inputs=[folder] if folder else ())
+    out_path = validate_destination(out, force, inputs=[folder] if folder else ())
     bar = None if as_json else click.progressbar(length=len(chosen) * seeds * config.iterations, label="training",
                                                   file=sys.stderr, show_eta=True, show_percent=True)
 

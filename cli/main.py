@@ -78,15 +78,15 @@ def analyze(options, pairs, run, fits, out, force, no_plots, as_json, quiet, fai
     and one verdict per transform.
     """
     import alignscope
-    from alignscope.report.report import check_destination
+    from alignscope.report.report import validate_destination
 
     from alignscope.runtime.distributed import launched_world_size
-    from alignscope.report.gate import check_limit_columns, parse_limit
+    from alignscope.report.gate import validate_limit_columns, parse_limit
 
     for text in fail_above + fail_below:  # malformed limits and unknown columns fail before the work
         option = "--fail-above" if text in fail_above else "--fail-below"
-        check_limit_columns([parse_limit(text, option)[0]], option)
-    out_path = check_destination(out, force, inputs=_image_paths(pairs))  # before the work, not after it
+        validate_limit_columns([parse_limit(text, option)[0]], option)
+    out_path = validate_destination(out, force, inputs=_image_paths(pairs))  # before the work, not after it
     main_rank = os.environ.get("RANK", "0") == "0" or launched_world_size() <= 1
     update, finish = _progress(not quiet and main_rank and sys.stderr.isatty())
     try:
@@ -279,11 +279,11 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    from alignscope.report.comparison import check_distinct_runs, combine_runs, comparison_table, prediction_comparison
+    from alignscope.report.comparison import validate_distinct_runs, combine_runs, comparison_table, prediction_comparison
     from alignscope.report.plots import depth_figure, save_figures
     from alignscope.report.report import publish_folder, read_report_csv
 
-    check_distinct_runs(csvs)
+    validate_distinct_runs(csvs)
     combined = combine_runs([read_report_csv(path) for path in csvs], csvs)
 
     def write(folder: Path) -> None:

@@ -212,8 +212,8 @@ def _allocate(mib):
 @pytest.mark.skipif(sys.platform != "linux", reason="the inherited peak is a Linux exec behaviour")
 def test_a_child_reports_its_own_peak_not_its_parents():
     held = b"\x02" * (600 * MIB)  # this process now peaks at least 600 MiB above any child here
-    baseline = run_measured([sys.executable, "-S", "-c", "pass"]).check("python")
-    allocating = run_measured(_allocate(200)).check("python")
+    baseline = run_measured([sys.executable, "-S", "-c", "pass"]).succeeded("python")
+    allocating = run_measured(_allocate(200)).succeeded("python")
     assert allocating.peak_mb - baseline.peak_mb == pytest.approx(200, abs=20)
     assert allocating.peak_mb < 400
     assert baseline.launcher_mb is not None and baseline.peak_mb >= baseline.launcher_mb - 1  # the floor
@@ -228,7 +228,7 @@ def test_a_failing_child_is_an_error_with_its_message():
     failed = run_measured([sys.executable, "-S", "-c", "import sys; print('went wrong', file=sys.stderr); sys.exit(3)"])
     assert failed.returncode == 3
     with pytest.raises(AlignscopeError, match="the child failed [(]exit 3[)]: went wrong"):
-        failed.check("the child")
+        failed.succeeded("the child")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the inherited peak is a Linux exec behaviour")
@@ -277,7 +277,7 @@ def test_bench_arguments_repeat_the_same_benchmark():
                    channels_last=True, workers=2, repeats=5)
     params = command.make_context("bench", bench.bench_arguments(**options)).params
     assert params["model"] == "resnet18" and params["weights"] == os.path.abspath("w.safetensors") and params["no_pretrained"]
-    assert params["images"] == os.path.abspath("photos/") and params["max_images"] == 12 and params["batch_size"] == 4
+    assert tuple(params["images"]) == (os.path.abspath("photos/"),) and params["max_images"] == 12 and params["batch_size"] == 4
     assert list(params["transforms"]) == options["transforms"] and list(params["layers"]) == options["layers"]
     assert params["amp"] == "bf16" and params["channels_last"] is True and params["workers"] == 2 and params["repeats"] == 5
 
@@ -314,8 +314,8 @@ def test_a_killed_child_is_named_by_its_signal_not_by_its_last_warning():
     killed = CommandRun(peak_mb=1.0, launcher_mb=None, seconds=1.0, returncode=-9, stdout="",
                         stderr="warning: a border effect at blocks.6\n")
     with pytest.raises(AlignscopeError, match="killed by SIGKILL.*out-of-memory"):
-        killed.check("the analysis of 512 images")
+        killed.succeeded("the analysis of 512 images")
     failed = CommandRun(peak_mb=1.0, launcher_mb=None, seconds=1.0, returncode=1, stdout="",
                         stderr="error: no images\nwarning: something after it\n")
     with pytest.raises(AlignscopeError, match="exit 1\\): error: no images"):
-        failed.check("the analysis")
+        failed.succeeded("the analysis")

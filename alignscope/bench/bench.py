@@ -365,14 +365,14 @@ def memory_scaling(counts: Sequence[int] = (32, 512), model: str | ModelOptions 
             out = Path(tmp) / f"report-{count}"
             argv = [sys.executable, "-m", "alignscope", "analyze", *options, "--images", str(folder),
                     "--max-images", str(count), "--no-plots", "--quiet", "--out", str(out)]
-            run = run_measured(argv).check(f"the analysis of {count} images")
+            run = run_measured(argv).succeeded(f"the analysis of {count} images")
             used = len(json.loads((out / "run.json").read_text())["images_used"])
             if used != count:
                 raise AlignscopeError(f"the analysis asked for {count} images used {used}; its peak memory is not comparable")
             results[count] = {"images": used, "peak_rss_mb": round(run.peak_mb, 1), "seconds": round(run.seconds, 2)}
             launcher.append(run.launcher_mb)
         bare = run_measured([sys.executable, "-c", _BARE_FORWARD, json.dumps(_option_fields(model, model_settings)),
-                             str(batch_size + 1)]).check("the bare forward passes")
+                             str(batch_size + 1)]).succeeded("the bare forward passes")
         launcher.append(bare.launcher_mb)
     small, large = results[min(counts)], results[max(counts)]
     floor = max((v for v in launcher if v is not None), default=None)
@@ -441,7 +441,7 @@ def malloc_comparison(tuned_first: bool = True, **options) -> dict:
     argv = [sys.executable, "-m", "alignscope", "bench", *bench_arguments(**options), "--json"]
     runs = {}
     for name in order:
-        run = run_measured(argv, env=settings[name]).check(f"the {name} benchmark")
+        run = run_measured(argv, env=settings[name]).succeeded(f"the {name} benchmark")
         result = json.loads(run.stdout.strip().splitlines()[-1])
         result["peak_rss_mb"] = round(run.peak_mb, 1)
         result["peak_rss_of"] = PEAK_SOURCE

@@ -55,7 +55,7 @@ class CommandRun:
     stdout: str
     stderr: str
 
-    def check(self, what: str) -> "CommandRun":
+    def succeeded(self, what: str) -> "CommandRun":
         """Raise with the command's last error line unless it exited 0."""
         if self.returncode < 0:  # a signal: the child's last output line is whatever it printed before it died
             name = _signal_name(-self.returncode)

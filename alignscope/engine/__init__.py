@@ -8,7 +8,7 @@ distances ||M (a - b')||, ||M (a - b)||, ||M (a - F(g^-1 g x))|| (floor) and
 :mod:`.analysis` the :func:`analyze` loop: set-up, measure, merge ranks, report.
 """
 from .analysis import analyze
-from .context import RunContext, check_finite_weights
+from .context import RunContext, refuse_nonfinite_weights
 from .options import RunOptions, resolve_amp
 
-__all__ = ["RunContext", "RunOptions", "analyze", "check_finite_weights", "resolve_amp"]
+__all__ = ["RunContext", "RunOptions", "analyze", "refuse_nonfinite_weights", "resolve_amp"]

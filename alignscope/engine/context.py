@@ -36,7 +36,7 @@ from ..runtime.allocator import release_free_memory
 log = logging.getLogger("alignscope")
 
 
-def check_finite_weights(module: nn.Module) -> None:
+def refuse_nonfinite_weights(module: nn.Module) -> None:
     """Refuse a model whose parameters or buffers hold NaN or inf: every number it gave would be meaningless."""
     bad = [name for name, tensor in (*module.named_parameters(), *module.named_buffers())
            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
@@ -70,7 +70,7 @@ class RunContext:
         """Load the model of ``options`` onto ``device``, probe it, choose its layers and their transforms."""
         started = time.perf_counter()
         module, cfg = options.load()
-        check_finite_weights(module)
+        refuse_nonfinite_weights(module)
         module = module.to(device)
         probed = probe_layers(module, cfg.input_size, device)
         chosen, skipped = select_layers(probed, options.layers)

@@ -19,7 +19,7 @@ from .images import ImageSource, ImageStream, image_stream
 from .pairs import MASK_MODES, PairFeeder
 
 
-def check_seed(seed: int) -> None:
+def validate_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise UsageError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
 
@@ -53,7 +53,7 @@ class PairOptions:
             raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        check_seed(seed)
+        validate_seed(seed)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be >= 0, got {workers}")
         parsed = None if transforms is None else tuple(as_transforms(transforms))

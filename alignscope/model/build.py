@@ -80,7 +80,7 @@ def suggest_model_names(name: str, limit: int = 5) -> list[str]:
 _TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy format's pickle protocol byte
 
 
-def _check_torch_file(path: Path) -> None:
+def _require_torch_file(path: Path) -> None:
     """Refuse a file that is neither format torch.save writes, so a text or image file is not called a pickle."""
     with open(path, "rb") as handle:
         head = handle.read(4)
@@ -107,7 +107,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises several types for bad headers
             raise ModelError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
     else:
-        _check_torch_file(path)
+        _require_torch_file(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

@@ -210,7 +210,7 @@ class ModelOptions:
             if self.std is not None:
                 changes["std"] = self.std
             cfg = replace(cfg, **changes)
-        check_data_config(cfg)
+        validate_data_config(cfg)
         return module, cfg
 
     def as_json(self) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def _number_text(value: float) -> str:
     return str(int(value)) if isinstance(value, int) else repr(float(value))
 
 
-def check_data_config(cfg: DataConfig) -> None:
+def validate_data_config(cfg: DataConfig) -> None:
     """One ``mean`` and one ``std`` per input channel (``zip`` would silently drop the rest)."""
     channels = cfg.input_size[0]
     if not len(cfg.mean) == len(cfg.std) == channels:

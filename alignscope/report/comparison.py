@@ -19,7 +19,7 @@ from ..errors import UsageError
 log = logging.getLogger("alignscope")
 
 
-def check_distinct_runs(paths: Sequence[str | Path]) -> None:
+def validate_distinct_runs(paths: Sequence[str | Path]) -> None:
     """Refuse fewer than two CSVs, or one file given twice: a comparison with itself shows nothing."""
     if len(paths) < 2:
         raise UsageError("compare needs at least two alignment.csv files; pass the reports to compare")

@@ -83,7 +83,7 @@ def _probe_writable(out: Path) -> None:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc} in {ancestor}; choose another --out") from None
 
 
-def check_destination(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def validate_destination(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Validate a result folder before any work is done (see the module rules); returns it as a Path."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -142,11 +142,11 @@ def publish_folder(out: str | os.PathLike, write: Callable[[Path], None], force:
                    inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Build a folder with ``write(staging)`` beside ``out``, mark it, then move it into place.
 
-    The old folder (only ever an alignscope folder, see :func:`check_destination`)
+    The old folder (only ever an alignscope folder, see :func:`validate_destination`)
     is removed only after the new one is in place; on any failure or
     interrupt the staging folder is removed.
     """
-    out = check_destination(out, force, inputs)
+    out = validate_destination(out, force, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

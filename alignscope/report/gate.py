@@ -30,7 +30,7 @@ from .output_rows import is_output_row, is_prediction_column
 Limits = Mapping[str, float] | Iterable[str] | None
 
 
-def check_limit_columns(columns: Iterable[str], option: str) -> None:
+def validate_limit_columns(columns: Iterable[str], option: str) -> None:
     """Refuse a limit on a column no analysis writes, naming the closest ones (before any work)."""
     import difflib
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..columns import NUMERIC_COLUMNS, REQUIRED_COLUMNS, SUMMARY_COLUMNS  # noqa: F401  (re-exported)
 from ..errors import ReportExistsError, UsageError
-from .files import check_destination, publish_folder, write_text_atomic  # noqa: F401  (re-exported)
+from .files import validate_destination, publish_folder, write_text_atomic  # noqa: F401  (re-exported)
 from .verdicts import report_warnings, verdicts
 
 

@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..report.files import publish_folder
 from .data import TASKS, FixedTestSet, UprightData, load_data
 from .evaluate import evaluate
-from .models import WARPS, STNClassifier, check_variant
+from .models import WARPS, STNClassifier, validate_variant
 from .train import DIGITS_RECIPE, TrainConfig, parameter_counts, train_variant
 
 MODELS_FILE = "stn_models.pt"
@@ -126,7 +126,7 @@ def run_experiment(
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")
     for variant in variants:
-        check_variant(variant, classifier)
+        validate_variant(variant, classifier)
     upright = load_data(data, data_seed) if isinstance(data, str) else data
     test = FixedTestSet.make(upright.test_images, upright.test_labels, task, test_passes, seed=10_000 + data_seed)
     runs = [(variant, seed) for variant in variants for seed in range(seeds)]

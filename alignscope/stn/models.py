@@ -172,7 +172,7 @@ def variant_names(classifier: str) -> tuple[str, ...]:
             "supervised")
 
 
-def check_variant(variant: str, classifier: str) -> None:
+def validate_variant(variant: str, classifier: str) -> None:
     if classifier not in CLASSIFIERS:
         raise UsageError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
     if variant not in variant_names(classifier):
@@ -190,7 +190,7 @@ class STNClassifier(nn.Module):
 
     def __init__(self, variant: str = "none", n_classes: int = 10, warp: str = "affine", classifier: str = "small") -> None:
         super().__init__()
-        check_variant(variant, classifier)
+        validate_variant(variant, classifier)
         if warp not in WARPS:
             raise UsageError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
         spec = CLASSIFIERS[classifier]
