@@ -20,6 +20,10 @@ class UsageError(AlignscopeError, ValueError):
     exit_code = 2
 
 
+class UsageTypeError(UsageError, TypeError):
+    """An argument of the wrong type (a number where a spec was expected, a float batch size): exit code 2."""
+
+
 class ModelError(UsageError):
     """Unknown model, unavailable weights or a checkpoint that does not fit."""
 

@@ -34,7 +34,8 @@ from .model.capture import FeatureCapture
 from .inputs.images import ImageSource
 from .inputs.options import PairOptions
 from .model.options import ModelOptions
-from .report.report import publish_folder
+from .model.preserve import left_as_found
+from .report.files import csv_text, publish_folder
 from .geometry.transforms import Transform
 
 
@@ -62,7 +63,7 @@ class ChannelExplanation:
         def write(folder: Path) -> None:
             from .report.plots import save_figures
 
-            self.table.to_csv(folder / "channels.csv", index=False)
+            (folder / "channels.csv").write_text(csv_text(self.table), encoding="utf-8")
             (folder / "explain.json").write_text(json.dumps(self.meta, indent=2, default=str), encoding="utf-8")
             save_figures({"channels": self.figure(top)}, folder)
 
@@ -106,6 +107,11 @@ def explain(
                          f"{' ...' if len(pairs.transforms) > 4 else ''}); pick one value of the sweep")
     options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
                                  layers=layer, device=device)
+    with left_as_found(options.model):  # a caller's module comes back as it was
+        return _explain(options, pairs, image)
+
+
+def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> ChannelExplanation:
     ctx = RunContext.open(options, pairs, options.resolve_device())
     if options.layers is None:  # the default: the deepest of the model's default layers
         ctx.layers = ctx.layers[-1:]
@@ -160,7 +166,7 @@ def explain(
     meta = {
         "model": ctx.cfg.model_name, "model_options": options.as_json(), "weights": ctx.cfg.weights,
         "pretrained": ctx.cfg.pretrained,
-        "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": mask,
+        "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": pairs.mask,
         "images_used": list(stream.used), "example_image": example.get("image"),
         "example_reason": "chosen by name" if image else f"most structure at {info.name}",
         # the mean over images of each image's ratio, exactly as alignment.csv's aligned_error ...

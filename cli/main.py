@@ -162,6 +162,7 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
     from alignscope.model.capture import probe_layers
     from alignscope.model.lattice import Lattice
     from alignscope.model.lattice_probe import measure_lattices
+    from alignscope.report.files import csv_text
     from alignscope.report.verdicts import lattice_reason_label
 
     if model_name and options.model not in (model_name, DEFAULT_MODEL):
@@ -198,7 +199,7 @@ def layers(model_name: str | None, options, fmt: str, show_all: bool, lattice_al
         raise UsageError(f"{model} gives no module output at input {'x'.join(map(str, cfg.input_size))}; "
                          "pass a larger --input-size")
     if fmt == "csv":
-        click.echo(table.to_csv(index=False), nl=False)
+        click.echo(csv_text(table), nl=False)
     elif fmt == "json":
         click.echo(table.to_json(orient="records"))
     else:
@@ -281,13 +282,14 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     """
     from alignscope.report.comparison import validate_distinct_runs, combine_runs, comparison_table, prediction_comparison
     from alignscope.report.plots import depth_figure, save_figures
+    from alignscope.report.files import csv_text
     from alignscope.report.report import publish_folder, read_report_csv
 
     validate_distinct_runs(csvs)
     combined = combine_runs([read_report_csv(path) for path in csvs], csvs)
 
     def write(folder: Path) -> None:
-        combined.to_csv(folder / "comparison.csv", index=False)
+        (folder / "comparison.csv").write_text(csv_text(combined), encoding="utf-8")
         save_figures({"comparison_by_depth": depth_figure(combined)}, folder)
 
     publish_folder(Path(out), write, force, kind="comparison", inputs=csvs)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import modules of its own layer and of the layers below it.
 LAYERS = (
-    ("alignscope._version", "alignscope.errors", "alignscope.columns"),
+    ("alignscope._version", "alignscope.errors", "alignscope.columns", "alignscope.floors"),
     ("alignscope.report",),  # pandas / matplotlib only
     ("alignscope.runtime",),
     ("alignscope.model",),
@@ -27,7 +27,7 @@ LAYERS = (
     ("alignscope.explain", "alignscope.bench", "alignscope.stn"),
     ("alignscope.cli", "alignscope.__main__"),
 )
-TORCH_FREE = ("alignscope._version", "alignscope.errors", "alignscope.columns", "alignscope.report")
+TORCH_FREE = ("alignscope._version", "alignscope.errors", "alignscope.columns", "alignscope.floors", "alignscope.report")
 
 
 def _modules() -> dict[str, Path]:

@@ -56,6 +56,7 @@ from ..errors import AlignscopeError
 from ..inputs.images import ImageBatch, bundled_photos, image_stream, read_rgb
 from .interleave import Interleaver, PassTiming, assess_noise, load_average, repeat_spread, summarize_passes
 from ..model.options import ModelOptions
+from ..model.preserve import left_as_found
 from ..inputs.options import PairOptions
 from ..inputs.pairs import PairFeeder, forward_chunks
 from .peakmemory import SOURCE as PEAK_SOURCE
@@ -170,23 +171,24 @@ def benchmark(
     dev = options.resolve_device()
     amp_dtype = resolve_amp(amp)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
-    started = time.perf_counter()
-    setup = RunContext.open(options, PairOptions.build(transforms, batch_size=batch_size, mask=mask), dev)
-    if channels_last:
-        setup.model.to(memory_format=torch.channels_last)
-    setup_seconds = time.perf_counter() - started
-    scratch = None
-    if images is None and max_images is not None and max_images > len(bundled_photos()):
-        scratch = tempfile.TemporaryDirectory(prefix="alignscope-bench-")
-        images = make_image_folder(max_images, Path(scratch.name))
-    try:
-        fits = {"optimal": list(optimal or []) or None, "channel_map": list(channel_map or []) or None,
-                "calibration_images": calibration_images}
-        return _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last,
-                          workers, repeats, mask, loads, fits)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    with left_as_found(options.model):  # a caller's module comes back as it was
+        started = time.perf_counter()
+        setup = RunContext.open(options, PairOptions.build(transforms, batch_size=batch_size, mask=mask), dev)
+        if channels_last:
+            setup.model.to(memory_format=torch.channels_last)
+        setup_seconds = time.perf_counter() - started
+        scratch = None
+        if images is None and max_images is not None and max_images > len(bundled_photos()):
+            scratch = tempfile.TemporaryDirectory(prefix="alignscope-bench-")
+            images = make_image_folder(max_images, Path(scratch.name))
+        try:
+            fits = {"optimal": list(optimal or []) or None, "channel_map": list(channel_map or []) or None,
+                    "calibration_images": calibration_images}
+            return _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last,
+                              workers, repeats, mask, loads, fits)
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
 
 
 def _benchmark(setup, setup_seconds, images, max_images, batch_size, dev, amp, amp_dtype, channels_last, workers,

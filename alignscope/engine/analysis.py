@@ -22,6 +22,7 @@ from ..measure.layers import LayerMeter
 from ..measure.prediction import PredictionMeter, image_rows
 from ..model.capture import FeatureCapture
 from ..model.options import ModelOptions
+from ..model.preserve import left_as_found
 from ..report.caveats import nonfinite_layers, warn_chance_collapse, warn_left_out
 from ..report.output_rows import output_layer_name, with_output_rows
 from ..report.report import AlignmentReport
@@ -114,6 +115,13 @@ def analyze(
     pairs = pairs or PairOptions.build(transforms, images, batch_size, mask, seed, max_images, workers)
     run = run or RunOptions(amp, channels_last, output, per_image)
     request = fits or FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)
+    with left_as_found(options.model):  # a caller's module comes back in its own mode, device and flags
+        return _measure(options, pairs, run, request, progress, timer)
+
+
+def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request: FitRequest,
+             progress: ProgressCallback | None, timer: PhaseTimer | None) -> AlignmentReport:
+    """Set-up, the measuring loop, the merge of ranks and the report (see :func:`analyze`)."""
     started = time.perf_counter()
     ranks, dev = init_from_environment(options.resolve_device())
     torch.manual_seed(pairs.seed)

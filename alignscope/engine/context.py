@@ -30,6 +30,7 @@ from ..model.build import DataConfig
 from ..model.capture import LayerInfo, probe_layers, select_layers
 from ..model.lattice_probe import attach_lattices
 from ..model.options import ModelOptions
+from ..model.precision import feed_in_model_dtype
 from ..report.verdicts import no_lattice_sentence
 from ..runtime.allocator import release_free_memory
 
@@ -72,6 +73,7 @@ class RunContext:
         module, cfg = options.load()
         refuse_nonfinite_weights(module)
         module = module.to(device)
+        feed_in_model_dtype(module)  # a float16 / bfloat16 model takes the float32 images too (removed with the run)
         probed = probe_layers(module, cfg.input_size, device)
         chosen, skipped = select_layers(probed, options.layers)
         no_lattice = attach_lattices(module, chosen, cfg.input_size, device)

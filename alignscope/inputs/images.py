@@ -28,7 +28,7 @@ from ..model.build import DataConfig
 log = logging.getLogger("alignscope")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-ImageSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], torch.Tensor, None]
+ImageSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], torch.Tensor, Sequence[torch.Tensor], None]
 
 
 def bundled_photos() -> list[Path]:
@@ -306,7 +306,18 @@ def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_imag
     """
     if batch_size < 1:
         raise ImageError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(source, (list, tuple)) and source and all(isinstance(item, torch.Tensor) for item in source):
+        # a list of image tensors: C x H x W each (or 1 x C x H x W), stacked in their order
+        shapes = {tuple(item.shape[-3:]) for item in source}
+        if len(shapes) != 1 or any(item.ndim not in (3, 4) or (item.ndim == 4 and item.shape[0] != 1) for item in source):
+            raise ImageError(f"a list of image tensors must hold C x H x W tensors of one size, got shapes "
+                             f"{sorted({tuple(item.shape) for item in source})[:4]}")
+        source = torch.stack([item.reshape(item.shape[-3:]) for item in source])
+    elif isinstance(source, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in source):
+        raise ImageError("images mixes tensors and paths; pass either image tensors or paths")
     if isinstance(source, torch.Tensor):
+        if source.ndim == 4 and source.shape[0] == 0:
+            raise ImageError("the image tensor holds no images (N = 0); pass at least 2 images")
         expected = tuple(cfg.input_size)
         if source.ndim != 4 or tuple(source.shape[1:]) != expected:
             raise ImageError(f"image tensor must be N x {' x '.join(map(str, expected))}, got {tuple(source.shape)}")

@@ -12,11 +12,16 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ImageError, UsageError
+from ..errors import ImageError, UsageError, UsageTypeError
 from ..geometry.transforms import Transform, as_transforms
 from ..model.build import DataConfig
 from .images import ImageSource, ImageStream, image_stream
 from .pairs import MASK_MODES, PairFeeder
+
+
+def _whole(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageTypeError(f"{name} must be a whole number, got {value!r}")
 
 
 def validate_seed(seed: int) -> None:
@@ -49,6 +54,15 @@ class PairOptions:
               batch_size: int = 16, mask: str = "auto", seed: int = 0, max_images: int | None = None,
               workers: int = 0) -> "PairOptions":
         """Validate every setting once; a transform typo fails here, before the model loads."""
+        _whole("batch_size", batch_size)
+        _whole("workers", workers)
+        _whole("seed", seed)
+        if max_images is not None:
+            _whole("max_images", max_images)
+        if not (transforms is None or isinstance(transforms, (str, Transform)) or (
+                isinstance(transforms, (list, tuple)) and all(isinstance(t, (str, Transform)) for t in transforms))):
+            raise UsageTypeError(f"transforms must be a spec string (e.g. 'rot90'), a Transform, or a list of them; got "
+                                 f"{transforms!r}")
         if mask not in MASK_MODES:
             raise UsageError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -203,7 +203,7 @@ class PairFeeder:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.timer("forward"):
             if self.amp is None:
-                return capture(x)
+                return {name: value.float() for name, value in capture(x).items()}  # no copy when already float32
             with torch.autocast(self.device.type, dtype=self.amp):
                 maps = capture(x)
             return {name: value.float() for name, value in maps.items()}

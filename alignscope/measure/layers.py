@@ -17,7 +17,8 @@ from ..columns import DISTANCE_QUANTITIES, REGISTERED_QUANTITIES
 from ..geometry.transforms import Transform
 from ..inputs.pairs import LayerPair, registration_columns, uses_disk
 from ..model.capture import LayerInfo
-from .metrics import AlignmentStatistic, pair_distances, reference_terms, registered_distances
+from ..floors import images_shortfall, support_shortfall
+from .metrics import AlignmentStatistic, image_shortfall, pair_distances, reference_terms, registered_distances
 from .prediction import image_rows
 
 Key = tuple[str, str, str]  # (layer, transform spec, sweep)
@@ -48,6 +49,8 @@ class LayerMeter:
         self.stats = {(layer.name, t.spec, t.sweep): AlignmentStatistic(quantities) for layer in self.layers
                       for t in self.transforms}
         self.nonfinite = {key: torch.zeros(1, dtype=torch.float64) for key in self.stats}
+        # images left out below the denominator floor: (identical maps, near-duplicate images)
+        self.shortfall = {key: torch.zeros(2, dtype=torch.float64) for key in self.stats}
         self.per_image = per_image
         self.image_rows: list[tuple[int, dict]] = []  # (batch index, row)
         self._shared: dict = {}
@@ -70,6 +73,8 @@ class LayerMeter:
         key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
         self.stats[key].update(values)
         self.nonfinite[key] += count_nonfinite(values)
+        identical, near = image_shortfall(values["chance_distance"], values["reference_norm"].square())
+        self.shortfall[key] += torch.stack([identical.sum(), near.sum()]).to("cpu", torch.float64)
         if self.per_image:
             self.image_rows.extend((batch_index, row) for row in image_rows(
                 self.model_name, pair.layer.name, pair.transform, names, values))
@@ -77,7 +82,7 @@ class LayerMeter:
 
     def states(self) -> list[torch.Tensor]:
         """The float64 tensors whose sums over processes merge sharded meters."""
-        return [*(stat.state for stat in self.stats.values()), *self.nonfinite.values()]
+        return [*(stat.state for stat in self.stats.values()), *self.nonfinite.values(), *self.shortfall.values()]
 
     def rows(self, image_size: Sequence[int], mask_mode: str, pretrained: bool, masks: Mapping, registered_masks: Mapping,
              extra_columns: Callable[[Key], dict] | None = None) -> list[dict]:
@@ -116,5 +121,22 @@ class LayerMeter:
                 record.update(registration_columns(layer, transform, (height, width), result,
                                                    registered_masks.get((layer.name, transform.spec, disk)), valid))
                 record["n_nonfinite"] = int(self.nonfinite[key].item())
+                record["n_identical"], record["n_near_duplicate"] = (int(v) for v in self.shortfall[key].tolist())
+                total = layer.shape[1] * layer.shape[2]
+                record["why_missing"] = support_shortfall(int(valid.sum()) if valid is not None else total, total)
+                if record["why_missing"]:
+                    _blank(record)  # nothing was compared: no image counts as identical or near-duplicate either
+                    record["n_identical"] = record["n_near_duplicate"] = 0
+                else:
+                    record["why_missing"] = images_shortfall(record["n_images"], record["n_identical"],
+                                                             record["n_near_duplicate"], record["n_nonfinite"])
                 records.append(record)
         return records
+
+
+def _blank(record: dict) -> None:
+    """A row below the support floor: every measured number NaN and no image counted (the reason is set)."""
+    for name, value in record.items():
+        if name.endswith(("_error", "_std", "_ci_low", "_ci_high", "_cosine")) and isinstance(value, float):
+            record[name] = math.nan
+    record["n_images"] = 0

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, UsageTypeError
 from .build import DEFAULT_MODEL, DataConfig, data_config_for_module, load_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # an nn.Module's default normalization
@@ -85,11 +85,17 @@ def _per_channel(name: str, value: Any, positive: bool) -> tuple[float, ...] | N
 def _layer_request(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
-    items = (value,) if isinstance(value, str) else tuple(value)
+    try:
+        items = (value,) if isinstance(value, str) else tuple(value)
+    except TypeError:
+        items = (value,)
     if not all(isinstance(item, str) for item in items):
-        raise UsageError(f"layers must be module names, globs or 'all' (strings), got {value!r}")
+        raise UsageTypeError(f"layers must be module names, globs or 'all' (strings), got {value!r}")
     items = tuple(item for item in items if item.strip())
-    return items or None
+    if not items:
+        raise UsageError(f"layers={value!r} selects no layer; pass None for the model's stages, 'all', or module "
+                         "names / globs")
+    return items
 
 
 @dataclass(frozen=True)

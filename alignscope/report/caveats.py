@@ -82,15 +82,25 @@ def nonfinite_layers(table: pd.DataFrame, n_images: int) -> list[str]:
 
 
 def left_out_caveat(table: pd.DataFrame, n_images: int) -> str:
-    """The sentence saying how many rows left images out for a zero chance distance ("" when none)."""
+    """The sentence saying how many rows left images out, and why ("" when none)."""
     nonfinite = table["n_nonfinite"] if "n_nonfinite" in table else pd.Series(0, index=table.index)
     short = table[table["n_images"] + nonfinite < n_images]
     if not len(short):
         return ""
     worst = short.loc[short["n_images"].idxmin()]
-    return (f"{len(short)} of {len(table)} (layer, transform) rows left images out for a zero chance distance (an "
-            f"image identical to its partner, or no valid cells); fewest: {int(worst['n_images'])} of {n_images} images "
-            f"at {worst['layer']} / {worst['transform']}. Remove duplicate images or use a milder transform.")
+    causes = []
+    for column, cause in (("n_identical", "maps equal to their chance partner's (duplicate images, or a layer that "
+                                          "ignores its input)"),
+                          ("n_near_duplicate", "a chance distance below the floor (near-duplicate images)")):
+        if column in short and short[column].sum() > 0:
+            causes.append(f"{cause} at {int((short[column] > 0).sum())} row(s)")
+    support = short["why_missing"].astype(str).str.contains("valid cells") if "why_missing" in short else None
+    if support is not None and support.any():
+        causes.append(f"too few valid cells at {int(support.sum())} row(s)")
+    why = "; ".join(causes) if causes else "a zero chance distance (an image identical to its partner, or no valid cells)"
+    return (f"{len(short)} of {len(table)} (layer, transform) rows left images out: {why}; fewest: "
+            f"{int(worst['n_images'])} of {n_images} images at {worst['layer']} / {worst['transform']}. Remove duplicate "
+            "images or use a milder transform.")
 
 
 def warn_left_out(table: pd.DataFrame, n_images: int) -> None:

@@ -23,12 +23,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import ReportExistsError, UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MARKER = ".alignscope"
 
@@ -187,3 +191,45 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# A cell a spreadsheet would run as a formula starts with one of these; numbers and lists of numbers
+# ("-0.5,0.5") are left alone, they run nothing.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBERS = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)*$")
+
+
+def _formula_like(value) -> bool:
+    """A text cell that starts a formula, also behind apostrophes (so that the prefix can be undone exactly)."""
+    return isinstance(value, str) and value.lstrip("'").startswith(_FORMULA_START) and not _NUMBERS.match(value)
+
+
+def _neutralised(value):
+    return "'" + value if _formula_like(value) else value
+
+
+def csv_text(table: "pd.DataFrame") -> str:
+    """``table`` as CSV with every text cell that would start a spreadsheet formula prefixed by ``'``.
+
+    JSON exports keep the raw text; :func:`restore_text_cells` undoes the prefix when alignscope
+    reads its own CSV back.
+    """
+    import pandas as pd
+
+    safe = table.copy()
+    for column in safe.columns:
+        if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = safe[column].map(_neutralised)
+    safe.columns = [_neutralised(str(c)) for c in safe.columns]
+    return safe.to_csv(index=False)
+
+
+def restore_text_cells(table: "pd.DataFrame") -> "pd.DataFrame":
+    """Undo :func:`csv_text`'s prefix on the text cells of a table read back from CSV."""
+    import pandas as pd
+
+    for column in table.columns:
+        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+            table[column] = table[column].map(
+                lambda v: v[1:] if _formula_like(v) and v.startswith("'") else v)
+    return table

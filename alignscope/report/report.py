@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..columns import NUMERIC_COLUMNS, REQUIRED_COLUMNS, SUMMARY_COLUMNS  # noqa: F401  (re-exported)
 from ..errors import ReportExistsError, UsageError
-from .files import validate_destination, publish_folder, write_text_atomic  # noqa: F401  (re-exported)
+from .files import csv_text, restore_text_cells, validate_destination, publish_folder, write_text_atomic  # noqa: F401  (re-exported)
 from .verdicts import report_warnings, verdicts
 
 
@@ -39,7 +39,7 @@ def write_csv(table: pd.DataFrame, path: str | os.PathLike, force: bool = False)
     if path.exists() and not force:
         raise ReportExistsError(f"{path} exists; pass --force (force=True) to overwrite it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, table.to_csv(index=False))
+    write_text_atomic(path, csv_text(table))
     return path
 
 
@@ -103,9 +103,9 @@ class AlignmentReport:
         """
 
         def write(folder: Path) -> None:
-            self.table.to_csv(folder / "alignment.csv", index=False)
+            (folder / "alignment.csv").write_text(csv_text(self.table), encoding="utf-8")
             if self.per_image is not None:
-                self.per_image.to_csv(folder / "per_image.csv", index=False)
+                (folder / "per_image.csv").write_text(csv_text(self.per_image), encoding="utf-8")
             meta = dict(self.meta, verdicts=self.verdicts(), warnings=self.warnings())
             (folder / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
             if self.fits:
@@ -184,4 +184,4 @@ def read_report_csv(path: str | os.PathLike) -> pd.DataFrame:
         table[column] = converted
     if "sweep" in table.columns:
         table["sweep"] = table["sweep"].fillna("")
-    return table
+    return restore_text_cells(table)

@@ -73,10 +73,17 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         worst = group.loc[group["aligned_error"].idxmax()] if group["aligned_error"].notna().any() else None
         prefix = f"{transform}" if table["model"].nunique() == 1 else f"{model} {transform}"
         if worst is None:
-            if "n_images" in group and (group["n_images"] == 0).all():
-                lines.append(f"{prefix}: not measured, every image was left out for a zero chance distance "
-                             "(the maps of different images are identical: duplicate images, or layers that ignore "
-                             "their input)")
+            reasons = group["why_missing"].dropna().astype(str) if "why_missing" in group else pd.Series(dtype=str)
+            reasons = reasons[reasons != ""]
+            if len(reasons):
+                heads = reasons.str.split(":").str[0].value_counts(sort=False)
+                if len(heads) == 1:
+                    detail = reasons.iloc[0] if reasons.nunique() == 1 else f"{heads.index[0]} at every layer"
+                else:
+                    detail = ", ".join(f"{head} at {count} layer(s)" for head, count in heads.items())
+                lines.append(f"{prefix}: not measured; {detail} (column why_missing)")
+            elif "n_images" in group and (group["n_images"] == 0).all():
+                lines.append(f"{prefix}: not measured, no image counted at any layer")
             else:
                 lines.append(f"{prefix}: no valid cells to compare")
         elif failing.empty:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from ..errors import UsageError
-from ..report.files import publish_folder
+from ..report.files import csv_text, publish_folder
 from .data import TASKS, FixedTestSet, UprightData, load_data
 from .evaluate import evaluate
 from .models import WARPS, STNClassifier, validate_variant
@@ -81,10 +81,10 @@ class STNExperiment:
         def write(folder: Path) -> None:
             from ..report.plots import save_figures
 
-            self.results.to_csv(folder / "stn_results.csv", index=False)
-            self.alignment.to_csv(folder / "stn_alignment.csv", index=False)
-            self.angles.to_csv(folder / "stn_angles.csv", index=False)
-            self.summary().to_csv(folder / "stn_summary.csv", index=False)
+            (folder / "stn_results.csv").write_text(csv_text(self.results), encoding="utf-8")
+            (folder / "stn_alignment.csv").write_text(csv_text(self.alignment), encoding="utf-8")
+            (folder / "stn_angles.csv").write_text(csv_text(self.angles), encoding="utf-8")
+            (folder / "stn_summary.csv").write_text(csv_text(self.summary()), encoding="utf-8")
             (folder / "run.json").write_text(json.dumps(self.settings, indent=2, default=str), encoding="utf-8")
             # seed-0 weights per variant (small), so saved runs can be combined and their warps drawn again
             torch.save({v: {"classifier": m.classifier, "warp": m.warp, "n_classes": m.n_classes,
