@@ -40,7 +40,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(__all__) | {"__version__"})
 
 
 if TYPE_CHECKING:  # pragma: no cover

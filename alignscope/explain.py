@@ -29,6 +29,7 @@ from torch import nn
 
 from .fit.channels import ChannelStatistic
 from .engine.context import RunContext
+from .engine.options import refuse_both
 from .errors import ImageError, UsageError
 from .model.capture import FeatureCapture
 from .inputs.images import ImageSource
@@ -100,6 +101,8 @@ def explain(
     ``pairs``: a :class:`~alignscope.inputs.options.PairOptions` instead of ``transform``, ``images``,
     ``batch_size``, ``mask``, ``seed`` and ``max_images``.
     """
+    refuse_both("pairs", pairs, dict(transform=(transform, "rot90"), images=(images, None), batch_size=(batch_size, 16),
+                                     mask=(mask, "auto"), seed=(seed, 0), max_images=(max_images, None)))
     pairs = pairs or PairOptions.build(transform, images, batch_size, mask, seed, max_images)
     if len(pairs.transforms) != 1:
         given = ", ".join(t.spec for t in pairs.transforms[:4])

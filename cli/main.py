@@ -108,8 +108,11 @@ def analyze(options, pairs, run, fits, out, force, no_plots, as_json, quiet, fai
 
 
 def _print_summary(report, out_path: Path) -> None:
-    from alignscope.report.output_rows import PREDICTION_SUMMARY, layer_rows, output_rows
+    import shutil
+
     from alignscope.columns import FITTED_SUMMARY, SUMMARY_COLUMNS
+    from alignscope.report.grid import SummaryGrid, short_verdicts
+    from alignscope.report.output_rows import layer_rows
     from alignscope.report.report import format_table
 
     meta = report.meta
@@ -123,15 +126,21 @@ def _print_summary(report, out_path: Path) -> None:
         shown = "; ".join(f"{entry['layer'] or 'the root module'} ({entry['reason']})" for entry in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         click.echo(f"layers left out ({len(skipped)}, run.json layers_skipped): {shown}{more}")
-    fitted = tuple(c for c in FITTED_SUMMARY if c in report.table.columns)
-    columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
-    click.echo(format_table(layer_rows(report.table), columns))
-    if len(output_rows(report.table)):
+    grid = SummaryGrid.from_table(report.table)
+    if grid.transforms:  # one screen: transforms x layers, then one short line per transform
+        click.echo(grid.text(max(80, shutil.get_terminal_size((80, 24)).columns)))
         click.echo("")
-        click.echo(format_table(output_rows(report.table), PREDICTION_SUMMARY))
-    click.echo("")
-    for line in report.verdicts():
-        click.echo(line)
+        for line in short_verdicts(report.table):
+            click.echo(line)
+    fitted = tuple(c for c in FITTED_SUMMARY if c in report.table.columns)
+    sweeps = "sweep" in report.table and report.table["sweep"].fillna("").astype(str).ne("").any()
+    if fitted or sweeps or not grid.transforms:  # what the grid does not show: fitted alignments, sweep values
+        columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
+        click.echo("")
+        click.echo(format_table(layer_rows(report.table), columns))
+    warnings = report.warnings()
+    if warnings:
+        click.echo(f"\n{len(warnings)} caveat(s) in report.html and run.json; first: {warnings[0][:160]}")
     click.echo(f"\nreport written to {out_path}/")
 
 

@@ -153,3 +153,14 @@ def test_the_report_side_never_imports_torch():
     code = "; ".join(reader) + "; import sys; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install ships only the packages pyproject.toml lists: every folder with an __init__.py must be there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(("alignscope", *p.parent.relative_to(ROOT / "alignscope").parts)).rstrip(".")
+               for p in (ROOT / "alignscope").rglob("__init__.py")}
+    folders |= {"alignscope.cli"} if (ROOT / "cli" / "__init__.py").exists() else set()
+    assert folders <= listed, f"missing from [tool.setuptools] packages: {sorted(folders - listed)}"

@@ -30,7 +30,7 @@ from ..runtime.allocator import malloc_tuning, tune_malloc
 from ..runtime.distributed import all_reduce_sum, gather_to_main, init_from_environment
 from ..runtime.timing import PhaseTimer
 from .context import RunContext
-from .options import RunOptions
+from .options import RunOptions, refuse_both
 
 log = logging.getLogger("alignscope")
 
@@ -112,6 +112,12 @@ def analyze(
     options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
                                  layers=layers, device=device)
     tune_malloc()
+    refuse_both("pairs", pairs, dict(transforms=(transforms, None), images=(images, None), batch_size=(batch_size, 16),
+                                     mask=(mask, "auto"), seed=(seed, 0), max_images=(max_images, None), workers=(workers, 0)))
+    refuse_both("run", run, dict(amp=(amp, None), channels_last=(channels_last, None), output=(output, True),
+                                 per_image=(per_image, False)))
+    refuse_both("fits", fits, dict(optimal=(optimal, None), channel_map=(channel_map, None), ridge=(ridge, "auto"),
+                                   search_steps=(search_steps, 60), calibration_images=(calibration_images, None)))
     pairs = pairs or PairOptions.build(transforms, images, batch_size, mask, seed, max_images, workers)
     run = run or RunOptions(amp, channels_last, output, per_image)
     request = fits or FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)

@@ -96,7 +96,7 @@ class RunContext:
     def output_head(self, wanted: bool) -> Head:
         """The model's classifier head as the probe finds it, or why the output row is not measured (one line)."""
         head = find_head(self.model, self.cfg.input_size, self.device) if wanted else Head(
-            False, reason="skipped on request (output=False, --no-output)")
+            False, reason="skipped on request (--no-output)")
         if not head.measured:
             log.info("no prediction row: %s", head.reason)
         return head

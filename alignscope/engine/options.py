@@ -44,3 +44,13 @@ class RunOptions:
 
     def channels_last_on(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)
+
+
+def refuse_both(what: str, given: object | None, keywords: dict[str, tuple[object, object]]) -> None:
+    """Refuse keywords set beside the option object ``what`` that covers them (``keywords``: name -> (value, default))."""
+    if given is None:
+        return
+    both = [name for name, (value, default) in keywords.items()
+            if not (value is default or (type(value) is type(default) and value == default))]
+    if both:
+        raise UsageError(f"{', '.join(both)} given beside {what}=...; set each value in one place (in the {what} object)")

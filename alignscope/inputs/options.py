@@ -15,7 +15,7 @@ import torch
 from ..errors import ImageError, UsageError, UsageTypeError
 from ..geometry.transforms import Transform, as_transforms
 from ..model.build import DataConfig
-from .images import ImageSource, ImageStream, image_stream
+from .images import ImageSource, ImageStream, discover_images, image_stream
 from .pairs import MASK_MODES, PairFeeder
 
 
@@ -71,6 +71,12 @@ class PairOptions:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be >= 0, got {workers}")
         parsed = None if transforms is None else tuple(as_transforms(transforms))
+        if images is not None and not isinstance(images, torch.Tensor) and not (
+                isinstance(images, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in images)):
+            found = discover_images(images, max_images, seed)  # a missing folder fails now, not after the model loads
+            if len(found) < 2:
+                raise ImageError(f"need at least 2 images (chance compares different images), {images} holds "
+                                 f"{len(found)}; pass a folder with more images")
         return cls(parsed, images, batch_size, mask, seed, max_images, workers)
 
     def resolve_transforms(self, deepest_stride: float) -> list[Transform]:

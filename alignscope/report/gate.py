@@ -126,7 +126,7 @@ def check(table: pd.DataFrame, max: Limits = None, min: Limits = None, layers: S
 def gate_summary(failing: pd.DataFrame, checked: int) -> str:
     """One line: how many of the checked rows break the limits."""
     if failing.empty:
-        return f"all {checked} checked rows are within the limits"
+        return "the checked row is within the limits" if checked == 1 else f"all {checked} checked rows are within the limits"
     return f"{len(failing)} of {checked} checked rows break the limits"
 
 

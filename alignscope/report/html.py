@@ -49,6 +49,9 @@ figcaption { color: #555; font-size: .9em; }
 table { border-collapse: collapse; font-size: 12px; } th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
 th { background: #f4f4f6; position: sticky; top: 0; } td.text, th.text { text-align: left; }
 code { font-size: .95em; }
+table.grid { font-size: 14px; margin: .5em 0; } table.grid td { min-width: 4.5em; }
+td.grid-aligned { background: #e3f4e6; } td.grid-partly { background: #fff4d6; }
+td.grid-not-aligned { background: #fbe1e1; } td.grid-missing { color: #999; }
 """
 
 
@@ -161,6 +164,11 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
     ]
     if random:
         parts.append('<p class="alert">RANDOM WEIGHTS (not pretrained): these numbers describe an untrained network.</p>')
+    from .grid import SummaryGrid
+
+    grid = SummaryGrid.from_table(table)
+    if grid.transforms:
+        parts += ["<h2>Summary</h2>", grid.html()]
     parts += ["<h2>Verdicts</h2>", _list(verdicts, "verdicts", "no rows"),
               f"<h2>Warnings ({len(warnings)})</h2>", _list(warnings, "warnings", "No warnings.")]
     if figures is not None:

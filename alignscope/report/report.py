@@ -127,7 +127,10 @@ class AlignmentReport:
         return publish_folder(Path(out), write, force, kind="report", inputs=inputs)
 
     def __repr__(self) -> str:
-        head = f"AlignmentReport(model={self.meta.get('model', '?')!r}, layers={self.table['layer'].nunique()}, " \
+        from .output_rows import is_output_row
+
+        layers = self.table.loc[~is_output_row(self.table), "layer"].nunique()
+        head = f"AlignmentReport(model={self.meta.get('model', '?')!r}, layers={layers}, " \
                f"transforms={self.table['transform'].nunique()}, images={int(self.table['n_images'].max()) if len(self.table) else 0})"
         from .output_rows import PREDICTION_SUMMARY, layer_rows, output_rows
 

@@ -164,6 +164,14 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     # the same sentences the run logged, so the report carries them
     lines += [c for c in (nonfinite_caveat(table, used), chance_collapse_caveat(table),
                           left_out_caveat(layer_table, used) if used and "n_images" in table else "") if c]
+    from .grid import images_needed
+
+    small = images_needed(table)
+    if small is not None:
+        overlapping, pairs, needed = small
+        lines.append(f"too few images to tell the transforms apart: with n = {int(table['n_images'].max())} the 95% "
+                     f"intervals overlap at most layers for {overlapping} of {pairs} transform pairs; about {needed} "
+                     f"images would separate the typical pair (--images DIR --max-images {needed})")
     empty = table[table["aligned_error"].isna() & ~output]
     if len(empty):
         lines.append(f"{len(empty)} row(s) have no valid cells and no aligned_error: "
