@@ -139,8 +139,10 @@ def _print_summary(report, out_path: Path) -> None:
         click.echo("")
         click.echo(format_table(layer_rows(report.table), columns))
     warnings = report.warnings()
-    if warnings:
-        click.echo(f"\n{len(warnings)} caveat(s) in report.html and run.json; first: {warnings[0][:160]}")
+    if warnings:  # each in full in report.html
+        click.echo(f"\ncaveats ({len(warnings)}):")
+        for line in warnings:
+            click.echo(f"- {line if len(line) <= 160 else line[:159] + '…'}")
     click.echo(f"\nreport written to {out_path}/")
 
 

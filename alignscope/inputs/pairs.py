@@ -228,7 +228,8 @@ class PairFeeder:
             mask, how = registered_mask(layer, transform, self.image_size, disk, plain)
             if how == "valid, border":
                 self.border_shifts[(layer.name, transform.spec)] = layer_residual(layer, transform, self.image_size)
-                log.warning("%s / %s: every cell's support reaches past the image, so the registered comparison keeps "
+                # one caveat for all of them in the report's warnings (registered_border), not a line each here
+                log.debug("%s / %s: every cell's support reaches past the image, so the registered comparison keeps "
                             "the border effects of the %s px shift there (registered_fraction = valid_fraction)",
                             layer.name, transform.spec, layer_residual(layer, transform, self.image_size))
             self.registered_masks[key] = plain if torch.equal(mask, plain) else mask
