@@ -164,15 +164,16 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
     ]
     if random:
         parts.append('<p class="alert">RANDOM WEIGHTS (not pretrained): these numbers describe an untrained network.</p>')
-    from .grid import SummaryGrid
+    from .grid import SummaryGrid, short_verdicts
 
     grid = SummaryGrid.from_table(table)
     if grid.transforms:
-        parts += ["<h2>Summary</h2>", grid.html()]
-    parts += ["<h2>Verdicts</h2>", _list(verdicts, "verdicts", "no rows"),
-              f"<h2>Warnings ({len(warnings)})</h2>", _list(warnings, "warnings", "No warnings.")]
+        parts += ["<h2>Summary</h2>", grid.html(), _list(short_verdicts(table), "verdicts", "no rows")]
+    parts += [f"<h2>Warnings ({len(warnings)})</h2>", _list(warnings, "warnings", "No warnings.")]
     if figures is not None:
         parts += ["<h2>Figures</h2>", _figures_html(figures) if figures else "<p>No figures were drawn (--no-plots).</p>"]
+    parts += [f"<details{'' if grid.transforms else ' open'}><summary><h2 style=\"display:inline\">Verdicts in full "
+              f"({len(verdicts)})</h2></summary>", _list(verdicts, "verdicts", "no rows"), "</details>"]
     parts += ["<h2>Prediction (the model's output)</h2>", _prediction_html(table, meta),
               f"<h2>Table ({len(table)} rows, every column of alignment.csv)</h2>", _table_html(table),
               "<h2>Settings and versions (run.json)</h2>", _settings_html(meta),
