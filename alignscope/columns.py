@@ -100,8 +100,8 @@ _LAYER = [
     _c("n_nonfinite", "images whose maps at this layer were NaN/inf (overflow); 0 in a healthy run"),
     _c("n_identical", "images left out because their maps equal their chance partner's (chance distance 0: duplicate "
                       "images, or a layer that ignores its input)"),
-    _c("n_near_duplicate", "images left out because their chance distance is below 5% of the map's norm "
-                           "(near-duplicate images; see the floors in docs/measures.md)"),
+    _c("n_near_duplicate", "images left out because their chance partner differs from them by less than 5% of "
+                           "the image's norm in pixels (near-duplicate images; see the floors in docs/measures.md)"),
     _c("why_missing", "empty when the row has numbers; otherwise why not: no or too few valid cells (below 4 cells "
                       "and 1% of the map), or no image above the chance floor", False),
     _c("kind", "`layer`, or `output` for the output rows (the model's prediction; their distance columns are empty)",

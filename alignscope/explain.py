@@ -33,7 +33,9 @@ from .engine.options import refuse_both
 from .errors import ImageError, UsageError
 from .model.capture import FeatureCapture
 from .inputs.images import ImageSource
+from .floors import near_duplicates
 from .inputs.options import PairOptions
+from .inputs.pairs import chance_partners
 from .model.options import ModelOptions
 from .model.preserve import left_as_found
 from .report.files import csv_text, publish_folder
@@ -129,12 +131,15 @@ def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> Ch
     channels = info.shape[0]
     sums = {k: torch.zeros(channels, dtype=torch.float64) for k in ("aligned", "unaligned", "chance", "sq_b")}
     stat = ChannelStatistic(channels)
-    per_image: dict[str, list[torch.Tensor]] = {"aligned": [], "chance": []}  # (B,) squared distances, all channels
+    per_image: dict[str, list[torch.Tensor]] = {"aligned": [], "chance": [], "near": []}  # (B,) per image
     example: dict[str, torch.Tensor] = {}
     best_structure = -1.0
     with torch.inference_mode(), FeatureCapture(ctx.model, ctx.layers) as capture:
         for batch in stream:
-            for pair in feeder.pairs(batch.pixels.to(dev), capture, batch.partner):  # chance partners as analyze forms them
+            x = batch.pixels.to(dev)
+            _, near = near_duplicates(x, chance_partners(x, batch.partner))  # left out of the ratio, as in analyze
+            for pair in feeder.pairs(x, capture, batch.partner):  # chance partners as analyze forms them
+                per_image["near"].append(near.cpu())
                 m = pair.mask.to(pair.reference.dtype)
                 for name, other in (("aligned", pair.aligned), ("unaligned", pair.moved), ("chance", pair.other)):
                     squared = ((pair.reference - other).square() * m).sum(dim=(2, 3), dtype=torch.float64).cpu()
@@ -173,7 +178,8 @@ def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> Ch
         "images_used": list(stream.used), "example_image": example.get("image"),
         "example_reason": "chosen by name" if image else f"most structure at {info.name}",
         # the mean over images of each image's ratio, exactly as alignment.csv's aligned_error ...
-        "layer_aligned_error": _mean_ratio(torch.cat(per_image["aligned"]), torch.cat(per_image["chance"])),
+        "layer_aligned_error": _mean_ratio(torch.cat(per_image["aligned"]), torch.cat(per_image["chance"]),
+                                           torch.cat(per_image["near"])),
         # ... and pooled over images (ratio of sums), the only form the fitted permutation has
         "layer_aligned_error_pooled": float(sums["aligned"].sum().sqrt() / sums["chance"].sum().sqrt()),
         "layer_matched_error": float(matched.clamp(min=0).sum().sqrt() / sums["chance"].sum().sqrt()),
@@ -182,9 +188,10 @@ def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> Ch
     return ChannelExplanation(table=table, example=example, meta=meta)
 
 
-def _mean_ratio(aligned_sq: torch.Tensor, chance_sq: torch.Tensor) -> float:
-    """Mean over images of sqrt(aligned) / sqrt(chance), leaving out images whose chance distance is 0."""
-    keep = chance_sq > 0
+def _mean_ratio(aligned_sq: torch.Tensor, chance_sq: torch.Tensor, near: torch.Tensor) -> float:
+    """Mean over images of sqrt(aligned) / sqrt(chance), leaving out images whose chance distance is 0 or whose
+    partner is a near-duplicate (see :mod:`alignscope.floors`)."""
+    keep = (chance_sq > 0) & ~near
     if not keep.any():
         return float("nan")
     return float((aligned_sq[keep].sqrt() / chance_sq[keep].sqrt()).mean())

@@ -4,13 +4,15 @@ Every ``*_error`` divides a distance by the chance distance (the distance betwee
 two different images) and is measured over the cells a mask keeps valid. Both can shrink until
 the ratio is arithmetic without meaning:
 
-- **Denominator.** Per image, the chance distance must be at least :data:`CHANCE_FLOOR` of the
-  reference map's own norm ‖M a‖. Unrelated images give 0.5 - 1.5 on pretrained and random
-  networks alike (tf_efficientnet_lite0, resnet18, convnext_tiny, vit_tiny, mobilenetv3 at their
-  default stages); two copies of a photo that differ in one pixel give 0.015 - 0.03, and their
-  aligned errors read 29 - 51 "times chance". An image below the floor is left out of the row
-  (``n_near_duplicate``); one with a chance distance of exactly 0 (identical maps) too
-  (``n_identical``).
+- **Denominator.** Chance compares an image with another, unrelated one; an image whose chance
+  partner differs from it by less than :data:`CHANCE_FLOOR` of its own norm (in the model's
+  normalized pixels) has a near-duplicate for a partner, and its chance distance is no scale.
+  The eight bundled photos give 1.0 - 1.7; two copies of a photo one pixel apart give
+  0.0026, and were reported at rot90 ``aligned_error`` 29 - 51 "times chance" at the default
+  stages. Such an image is left out of every row (``n_near_duplicate``); one whose maps equal its
+  partner's (chance distance exactly 0: duplicate images, or a layer that ignores its input) too
+  (``n_identical``). The floor is on the images, not on the maps: a layer whose maps are mostly a
+  constant (random weights) still compares their image-dependent parts.
 - **Support.** A row needs at least :data:`MIN_VALID_CELLS` valid cells and
   :data:`MIN_VALID_FRACTION` of the map's cells; with fewer (``scale100`` keeps 4 of 12,544 cells
   at a stride-2 layer, ``translate224,0`` none) its distances are NaN and ``why_missing`` says so.
@@ -19,7 +21,12 @@ A row without a number always carries a ``why_missing`` sentence; the gate never
 """
 from __future__ import annotations
 
-CHANCE_FLOOR = 0.05  # per image: chance distance / reference map norm
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for annotations: this module is read without torch
+    import torch
+
+CHANCE_FLOOR = 0.05  # per image: ||x - partner|| / ||x|| in normalized pixels
 MIN_VALID_CELLS = 4
 MIN_VALID_FRACTION = 0.01
 
@@ -44,8 +51,19 @@ def images_shortfall(n_images: int, n_identical: int, n_near_duplicate: int, n_n
         causes.append(f"{n_identical} image(s) whose maps equal their chance partner's (duplicate images, or a layer "
                       "that ignores its input)")
     if n_near_duplicate:
-        causes.append(f"{n_near_duplicate} image(s) whose chance distance is below {100 * CHANCE_FLOOR:g}% of the "
-                      "map's norm (near-duplicate images: chance is no scale there)")
+        causes.append(f"{n_near_duplicate} image(s) whose chance partner differs by less than {100 * CHANCE_FLOOR:g}% "
+                      "of the image (near-duplicate images: chance is no scale there)")
     if n_nonfinite:
         causes.append(f"{n_nonfinite} image(s) with NaN/inf maps")
     return "no image counted: " + ("; ".join(causes) if causes else "no images were measured")
+
+
+def near_duplicates(x: "torch.Tensor", partner: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per image (B,) bools: (identical to its chance partner, near-duplicate of it: differing by under the floor).
+
+    ``x`` and ``partner`` are (B, C, H, W) normalized pixels, ``partner[i]`` image i's chance partner.
+    """
+    difference = (x - partner).flatten(1).double().norm(dim=1)
+    scale = x.flatten(1).double().norm(dim=1)
+    identical = difference == 0
+    return identical, ~identical & (difference < CHANCE_FLOOR * scale)

@@ -143,8 +143,12 @@ def test_the_report_side_never_imports_torch():
     for name, path in MODULES.items():
         if not any(name == p or name.startswith(p + ".") for p in TORCH_FREE):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                       for n in ast.walk(block)}  # annotations only: never run
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only:
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 if any(m == "torch" or m.startswith("torch.") or m == "timm" for m in modules):
                     static.append(f"{path.relative_to(ROOT)}:{node.lineno}")

@@ -15,7 +15,8 @@ from torch import nn
 
 import alignscope
 from alignscope.errors import AlignscopeError, ImageError, UsageError, UsageTypeError
-from alignscope.floors import CHANCE_FLOOR, MIN_VALID_CELLS, MIN_VALID_FRACTION, support_shortfall
+from alignscope.floors import CHANCE_FLOOR, MIN_VALID_CELLS, MIN_VALID_FRACTION, near_duplicates, support_shortfall
+from alignscope.inputs.pairs import chance_partners
 from alignscope.report.files import csv_text, restore_text_cells
 
 SIZE = 32
@@ -42,8 +43,11 @@ def test_unrelated_images_sit_far_above_the_chance_floor():
     layers = report.table[report.table["kind"] == "layer"]
     assert layers["aligned_error"].notna().all() and (layers["n_images"] == 6).all()
     assert (layers["why_missing"] == "").all() and (layers["n_near_duplicate"] == 0).all()
-    rows = report.per_image[report.per_image["layer"] != "output"]
-    assert (rows["chance_distance"] / rows["reference_norm"]).min() > 10 * CHANCE_FLOOR
+    x = _images(6)
+    _, near = near_duplicates(x, chance_partners(x))
+    assert not near.any()
+    ratios = (x - chance_partners(x)).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    assert ratios.min() > 10 * CHANCE_FLOOR
 
 
 def test_near_duplicate_images_give_no_number_and_say_why():
@@ -54,13 +58,24 @@ def test_near_duplicate_images_give_no_number_and_say_why():
     assert layers["aligned_error"].isna().all() and (layers["n_images"] == 0).all()
     assert (layers["n_near_duplicate"] == 2).all()
     assert layers["why_missing"].str.contains("near-duplicate").all()
-    # the raw distances are still there, and they are what put the images under the floor
+    # the raw distances are still there (chance is not 0); only the ratios are left out
     rows = report.per_image[report.per_image["layer"] != "output"]
-    assert (rows["chance_distance"] > 0).all()
-    assert (rows["chance_distance"] <= CHANCE_FLOOR * rows["reference_norm"]).all()
+    assert (rows["chance_distance"] > 0).all() and rows["aligned_error"].isna().all() and rows["aligned"].notna().all()
     assert any("not measured" in v and "near-duplicate" in v for v in report.verdicts())
     assert any("near-duplicate" in w for w in report.warnings())
     assert len(report.check(max={"aligned_error": 10.0})) == len(layers)  # the gate never passes a row without a number
+
+
+def test_a_layer_whose_maps_are_mostly_constant_is_still_measured():
+    """Random weights can make maps a large constant plus a small image-dependent part: the floor is on the images,
+    so the ratios of the image-dependent parts are still reported."""
+    net = _net()
+    with torch.no_grad():
+        net[0].bias.add_(100.0)  # maps of layer 0: about 100 everywhere, the image's part on top
+    report = alignscope.analyze(net, transforms=["rot90"], images=_images(4), layers=["0"], per_image=True, **NORM)
+    rows = report.per_image[report.per_image["layer"] == "0"]
+    assert (rows["chance_distance"] < 0.05 * rows["reference_norm"]).all()  # what a floor on the maps would drop
+    assert report.table.query("kind == 'layer'")["aligned_error"].notna().all()
 
 
 def test_identical_images_are_named_as_such():

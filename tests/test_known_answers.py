@@ -136,4 +136,4 @@ def test_identical_partner_images_are_left_out_and_reported(photo_tensor, caplog
     # partners (image i-1 of the whole order, the first with the second): a, a, a, b ->
     # both a's and the second b meet their copies; only the first b counts
     assert table["n_images"].iloc[0] == 1
-    assert any("zero chance distance" in r.message for r in caplog.records)
+    assert any("equal to their chance partner" in r.message for r in caplog.records)

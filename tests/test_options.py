@@ -124,8 +124,10 @@ def test_values_are_normalized(stack, tmp_path):
     assert options.input_size == (3, 64, 64) and all(isinstance(v, int) for v in options.input_size)
     assert options.mean == (0.0, 1.0, 0.0) and options.layers == ("layer1",) and options.device == "cpu"
     assert ModelOptions("resnet18", input_size=96).input_size == (96, 96)
-    assert ModelOptions("resnet18", weights=None, layers=[]).weights == "auto"
-    assert ModelOptions("resnet18", layers=[]).layers is None
+    assert ModelOptions("resnet18", weights=None).weights == "auto"
+    assert ModelOptions("resnet18", layers=None).layers is None
+    with pytest.raises(UsageError, match="selects no layer"):  # an empty list is a mistake, not "the default"
+        ModelOptions("resnet18", layers=[])
     with pytest.raises(UsageError, match="input_size must be"):
         replace(options, input_size=(3, -1, 4))  # replace checks again
 

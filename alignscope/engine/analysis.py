@@ -16,7 +16,7 @@ from ..errors import ImageError
 from ..fit.fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from ..inputs.images import ImageSource, ImageStream, split_stream
 from ..inputs.options import PairOptions
-from ..inputs.pairs import PairFeeder
+from ..inputs.pairs import PairFeeder, chance_partners
 from ..geometry.transforms import Transform
 from ..measure.layers import LayerMeter
 from ..measure.prediction import PredictionMeter, image_rows
@@ -163,7 +163,7 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
             for batch in _timed(stream, timer):
                 x = batch.pixels.to(dev, non_blocking=True)
                 used.append((batch.index, batch.names))
-                meter.new_batch()
+                meter.new_batch(x, chance_partners(x, batch.partner))
                 for pair in feeder.pairs(x, capture, batch.partner):
                     fit = fitted.get((pair.layer.name, pair.transform.spec, pair.transform.sweep))
                     with timer("metrics"):

@@ -155,6 +155,13 @@ class OutputPair:
     roundtrip: torch.Tensor | None
 
 
+def chance_partners(x: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's chance partner, (B, C, H, W): image i - 1, the first image's the batch's carried ``partner``
+    (1, C, H, W) or, for the batch that starts the order, image 1 (the rule :meth:`PairFeeder.pairs` uses)."""
+    first = partner.to(x.device, x.dtype) if partner is not None else x[1:2]
+    return torch.cat([first, x[:-1]])
+
+
 def forward_chunks(batch: torch.Tensor, limit: int) -> list[torch.Tensor]:
     """``batch`` in as few equal chunks of at most ``limit`` images as possible (the last may be smaller).
 

@@ -17,8 +17,8 @@ from ..columns import DISTANCE_QUANTITIES, REGISTERED_QUANTITIES
 from ..geometry.transforms import Transform
 from ..inputs.pairs import LayerPair, registration_columns, uses_disk
 from ..model.capture import LayerInfo
-from ..floors import images_shortfall, support_shortfall
-from .metrics import AlignmentStatistic, image_shortfall, pair_distances, reference_terms, registered_distances
+from ..floors import images_shortfall, near_duplicates, support_shortfall
+from .metrics import AlignmentStatistic, pair_distances, reference_terms, registered_distances
 from .prediction import image_rows
 
 Key = tuple[str, str, str]  # (layer, transform spec, sweep)
@@ -54,10 +54,16 @@ class LayerMeter:
         self.per_image = per_image
         self.image_rows: list[tuple[int, dict]] = []  # (batch index, row)
         self._shared: dict = {}
+        self._identical: torch.Tensor | None = None
+        self._near: torch.Tensor | None = None
 
-    def new_batch(self) -> None:
-        """Forget the reference terms shared between the transforms of one batch's layer."""
+    def new_batch(self, x: torch.Tensor | None = None, partners: torch.Tensor | None = None) -> None:
+        """Start a batch: forget the shared reference terms; with the images ``x`` and their chance ``partners``
+        (both (B, C, H, W)), mark the images whose partner is a near-duplicate (left out of every row)."""
         self._shared = {}
+        self._identical = self._near = None
+        if x is not None and partners is not None:
+            self._identical, self._near = near_duplicates(x, partners)
 
     def update(self, pair: LayerPair, extras: Mapping[str, torch.Tensor] | None = None, batch_index: int = 0,
                names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -71,9 +77,17 @@ class LayerMeter:
         values.update(registered_distances(pair.reference, pair.registered_reference, pair.registered, pair.other,
                                            pair.registered_mask, terms if pair.registered_mask is pair.mask else None))
         key = (pair.layer.name, pair.transform.spec, pair.transform.sweep)
+        identical = values["chance_distance"] == 0
+        near = torch.zeros_like(identical)
+        if self._near is not None:
+            identical = identical | self._identical.to(identical.device)
+            near = self._near.to(identical.device) & ~identical
+            if bool(near.any()):  # chance is no scale for these images: every ratio is left out
+                for name, value in values.items():
+                    if name.endswith("_error") or name == "aligned_cosine":
+                        values[name] = torch.where(near, torch.full_like(value, math.nan), value)
         self.stats[key].update(values)
         self.nonfinite[key] += count_nonfinite(values)
-        identical, near = image_shortfall(values["chance_distance"], values["reference_norm"].square())
         self.shortfall[key] += torch.stack([identical.sum(), near.sum()]).to("cpu", torch.float64)
         if self.per_image:
             self.image_rows.extend((batch_index, row) for row in image_rows(

@@ -16,7 +16,6 @@ from typing import Mapping
 
 import torch
 
-from ..floors import CHANCE_FLOOR
 from ..columns import DISTANCE_QUANTITIES as QUANTITIES, REGISTERED_QUANTITIES  # noqa: F401  (re-exported)
 
 
@@ -49,17 +48,9 @@ def reference_terms(reference: torch.Tensor, other: torch.Tensor, mask: torch.Te
     return _masked_sq_dist(reference, other, mask).sqrt(), _masked_sq_norm(reference, mask)
 
 
-def chance_scale(chance: torch.Tensor, reference_sq: torch.Tensor) -> torch.Tensor:
-    """The chance distance as a divisor: NaN where it is 0 (identical maps) or at most
-    :data:`~alignscope.floors.CHANCE_FLOOR` of the reference map's norm (near-duplicate images)."""
-    counts = (chance > 0) & (chance > CHANCE_FLOOR * reference_sq.sqrt())
-    return torch.where(counts, chance, torch.full_like(chance, float("nan")))
-
-
-def image_shortfall(chance: torch.Tensor, reference_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image (B,) bools: (identical: chance distance 0, near duplicate: 0 < chance <= the floor)."""
-    identical = chance == 0
-    return identical, ~identical & (chance <= CHANCE_FLOOR * reference_sq.sqrt())
+def chance_scale(chance: torch.Tensor) -> torch.Tensor:
+    """The chance distance as a divisor: NaN where it is 0 (identical maps: no scale at all)."""
+    return torch.where(chance > 0, chance, torch.full_like(chance, float("nan")))
 
 
 def pair_distances(
@@ -82,8 +73,8 @@ def pair_distances(
     a (B,) value is taken as per-image squared distances measured by the
     caller (a fit with its own comparison, e.g. a smoothing-charged warp).
     Errors are divided by the chance distance; a chance distance of 0
-    (no valid cells, or identical images) or below :data:`~alignscope.floors.CHANCE_FLOOR` of the
-    reference map's norm (near-duplicate images) gives NaN. ``terms``: the
+    (no valid cells, or identical images) gives NaN (near-duplicate images are left out by
+    :class:`~alignscope.measure.layers.LayerMeter`, see :mod:`alignscope.floors`). ``terms``: the
     :func:`reference_terms` of (reference, other, mask), if already computed.
     """
     mask = mask.to(reference.dtype)
@@ -96,7 +87,7 @@ def pair_distances(
     # |b'|^2 = |a - b'|^2 - |a|^2 + 2 a.b': no cancellation problem unless |b'| itself is tiny next to |a|
     aligned_norm_sq = (aligned_sq - reference_sq + 2 * dot).clamp(min=0)
     norms = (reference_sq * aligned_norm_sq).sqrt()
-    safe_chance = chance_scale(chance, reference_sq)
+    safe_chance = chance_scale(chance)
     extra_values = {}
     for name, candidate in (extras or {}).items():
         if candidate.ndim == 1 and candidate.shape[0] == reference.shape[0]:  # already a per-image squared distance
@@ -142,9 +133,9 @@ def registered_distances(
         nan = torch.full((other.shape[0],), float("nan"), dtype=torch.float64, device=other.device)
         return {"registered": nan, "registered_error": nan}
     mask = mask.to(reference.dtype)
-    chance, reference_sq = terms if terms is not None else reference_terms(original, other, mask)
+    chance = terms[0] if terms is not None else _masked_sq_dist(original, other, mask).sqrt()
     distance = _masked_sq_dist(reference, registered, mask).sqrt()
-    return {"registered": distance, "registered_error": distance / chance_scale(chance, reference_sq)}
+    return {"registered": distance, "registered_error": distance / chance_scale(chance)}
 
 
 def t_quantile_975(dof: int) -> float:
