@@ -26,7 +26,7 @@ from ..model.preserve import left_as_found
 from ..report.caveats import nonfinite_layers, warn_chance_collapse, warn_left_out
 from ..report.output_rows import output_layer_name, with_output_rows
 from ..report.report import AlignmentReport
-from ..runtime.allocator import malloc_tuning, tune_malloc
+from ..runtime.allocator import malloc_tuning, release_free_memory, tune_malloc
 from ..runtime.distributed import all_reduce_sum, gather_to_main, init_from_environment
 from ..runtime.timing import PhaseTimer
 from .context import RunContext
@@ -178,6 +178,7 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
                 if progress is not None:
                     progress(min(done, total), total)
     measured = _merge_ranks(ranks, dev, stream, used, meter, predictions)
+    release_free_memory()  # the batches' freed heap (about 0.65 GB on the default job) before the report's figures
     loop_seconds = time.perf_counter() - loop_started
 
     n_calibration = None if calibration is None else len(calibration.used)
