@@ -175,7 +175,8 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
     parts += [f"<details{'' if grid.transforms else ' open'}><summary><h2 style=\"display:inline\">Verdicts in full "
               f"({len(verdicts)})</h2></summary>", _list(verdicts, "verdicts", "no rows"), "</details>"]
     parts += ["<h2>Prediction (the model's output)</h2>", _prediction_html(table, meta),
-              f"<h2>Table ({len(table)} rows, every column of alignment.csv)</h2>", _table_html(table),
+              f"<details><summary><h2 style=\"display:inline\">Table ({len(table)} rows, every column of "
+              "alignment.csv)</h2></summary>", _table_html(table), "</details>",
               "<h2>Settings and versions (run.json)</h2>", _settings_html(meta),
               "<h2>Images</h2>", _images_html(meta)]
     return "\n".join(parts)
