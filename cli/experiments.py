@@ -305,5 +305,17 @@ def _print_stn_summary(experiment, out_path, as_json: bool) -> None:
         return
     from alignscope.report.report import format_table
 
-    click.echo(format_table(summary, tuple(summary.columns)))
+    table = summary.drop(columns=["seeds"])
+    if (summary["seeds"] <= 1).all():  # one seed: a spread would be NaN, not a number
+        table = table.drop(columns=[c for c in table.columns if c.endswith("_std")])
+    short = {"parameters": "params", "localization_parameters": "loc_params", "test_accuracy_mean": "accuracy",
+             "test_accuracy_std": "acc_std", "angle_std_deg_mean": "angle_std", "angle_std_deg_std": "angle_std_sd",
+             "deming_slope_mean": "slope", "deming_slope_std": "slope_sd", "alignment_at_stn": "align_stn",
+             "alignment_last_layer": "align_last"}
+    table = table.rename(columns=short)
+    click.echo(format_table(table, tuple(table.columns)))
+    click.echo("")
+    click.echo(experiment.answer())
+    click.echo("(columns as in stn_summary.csv, shortened: accuracy = test_accuracy_mean, angle_std = the warp's angle "
+               "error std in degrees, align_stn / align_last = alignment error at the STN / the last layer)")
     click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_angles.csv, stn_summary.csv, plots)")

@@ -291,7 +291,8 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     Example:
       alignscope compare lite0/alignment.csv resnet50/alignment.csv --out cmp
     """
-    from alignscope.report.comparison import validate_distinct_runs, combine_runs, comparison_table, prediction_comparison
+    from alignscope.report.comparison import (combine_runs, comparison_table, prediction_comparison, run_sizes,
+                                             validate_distinct_runs)
     from alignscope.report.plots import depth_figure, save_figures
     from alignscope.report.files import csv_text
     from alignscope.report.report import publish_folder, read_report_csv
@@ -304,9 +305,11 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
         save_figures({"comparison_by_depth": depth_figure(combined)}, folder)
 
     publish_folder(Path(out), write, force, kind="comparison", inputs=csvs)
+    click.echo("runs: " + "; ".join(f"{run} ({n} images)" for run, n in run_sizes(combined).items()))
     wide = comparison_table(combined)
     if len(wide):
-        click.echo("aligned_error by transform and depth (transforms every run measured):")
+        two = "; difference = second run - first, intervals_overlap: their 95% intervals overlap" if "difference" in wide else ""
+        click.echo(f"aligned_error by transform and depth (transforms every run measured{two}):")
         click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
     predictions = prediction_comparison(combined)
     if len(predictions):

@@ -252,3 +252,19 @@ def test_property_every_row_is_a_number_with_support_or_nan_with_a_reason():
 
     del hypothesis
     check()
+
+
+def test_files_that_are_not_images_are_listed_as_left_out(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((_images(1, seed=i)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / ".hidden").write_text("")
+    report = alignscope.analyze(_net(), transforms=["rot90"], images=str(folder), layers=["0"], **NORM)
+    skipped = report.meta["images_skipped"]
+    assert [entry["path"].endswith("notes.txt") for entry in skipped] == [True]
+    assert "not an image file" in skipped[0]["reason"] and len(report.meta["images_used"]) == 3
+    assert any("notes.txt" in w and "left out" in w for w in report.warnings())

@@ -393,3 +393,17 @@ def test_module_called_twice_is_skipped_as_ambiguous():
     assert not probed["act"].spatial and "runs 2 times" in probed["act"].reason
     chosen, _ = select_layers(list(probed.values()), "all")
     assert [l.name for l in chosen] == ["conv1", "conv2", ""]
+
+
+def test_a_plain_module_without_feature_info_is_read_at_its_stage_ends():
+    """torchvision's resnet18 has no feature_info: its default layers are the last module before each change of
+    stride, the stages timm would name (relu, layer1 ... layer4), not an even spread of its 41 spatial modules."""
+    import torchvision
+
+    from alignscope.model.capture import default_layer_rule
+
+    probed = probe_layers(torchvision.models.resnet18().eval(), (3, 64, 64))
+    chosen, _ = select_layers(probed)
+    assert [layer.name for layer in chosen] == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert [layer.stride for layer in chosen] == [2, 4, 8, 16, 32]
+    assert default_layer_rule(probed).startswith("stage ends")

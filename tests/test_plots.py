@@ -132,6 +132,9 @@ def test_compare_keeps_a_run_with_only_sweep_rows():
 
 def test_compare_of_disjoint_runs_warns_once_and_gives_no_nan_table(caplog):
     combined = combine_runs([make_table(("rot90",), model="m"), make_table(("hflip",), model="m")], ["r1/alignment.csv", "r2/alignment.csv"])
+    from alignscope.report.comparison import run_sizes
+
+    assert run_sizes(combined) == {"m (r1)": 8, "m (r2)": 8}
     assert list(dict.fromkeys(combined["model"])) == ["m (r1)", "m (r2)"]  # both runs labelled, not only the second
     with caplog.at_level(logging.WARNING, logger="alignscope"):
         wide = comparison_table(combined)
@@ -146,8 +149,10 @@ def test_compare_table_keeps_only_shared_transforms(caplog):
     assert found.shared == ["rot90"] and found.partial == {"hflip": ["a"]}
     with caplog.at_level(logging.WARNING, logger="alignscope"):
         wide = comparison_table(combined)
-    assert not wide.isna().any().any() and list(wide.columns) == ["a", "b"]
+    assert not wide.isna().any().any() and list(wide.columns) == ["layer", "a", "b", "difference", "intervals_overlap"]
     assert set(wide.index.get_level_values("transform")) == {"rot90"}
+    assert list(wide["layer"]) == ["stem", "mid", "deep"]  # both runs name their layers alike
+    assert (wide["difference"] == wide["b"] - wide["a"]).all() and wide["intervals_overlap"].all()  # identical runs
     assert "hflip only in a" in caplog.records[0].getMessage()
 
 
@@ -184,3 +189,6 @@ def test_runs_of_one_model_in_folders_of_one_name_stay_apart_and_output_rows_are
     assert list(wide.index) == ["rot90"] and list(wide.iloc[0]) == [0.5, 0.75, 1.0]
     assert "output" not in set(comparison_table(combined).index.get_level_values("depth").astype(str))
     assert prediction_comparison(make_table(("rot90",), model="x")).empty
+    partial = combine_runs([with_output("m", 0.5), make_table(("hflip",), model="n").assign(kind="layer")],
+                           ["a/alignment.csv", "b/alignment.csv"])
+    assert prediction_comparison(partial).empty  # rot90 is not in every run: left out here as in the layer table

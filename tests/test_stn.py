@@ -441,3 +441,22 @@ def test_a_folder_of_labelled_images_is_a_dataset(tmp_path):
     data = load_data(f"folder:{tmp_path}", data_seed=1)
     assert data.classes == ["bright", "dark"]
     assert data.train_images.shape[1:] == (1, 28, 28) and len(data.test_labels) == 4
+
+
+def _results(rows):
+    return pd.DataFrame([{"variant": v, "seed": s, "parameters": 1, "localization_parameters": 0, "test_accuracy": a,
+                          "angle_std_deg": 1.0, "deming_slope": 1.0} for v, s, a in rows])
+
+
+def test_the_experiment_answers_its_question_in_one_line():
+    from alignscope.stn.experiment import STNExperiment
+
+    one = STNExperiment(_results([("none", 0, 0.80), ("input", 0, 0.95), ("features@1", 0, 0.90)]),
+                        pd.DataFrame(), pd.DataFrame(), {})
+    line = one.answer()
+    assert line.startswith("where should the STN go? best test accuracy: input 0.950")
+    assert "none 0.800" in line and "1 seed" in line and "±" not in line and "\n" not in line
+    three = STNExperiment(_results([(v, s, a + 0.01 * s) for s in range(3) for v, a in (("none", 0.8), ("deep@1", 0.9))]),
+                          pd.DataFrame(), pd.DataFrame(), {})
+    line = three.answer()
+    assert "deep@1 0.910 ± 0.010" in line and "over 3 seeds" in line

@@ -27,7 +27,7 @@ from ..inputs.options import PairOptions
 from ..inputs.pairs import PairFeeder
 from ..measure.prediction import Head, find_head
 from ..model.build import DataConfig
-from ..model.capture import LayerInfo, probe_layers, select_layers
+from ..model.capture import LayerInfo, default_layer_rule, probe_layers, select_layers
 from ..model.lattice_probe import attach_lattices
 from ..model.options import ModelOptions
 from ..model.precision import feed_in_model_dtype
@@ -65,6 +65,7 @@ class RunContext:
     device: torch.device
     no_lattice: dict[str, str] = field(default_factory=dict)
     setup_seconds: float = 0.0
+    layer_rule: str = ""  # how the default layers were chosen (or that they were asked for)
 
     @classmethod
     def open(cls, options: ModelOptions, pairs: PairOptions, device: torch.device) -> "RunContext":
@@ -82,8 +83,9 @@ class RunContext:
             log.warning("%s", no_lattice_sentence(no_lattice))
         deepest = max(layer.stride or 1 for layer in chosen)
         transforms = pairs.resolve_transforms(deepest)
+        rule = default_layer_rule(probed) if options.layers is None else "asked for (--layers)"
         return cls(module, cfg, chosen, skipped, transforms, options, pairs, device, no_lattice,
-                   time.perf_counter() - started)
+                   time.perf_counter() - started, rule)
 
     def stream(self) -> ImageStream:
         """The images of :attr:`pairs`, prepared for this model (at least two)."""
@@ -114,6 +116,7 @@ class RunContext:
             "pretrained": self.cfg.pretrained,
             "data_config": {k: v for k, v in self.cfg.as_dict().items() if k not in ("extra",)},
             "layers": [layer.name for layer in self.layers],
+            "default_layers": self.layer_rule,
             "layers_skipped": [{"layer": layer.name, "reason": layer.reason} for layer in self.skipped_layers],
             "no_lattice": dict(self.no_lattice),
             "layer_layouts": {layer.name: {"layout": str(layer.layout), "evidence": layer.layout.evidence}
@@ -121,7 +124,7 @@ class RunContext:
             "transforms": [t.spec for t in self.transforms],
             **{k: pairs[k] for k in ("mask", "batch_size", "seed", "max_images", "images_source")},
             "images_used": list(stream.used),
-            "images_skipped": [{"path": p, "reason": r} for p, r in stream.skipped],
+            "images_skipped": [{"path": p, "reason": r} for p, r in [*stream.ignored, *stream.skipped]],
             "device": str(self.device),
             "timings_seconds": {"setup": round(setup_seconds, 3), "analysis": round(loop_seconds, 3)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,

@@ -41,6 +41,21 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def non_image_files(source: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[tuple[str, str]]:
+    """(path, reason) for the files in ``source``'s folders that are not images (hidden files aside): they are
+    left out, and the report lists them with the unreadable images."""
+    if source is None or isinstance(source, torch.Tensor):
+        return []
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    found = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            found += [(str(p), f"not an image file (suffix {p.suffix or 'none'}; images are {', '.join(IMAGE_SUFFIXES)})")
+                      for p in sorted(Path(item).rglob("*"))
+                      if p.is_file() and not _is_image(p) and not any(part.startswith(".") for part in p.parts[-1:])]
+    return found
+
+
 def discover_images(
     source: str | os.PathLike | Sequence[str | os.PathLike] | None,
     max_images: int | None = None,
@@ -190,6 +205,7 @@ class ImageStream:
     workers: int = 0
     pin_memory: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # files of the folders that are not images
     used: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -335,7 +351,8 @@ def image_stream(source: ImageSource, cfg: DataConfig, batch_size: int, max_imag
     # Chance pairs neighbours within a batch: a seeded shuffle keeps files that sort together
     # (video frames, copies) from being each other's "unrelated" image.
     random.Random(seed).shuffle(paths)
-    return ImageStream(cfg=cfg, batch_size=batch_size, paths=paths, workers=workers, pin_memory=pin_memory)
+    return ImageStream(cfg=cfg, batch_size=batch_size, paths=paths, workers=workers, pin_memory=pin_memory,
+                       ignored=non_image_files(source))
 
 
 def split_stream(stream: ImageStream, first: int) -> tuple[ImageStream, ImageStream]:

@@ -281,6 +281,29 @@ def _spread(layers: list[LayerInfo], count: int) -> list[LayerInfo]:
     return [layers[i] for i in picks]
 
 
+def stage_ends(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """The last module of each run of equal stride, in execution order: where a model without ``feature_info``
+    ends a stage before it downsamples (torchvision's resnet18: relu, layer1 ... layer4). ``[]`` when the
+    stride never changes (no stages to tell apart)."""
+    runs: list[LayerInfo] = []
+    for layer in layers:
+        if runs and runs[-1].stride == layer.stride:
+            runs[-1] = layer
+        else:
+            runs.append(layer)
+    return runs if len(runs) > 1 else []
+
+
+def default_layer_rule(probed: list[LayerInfo]) -> str:
+    """How the default layers of this model are chosen, for run.json."""
+    if any(layer.default and layer.spatial and not layer.reason for layer in probed):
+        return "feature_info stages"
+    distinct = [layer for layer in probed if layer.spatial and not layer.reason]
+    if stage_ends(distinct):
+        return "stage ends: the last module before each change of stride (no feature_info)"
+    return f"at most {FALLBACK_CAP} spatial modules, evenly spread (no feature_info, no change of stride)"
+
+
 def _default_layers(probed: list[LayerInfo], distinct: list[LayerInfo]) -> tuple[list[LayerInfo], list[LayerInfo]]:
     """The model's stages that give maps; every dropped stage and a fallback are logged and returned as skipped."""
     stages = [layer for layer in probed if layer.default]
@@ -290,6 +313,13 @@ def _default_layers(probed: list[LayerInfo], distinct: list[LayerInfo]) -> tuple
         log.warning("default stage %r dropped: %s", layer.name, layer.reason or "no spatial output")
     if chosen:
         return chosen, dropped
+    ends = stage_ends(distinct)
+    if ends:  # stages where the model has no feature_info: the last module before each downsampling
+        picked = _spread(ends, FALLBACK_CAP)
+        log.info("the model has no feature_info stages%s; using its %d stage ends (the last module before each "
+                 "change of stride): %s", " that give maps" if stages else "", len(picked),
+                 ", ".join(layer.name for layer in picked[:8]) + (" ..." if len(picked) > 8 else ""))
+        return picked, dropped
     picked = _spread(distinct, FALLBACK_CAP)
     left = [replace(layer, reason=f"left out of the fallback, capped at {FALLBACK_CAP} evenly spread layers")
             for layer in distinct if layer not in picked]

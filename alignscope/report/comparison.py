@@ -53,16 +53,24 @@ def combine_runs(tables: Sequence[pd.DataFrame], paths: Sequence[str | Path]) ->
 def prediction_comparison(combined: pd.DataFrame, value: str = "prediction_agreement") -> pd.DataFrame:
     """Wide table of an output-row ``value`` (the model's prediction): one row per transform, one column per run.
 
-    Output rows sit at a different depth in each model, so they are matched by transform alone;
-    empty when no run has output rows.
+    Output rows sit at a different depth in each model, so they are matched by transform alone; like
+    :func:`comparison_table`, only transforms every run measured are kept. Empty when no run has output rows.
     """
     from .output_rows import is_output_row
 
     output = combined[is_output_row(combined)] if "kind" in combined else combined.iloc[:0]
     if output.empty or value not in output:
         return pd.DataFrame()
+    output = output[output["transform"].isin(overlap(combined).shared)]
+    if output.empty:
+        return pd.DataFrame()
     wide = output.pivot_table(index="transform", columns="model", values=value, sort=False)
     return wide.reindex(columns=[m for m in dict.fromkeys(combined["model"]) if m in wide.columns])
+
+
+def run_sizes(combined: pd.DataFrame) -> dict[str, int]:
+    """Images each run measured (its rows' largest ``n_images``), by run label."""
+    return {str(model): int(rows["n_images"].max()) for model, rows in combined.groupby("model", sort=False)}
 
 
 @dataclass
@@ -112,6 +120,16 @@ def comparison_table(combined: pd.DataFrame, value: str = "aligned_error") -> pd
     if keyed.empty:
         return pd.DataFrame()
     order = {spec: i for i, spec in enumerate(found.shared)}
+    runs = list(dict.fromkeys(combined["model"]))
     wide = keyed.pivot_table(index=["transform", "depth"], columns="model", values=value, sort=False)
-    wide = wide.reindex(columns=list(dict.fromkeys(combined["model"])))
+    wide = wide.reindex(columns=runs)
+    names = keyed.groupby(["transform", "depth"], sort=False)["layer"].agg(lambda v: " | ".join(dict.fromkeys(map(str, v))))
+    wide.insert(0, "layer", names.reindex(wide.index))
+    if len(runs) == 2 and f"{value}_ci_low" in keyed and f"{value}_ci_high" in keyed:
+        # the second run minus the first, and whether their 95% intervals overlap (a difference they cannot tell)
+        low = keyed.pivot_table(index=["transform", "depth"], columns="model", values=f"{value}_ci_low", sort=False)
+        high = keyed.pivot_table(index=["transform", "depth"], columns="model", values=f"{value}_ci_high", sort=False)
+        a, b = runs
+        wide["difference"] = wide[b] - wide[a]
+        wide["intervals_overlap"] = ((low[a] <= high[b]) & (low[b] <= high[a])).reindex(wide.index)
     return wide.sort_index(key=lambda level: level.map(order) if level.name == "transform" else level)

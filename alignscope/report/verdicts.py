@@ -154,7 +154,8 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     if skipped:
         listed = "; ".join(f"{Path(str(s.get('path', s))).name} ({s.get('reason', '?')})" if isinstance(s, dict) else str(s)
                            for s in skipped[:10])
-        lines.append(f"{len(skipped)} image(s) skipped as unreadable: {listed}{' ...' if len(skipped) > 10 else ''}")
+        lines.append(f"{len(skipped)} file(s) left out (unreadable, or not an image): {listed}"
+                     f"{' ...' if len(skipped) > 10 else ''}")
     for entry in meta.get("layers_skipped") or []:
         lines.append(f"layer {entry.get('layer')} skipped: {entry.get('reason')}")
     used = len(meta.get("images_used") or [])

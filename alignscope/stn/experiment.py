@@ -67,6 +67,29 @@ class STNExperiment:
             table["alignment_last_layer"] = [at.get((v, last), math.nan) for v in table.index]
         return table.reindex(list(dict.fromkeys(self.results["variant"]))).reset_index(names="variant")
 
+    def answer(self) -> str:
+        """One line: which placement reached the best test accuracy, against warping the input and no STN."""
+        summary = self.summary().set_index("variant")
+        if summary.empty:
+            return "no runs to answer from"
+        accuracy = summary["test_accuracy_mean"]
+        best = str(accuracy.idxmax())
+        seeds = int(summary["seeds"].min())
+
+        def shown(variant: str) -> str:
+            mean, std = accuracy[variant], summary.loc[variant, "test_accuracy_std"]
+            return f"{mean:.3f}" + (f" ± {std:.3f}" if seeds > 1 and math.isfinite(std) else "")
+
+        others = [f"{name} {shown(name)}" for name in ("input", "none") if name in accuracy.index and name != best]
+        line = f"where should the STN go? best test accuracy: {best} {shown(best)}"
+        if others:
+            line += "; " + ", ".join(others)
+        if seeds < 2:
+            line += " (1 seed: no spread; use --seeds 3 or more before reading a difference)"
+        else:
+            line += f" (mean ± std over {seeds} seeds)"
+        return line
+
     def figures(self) -> dict:
         from .plots import accuracy_figure, angle_figure, warp_grid_figure
 
