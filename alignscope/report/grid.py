@@ -148,26 +148,6 @@ class SummaryGrid:
         return f"<table class=\"grid\"><tr><th>transform</th>{head}</tr>{''.join(rows)}</table>{legend}"
 
 
-def overlapping_pairs(table: pd.DataFrame) -> tuple[int, int]:
-    """(transform pairs whose 95% intervals overlap at most layers, all pairs): too few images tells nothing apart."""
-    output = is_output_row(table)
-    rows = table[~output & (table["transform"] != "identity")]
-    transforms = list(dict.fromkeys(rows["transform"]))
-    overlapping = total = 0
-    for i, a in enumerate(transforms):
-        for b in transforms[i + 1:]:
-            ra = rows[rows["transform"] == a].set_index("layer")
-            rb = rows[rows["transform"] == b].set_index("layer")
-            shared = ra.index.intersection(rb.index)
-            if not len(shared):
-                continue
-            total += 1
-            over = ((ra.loc[shared, "aligned_error_ci_low"] <= rb.loc[shared, "aligned_error_ci_high"])
-                    & (rb.loc[shared, "aligned_error_ci_low"] <= ra.loc[shared, "aligned_error_ci_high"]))
-            overlapping += int(over.sum() > len(shared) / 2)
-    return overlapping, total
-
-
 def short_verdicts(table: pd.DataFrame, limit: int = 100) -> list[str]:
     """One line of at most ``limit`` characters per transform (identity omitted); the details are in report.html."""
     grid = SummaryGrid.from_table(table)
