@@ -43,7 +43,9 @@ h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top:
 .sub { color: #555; margin-top: 0; }
 .alert { background: #b00020; color: #fff; padding: .5em .8em; font-weight: 600; border-radius: 4px; }
 ul.warnings li { color: #8a4b00; } ul.verdicts li { margin: .25em 0; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure { margin: 1em 0; overflow-x: auto; } figure img { max-width: 100%; max-height: 80vh; width: auto; height: auto;
+  border: 1px solid #eee; cursor: zoom-in; }
+input.zoom { display: none; } input.zoom:checked + label img { max-width: none; max-height: none; cursor: zoom-out; }
 figcaption { color: #555; font-size: .9em; }
 .scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; font-size: 12px; } th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
@@ -122,8 +124,10 @@ def _figures_html(figures: Mapping[str, bytes]) -> str:
     for stem in stems:
         data = base64.b64encode(figures[stem]).decode("ascii")
         caption = FIGURE_CAPTIONS.get(stem, "sweep: errors against the swept value, one line per layer" if stem.startswith("sweep_") else "")
-        parts.append(f'<figure><img alt="{_esc(stem)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption><code>{_esc(stem)}.png</code> — {_esc(caption)}</figcaption></figure>")
+        key = f"zoom-{len(parts)}"  # a checkbox per figure: clicking the image shows it at full size (no script)
+        parts.append(f'<figure><input type="checkbox" class="zoom" id="{key}"><label for="{key}">'
+                     f'<img alt="{_esc(stem)}" src="data:image/png;base64,{data}"></label>'
+                     f"<figcaption><code>{_esc(stem)}.png</code> — {_esc(caption)} (click to enlarge)</figcaption></figure>")
     return "".join(parts)
 
 
