@@ -92,7 +92,7 @@ def explain(
     *,
     pairs: PairOptions | None = None,
 ) -> ChannelExplanation:
-    """Per-channel alignment of ``layer`` (default: the deepest stage) under one ``transform``.
+    """Per-channel alignment of ``layer`` (default: the stage whose channels swap most) under one ``transform``.
 
     ``model`` and the model options (``weights``, ``pretrained``,
     ``input_size``, ``mean``, ``std``, ``device``; ``layer`` is its
@@ -116,47 +116,77 @@ def explain(
         return _explain(options, pairs, image)
 
 
+class _LayerChannels:
+    """Per-channel sums of one layer over the images (float64), its channel statistic and its example image."""
+
+    def __init__(self, info) -> None:
+        self.info = info
+        channels = info.shape[0]
+        self.sums = {k: torch.zeros(channels, dtype=torch.float64) for k in ("aligned", "unaligned", "chance")}
+        self.stat = ChannelStatistic(channels)
+        self.per_image: dict[str, list[torch.Tensor]] = {"aligned": [], "chance": [], "near": []}  # (B,) per image
+        self.example: dict[str, torch.Tensor] = {}
+        self.best_structure = -1.0
+
+    def update(self, pair, near: torch.Tensor, names: list[str], image: str | None) -> None:
+        self.per_image["near"].append(near.cpu())
+        m = pair.mask.to(pair.reference.dtype)
+        for name, other in (("aligned", pair.aligned), ("unaligned", pair.moved), ("chance", pair.other)):
+            squared = ((pair.reference - other).square() * m).sum(dim=(2, 3), dtype=torch.float64).cpu()
+            self.sums[name] += squared.sum(dim=0)
+            if name in self.per_image:
+                self.per_image[name].append(squared.sum(dim=1))
+        self.stat.update(pair.reference, pair.aligned, pair.mask)
+        pick, score = _pick_example(pair.reference, m, names, image)
+        if pick is not None and score > self.best_structure:
+            self.best_structure = score
+            self.example = {"reference": pair.reference[pick].cpu().clone(), "aligned": pair.aligned[pick].cpu().clone(),
+                            "mask": pair.mask.cpu().clone(), "image": names[pick]}
+
+    def permutation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "_perm"):
+            self._perm = self.stat.fit_permutation()
+        return self._perm
+
+    @property
+    def moved(self) -> int:
+        perm, _ = self.permutation()
+        return int((perm != torch.arange(len(perm))).sum())
+
+
 def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> ChannelExplanation:
     ctx = RunContext.open(options, pairs, options.resolve_device())
-    if options.layers is None:  # the default: the deepest of the model's default layers
-        ctx.layers = ctx.layers[-1:]
-    if len(ctx.layers) != 1:
+    if options.layers is not None and len(ctx.layers) != 1:
         names = ", ".join(info.name for info in ctx.layers[:6])
         raise UsageError(f"explain takes one layer; {', '.join(options.layers or ())!r} selects {len(ctx.layers)} ({names}...); name one")
-    info, g, dev = ctx.layers[0], ctx.transforms[0], ctx.device
+    g, dev = ctx.transforms[0], ctx.device
     stream = ctx.stream()
     if image is not None and stream.paths is not None and not any(_matches(p, image) for p in stream.paths):
         raise _unknown_image(image, [str(p) for p in stream.paths])  # before the work, not after it
     feeder = ctx.feeder()
-    channels = info.shape[0]
-    sums = {k: torch.zeros(channels, dtype=torch.float64) for k in ("aligned", "unaligned", "chance", "sq_b")}
-    stat = ChannelStatistic(channels)
-    per_image: dict[str, list[torch.Tensor]] = {"aligned": [], "chance": [], "near": []}  # (B,) per image
-    example: dict[str, torch.Tensor] = {}
-    best_structure = -1.0
+    # without --layer, every default stage is measured in the same pass and the one whose channels swap most is shown
+    layers = {info.name: _LayerChannels(info) for info in ctx.layers}
     with torch.inference_mode(), FeatureCapture(ctx.model, ctx.layers) as capture:
         for batch in stream:
             x = batch.pixels.to(dev)
             _, near = near_duplicates(x, chance_partners(x, batch.partner))  # left out of the ratio, as in analyze
             for pair in feeder.pairs(x, capture, batch.partner):  # chance partners as analyze forms them
-                per_image["near"].append(near.cpu())
-                m = pair.mask.to(pair.reference.dtype)
-                for name, other in (("aligned", pair.aligned), ("unaligned", pair.moved), ("chance", pair.other)):
-                    squared = ((pair.reference - other).square() * m).sum(dim=(2, 3), dtype=torch.float64).cpu()
-                    sums[name] += squared.sum(dim=0)
-                    if name in per_image:
-                        per_image[name].append(squared.sum(dim=1))
-                stat.update(pair.reference, pair.aligned, pair.mask)
-                pick, score = _pick_example(pair.reference, m, batch.names, image)
-                if pick is not None and score > best_structure:
-                    best_structure = score
-                    example = {"reference": pair.reference[pick].cpu().clone(), "aligned": pair.aligned[pick].cpu().clone(),
-                               "mask": pair.mask.cpu().clone(), "image": batch.names[pick]}
+                layers[pair.layer.name].update(pair, near, batch.names, image)
     if len(stream.used) < 2:
         raise ImageError("fewer than 2 readable images; pass --images with readable files")
-    if not example:
+    if len(layers) == 1:
+        chosen, why = next(iter(layers.values())), "asked for (--layer)"
+    else:
+        share = {name: layer.moved / layer.info.shape[0] for name, layer in layers.items()}
+        chosen = layers[max(share, key=lambda name: (share[name], name == ctx.layers[-1].name))]
+        listed = ", ".join(f"{name} {layer.moved}/{layer.info.shape[0]}" for name, layer in layers.items())
+        why = (f"the default stage whose best channel permutation moves the largest share of its channels "
+               f"({listed}); pass --layer to pick another")
+    if not chosen.example:
         raise _unknown_image(image, list(stream.used))
-    perm, corr = stat.fit_permutation()
+    info, sums, stat, example = chosen.info, chosen.sums, chosen.stat, chosen.example
+    channels = info.shape[0]
+    perm, corr = chosen.permutation()
     # sum ||a_c - b'_j||^2 from the statistics: sum a_c^2 - 2 sum a_c b'_j + sum b'_j^2
     matched = stat.sq_a - 2 * stat.cross[torch.arange(channels), perm] + torch.diagonal(stat.gram)[perm]
     chance = sums["chance"].sqrt()
@@ -171,11 +201,12 @@ def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> Ch
         "match_correlation": corr.numpy(),
         "matched_error": (matched.clamp(min=0).sqrt() / safe).numpy(),
     })
+    per_image = chosen.per_image
     meta = {
         "model": ctx.cfg.model_name, "model_options": options.as_json(), "weights": ctx.cfg.weights,
         "pretrained": ctx.cfg.pretrained,
-        "layer": info.name, "stride": info.stride, "shape": list(info.shape), "transform": g.spec, "mask": pairs.mask,
-        "images_used": list(stream.used), "example_image": example.get("image"),
+        "layer": info.name, "layer_reason": why, "stride": info.stride, "shape": list(info.shape), "transform": g.spec,
+        "mask": pairs.mask, "images_used": list(stream.used), "example_image": example.get("image"),
         "example_reason": "chosen by name" if image else f"most structure at {info.name}",
         # the mean over images of each image's ratio, exactly as alignment.csv's aligned_error ...
         "layer_aligned_error": _mean_ratio(torch.cat(per_image["aligned"]), torch.cat(per_image["chance"]),
@@ -183,7 +214,7 @@ def _explain(options: ModelOptions, pairs: PairOptions, image: str | None) -> Ch
         # ... and pooled over images (ratio of sums), the only form the fitted permutation has
         "layer_aligned_error_pooled": float(sums["aligned"].sum().sqrt() / sums["chance"].sum().sqrt()),
         "layer_matched_error": float(matched.clamp(min=0).sum().sqrt() / sums["chance"].sum().sqrt()),
-        "channels_moved_by_permutation": int((perm != torch.arange(channels)).sum()),
+        "channels_moved_by_permutation": chosen.moved,
     }
     return ChannelExplanation(table=table, example=example, meta=meta)
 

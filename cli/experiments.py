@@ -15,7 +15,7 @@ from alignscope.cli.options import fit_options, model_options, pair_options, run
 
 @app.command()
 @model_options(layers=False)
-@click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the deepest stage.")
+@click.option("--layer", default=None, help="One module name (see 'alignscope layers'). Default: the stage whose best channel permutation moves the largest share of channels.")
 @pair_options(one_transform=True, seed=False, workers=False)
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, help="Worst and best channels to draw and list.")
 @click.option("--image", default=None, help="Image drawn in channels.png, by file name or stem. Default: the one with the most structure at the layer.")
@@ -52,6 +52,7 @@ def explain(options, layer, pairs, top, image, out, force, as_json, debug) -> No
     ranked = result.table.sort_values("aligned_error", ascending=False)
     columns = ("channel", "aligned_error", "unaligned_error", "share", "match", "match_correlation", "matched_error")
     click.echo(f"{meta['model']} {meta['layer']} {tuple(meta['shape'])} under {meta['transform']} · {len(meta['images_used'])} images")
+    click.echo(f"layer {meta['layer']}: {meta['layer_reason']}")
     click.echo(f"layer aligned_error {meta['layer_aligned_error']:.3f} (mean over images, as in alignment.csv); pooled "
                f"over images {meta['layer_aligned_error_pooled']:.3f}, after the best channel permutation "
                f"{meta['layer_matched_error']:.3f} ({meta['channels_moved_by_permutation']} channels re-assigned; in-sample)")

@@ -167,10 +167,18 @@ def test_analyze_of_a_resized_timm_name_still_says_random_weights():
 # --- explain and the benchmark -----------------------------------------------------------------------
 
 
-def test_explain_takes_the_options_and_defaults_to_the_deepest_layer(stack, images):
+def test_explain_takes_the_options_and_defaults_to_the_stage_whose_channels_swap_most(stack, images):
     result = explain(ModelOptions(stack, input_size=(3, 16, 16)), transform="rot90", images=images, batch_size=4)
-    assert result.meta["layer"] == "c" and tuple(result.meta["shape"]) == (8, 8, 8)
     assert result.meta["model_options"]["input_size"] == [3, 16, 16]
+    # each stage on its own, then the default must be the one with the largest share of moved channels (ties: deepest)
+    share = {}
+    for name in ("a", "c"):
+        one = explain(stack, layer=name, transform="rot90", images=images, batch_size=4, input_size=(3, 16, 16))
+        assert one.meta["layer"] == name and one.meta["layer_reason"].startswith("asked for")
+        share[name] = one.meta["channels_moved_by_permutation"] / one.meta["shape"][0]
+    expected = max(share, key=lambda name: (share[name], name == "c"))
+    assert result.meta["layer"] == expected and "pass --layer" in result.meta["layer_reason"]
+    assert result.meta["channels_moved_by_permutation"] / result.meta["shape"][0] == share[expected]
     named = explain(stack, layer="b", transform="rot90", images=images, batch_size=4, input_size=(3, 16, 16))
     assert named.meta["layer"] == "b" and named.meta["model_options"]["layers"] == ["b"]
     with pytest.raises(UsageError, match="explain takes one layer"):
