@@ -29,6 +29,8 @@ FIT_QUANTITIES = {"family": ("optimal", "optimal_plain"), "affine": ("optimal_af
 #: Output-row quantities that are proportions (a Wilson interval, not Student-t).
 AGREEMENT_QUANTITIES = ("prediction_agreement", "prediction_agreement_chance", "prediction_agreement_floor")
 PREDICTION_QUANTITIES = AGREEMENT_QUANTITIES + ("prediction_kl", "prediction_kl_chance", "prediction_kl_floor")
+#: Placement-row quantities (an exact STN at a layer, measured on the prediction).
+PLACEMENT_QUANTITIES = ("placed_agreement", "placed_kl")
 
 STD = "_std"
 INTERVAL = ("_ci_low", "_ci_high")
@@ -40,7 +42,8 @@ class Column:
 
     ``suffixes`` are the derived columns written next to it (``_std``, ``_ci_low``, ``_ci_high``);
     ``group`` is the docs table it is listed in: ``layer`` (every run), ``fitted`` (with
-    ``--optimal`` / ``--channel-map``) or ``output`` (the output rows).
+    ``--optimal`` / ``--channel-map``), ``output`` (the output rows) or ``placement`` (the
+    placement rows, with ``--placement``).
     """
 
     name: str
@@ -104,8 +107,8 @@ _LAYER = [
                            "the image's norm in pixels (near-duplicate images; see the floors in docs/measures.md)"),
     _c("why_missing", "empty when the row has numbers; otherwise why not: no or too few valid cells (below 4 cells "
                       "and 1% of the map), or no image above the chance floor", False),
-    _c("kind", "`layer`, or `output` for the output rows (the model's prediction; their distance columns are empty)",
-       False),
+    _c("kind", "`layer`, `output` for the output rows (the model's prediction) or `placement` for the placement rows "
+               "(an exact STN at a layer, `--placement`); the distance columns are empty on the last two", False),
 ]
 _OUTPUT = [
     _c("prediction_agreement", "share of images whose top-1 class is the same for x and g x; 95% Wilson interval",
@@ -116,6 +119,18 @@ _OUTPUT = [
     _c("prediction_kl_chance", "KL between x and its chance partner, nats", group="output"),
     _c("prediction_agreement_floor", "agreement between x and g⁻¹(g x) (1 for exact g)", group="output"),
     _c("prediction_kl_floor", "KL between x and g⁻¹(g x), nats (0 for exact g)", group="output"),
+]
+_PLACEMENT = [
+    _c("placed_agreement", "share of images whose top-1 class is the same for x and for g x with the layer's output "
+                           "replaced by g⁻¹ of it (an exact STN there); 95% Wilson interval. `layer` `input`: the STN "
+                           "in front of the network, f(g⁻¹ g x)", suffixes=INTERVAL, group="placement"),
+    _c("placed_kl", "mean KL(p(x) ‖ p_placed) of the softmax outputs, nats; 95% Student-t interval", suffixes=INTERVAL,
+       group="placement"),
+    _c("placed_by", "the STN's warp: `inverse` (g⁻¹, as the layer rows align), or with fits `optimal` / "
+                    "`optimal_affine` (the searched warp) and `channel_map` / `permutation` (g⁻¹, then the fitted "
+                    "channel map)", False, group="placement"),
+    _c("placement_drop", "`placed_agreement` of the previous place (in depth order, the input first) minus this "
+                         "one's: what the modules between the two cost", group="placement"),
 ]
 _FITTED = [
     _c("n_calibration", "images the fits were calibrated on (none of them is in `n_images`)", group="fitted"),
@@ -148,7 +163,7 @@ _FITTED = [
 ]
 
 #: Every column of ``alignment.csv`` by its base name, in the order the docs list them.
-ALIGNMENT_COLUMNS: dict[str, Column] = {c.name: c for c in (*_LAYER, *_OUTPUT, *_FITTED)}
+ALIGNMENT_COLUMNS: dict[str, Column] = {c.name: c for c in (*_LAYER, *_OUTPUT, *_PLACEMENT, *_FITTED)}
 
 #: Columns every table has, in this order, first (what a reader of the CSV may rely on).
 REQUIRED_COLUMNS = (
@@ -194,7 +209,7 @@ def describe(name: str) -> str:
 
 
 def markdown_table(group: str) -> str:
-    """The docs table of one ``group`` (``layer``, ``output``, ``fitted``): | column | meaning |."""
+    """The docs table of one ``group`` (``layer``, ``output``, ``placement``, ``fitted``): | column | meaning |."""
     lines = ["| column | meaning |", "|---|---|"]
     for column in ALIGNMENT_COLUMNS.values():
         if column.group == group:

@@ -138,12 +138,33 @@ def _print_summary(report, out_path: Path) -> None:
         columns = SUMMARY_COLUMNS[:4] + fitted + SUMMARY_COLUMNS[4:] if fitted else SUMMARY_COLUMNS
         click.echo("")
         click.echo(format_table(layer_rows(report.table), columns))
+    _print_placement(report.table)
     warnings = report.warnings()
     if warnings:  # each in full in report.html
         click.echo(f"\ncaveats ({len(warnings)}):")
         for line in warnings:
             click.echo(f"- {line if len(line) <= 160 else line[:159] + '…'}")
     click.echo(f"\nreport written to {out_path}/")
+
+
+def _print_placement(table) -> None:
+    """The placement grid and one line per transform (with --placement), the costliest modules with many layers."""
+    import shutil
+
+    from alignscope.report.output_rows import placement_rows
+    from alignscope.report.placement import PlacementGrid, costliest_modules, placement_verdicts
+    from alignscope.report.report import format_table
+
+    if placement_rows(table).empty:
+        return
+    click.echo("")
+    click.echo(PlacementGrid.from_table(table).text(max(80, shutil.get_terminal_size((80, 24)).columns)))
+    click.echo("")
+    for line in placement_verdicts(table):
+        click.echo(line)
+    if placement_rows(table)["layer"].nunique() > 8:  # --layers all: where the prediction is lost
+        click.echo("\nlargest drops in agreement between one place and the next:")
+        click.echo(format_table(costliest_modules(table), ("transform", "layer", "placement_drop", "placed_agreement")))
 
 
 @app.command()
@@ -255,7 +276,8 @@ def plot(csv: str, out: str | None, force: bool) -> None:
     """Redraw the plots of a report from its alignment.csv."""
     from alignscope.errors import ReportExistsError
     from alignscope.report.files import is_alignscope_folder, mark_folder, record_files
-    from alignscope.report.plots import report_figures, save_figures
+    from alignscope.report.figures import report_figures
+    from alignscope.report.plots import save_figures
     from alignscope.report.report import read_report_csv
 
     table = read_report_csv(csv)

@@ -153,8 +153,8 @@ def pair_options(command=None, *, one_transform: bool = False, images_default_he
 
 
 def run_options(command=None, *, outputs: bool = True):
-    """Add ``--amp`` and ``--channels-last`` (and, with ``outputs``, ``--per-image`` and ``--no-output``); the
-    command receives one RunOptions as ``run``."""
+    """Add ``--amp`` and ``--channels-last`` (and, with ``outputs``, ``--per-image``, ``--no-output`` and
+    ``--placement``); the command receives one RunOptions as ``run``."""
     if command is None:
         return functools.partial(run_options, outputs=outputs)
     declared = [
@@ -169,15 +169,19 @@ def run_options(command=None, *, outputs: bool = True):
             click.option("--no-output", is_flag=True,
                          help="Skip the output row (top-1 agreement and softmax KL between x and g x), measured by "
                               "default for models with a classifier head; forward passes then stop after the deepest layer."),
+            click.option("--placement", is_flag=True,
+                         help="Add the placement rows: the prediction when each layer's output of g x is replaced by "
+                              "g^-1 of it (an exact STN there), against f(x), and the placement figure. Costs one more "
+                              "forward pass per layer, transform and image (and per fit asked for)."),
         ]
 
     def build(values: dict, rest: dict) -> dict:
         from alignscope.engine.options import RunOptions
 
         return {"run": RunOptions(values["amp"], values["channels_last"], not values.get("no_output", False),
-                                  values.get("per_image", False))}
+                                  values.get("per_image", False), values.get("placement", False))}
 
-    return _shared(command, declared, ("amp", "channels_last", "per_image", "no_output"), build)
+    return _shared(command, declared, ("amp", "channels_last", "per_image", "no_output", "placement"), build)
 
 
 def _parse_ridge(text: str) -> float | str:

@@ -8,7 +8,8 @@ import pytest
 from _tables import make_table
 
 from alignscope.report.comparison import combine_runs, comparison_table, overlap
-from alignscope.report.plots import depth_figure, depth_rows, heatmap_figure, report_figures, sweep_figures
+from alignscope.report.figures import report_figures
+from alignscope.report.plots import depth_figure, depth_rows, heatmap_figure, sweep_figures
 from alignscope.report.verdicts import verdicts
 
 

@@ -143,7 +143,8 @@ def test_plot_and_compare_refuse_user_folders_and_their_inputs(tmp_path):
 def test_an_interrupted_plot_leaves_the_old_png_whole(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from alignscope.report.plots import report_figures, save_figures
+    from alignscope.report.figures import report_figures
+    from alignscope.report.plots import save_figures
 
     figures = report_figures(fake_table())
     save_figures(dict(figures), tmp_path)

@@ -12,25 +12,28 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..errors import ImageError
+from ..errors import ImageError, UsageError
 from ..fit.fitting import MIN_PER_SPLIT, Calibrator, FitRequest, PairFit
 from ..inputs.images import ImageSource, ImageStream, split_stream
 from ..inputs.options import PairOptions
 from ..inputs.pairs import PairFeeder, chance_partners
 from ..geometry.transforms import Transform
 from ..measure.layers import LayerMeter
+from ..measure.placement import PlacementMeter
 from ..measure.prediction import PredictionMeter, image_rows
 from ..model.capture import FeatureCapture
+from ..model.substitute import MapSubstitution
 from ..model.options import ModelOptions
 from ..model.preserve import left_as_found
 from ..report.caveats import nonfinite_layers, warn_chance_collapse, warn_left_out
-from ..report.output_rows import output_layer_name, with_output_rows
+from ..report.output_rows import output_layer_name, with_output_rows, with_placement_rows
 from ..report.report import AlignmentReport
 from ..runtime.allocator import malloc_tuning, release_free_memory, tune_malloc
 from ..runtime.distributed import all_reduce_sum, gather_to_main, init_from_environment
 from ..runtime.timing import PhaseTimer
 from .context import RunContext
 from .options import RunOptions, refuse_both
+from .placement import FITTED_PLACEMENTS, PlacementRunner
 
 log = logging.getLogger("alignscope")
 
@@ -64,6 +67,7 @@ def analyze(
     progress: ProgressCallback | None = None,
     timer: PhaseTimer | None = None,
     output: bool = True,
+    placement: bool = False,
     *,
     pairs: PairOptions | None = None,
     run: RunOptions | None = None,
@@ -102,11 +106,15 @@ def analyze(
     transform (top-1 agreement and softmax KL between x and g x; see
     :mod:`alignscope.measure.prediction`); the forward passes then run to the end.
     ``False`` skips it; ``meta["output"]`` says whether it was measured and why not.
+    ``placement``: add the placement rows (``kind`` = ``"placement"``): for each layer and transform, the
+    prediction when layer k's output of g x is replaced by g⁻¹ of it, an exact STN there, against f(x)
+    (:mod:`alignscope.measure.placement`); one more forward pass per layer, transform and image (and per
+    fit asked for). Needs a classifier head.
 
     The settings come as three option objects too, each validated once: ``pairs``
     (:class:`~alignscope.inputs.options.PairOptions`: transforms, images, batch size, mask, seed,
     max images, workers), ``run`` (:class:`~alignscope.engine.options.RunOptions`: amp,
-    channels_last, output, per_image) and ``fits`` (:class:`~alignscope.fit.fitting.FitRequest`);
+    channels_last, output, per_image, placement) and ``fits`` (:class:`~alignscope.fit.fitting.FitRequest`);
     one given replaces the keywords it covers.
     """
     options = ModelOptions.build(model, weights=weights, pretrained=pretrained, input_size=input_size, mean=mean, std=std,
@@ -115,11 +123,11 @@ def analyze(
     refuse_both("pairs", pairs, dict(transforms=(transforms, None), images=(images, None), batch_size=(batch_size, 16),
                                      mask=(mask, "auto"), seed=(seed, 0), max_images=(max_images, None), workers=(workers, 0)))
     refuse_both("run", run, dict(amp=(amp, None), channels_last=(channels_last, None), output=(output, True),
-                                 per_image=(per_image, False)))
+                                 per_image=(per_image, False), placement=(placement, False)))
     refuse_both("fits", fits, dict(optimal=(optimal, None), channel_map=(channel_map, None), ridge=(ridge, "auto"),
                                    search_steps=(search_steps, 60), calibration_images=(calibration_images, None)))
     pairs = pairs or PairOptions.build(transforms, images, batch_size, mask, seed, max_images, workers)
-    run = run or RunOptions(amp, channels_last, output, per_image)
+    run = run or RunOptions(amp, channels_last, output, per_image, placement)
     request = fits or FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)
     with left_as_found(options.model):  # a caller's module comes back in its own mode, device and flags
         return _measure(options, pairs, run, request, progress, timer)
@@ -133,6 +141,8 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     torch.manual_seed(pairs.seed)
     ctx = RunContext.open(options, pairs, dev)
     head = ctx.output_head(run.output)
+    if run.placement and not head.measured:
+        raise UsageError(f"placement compares the model's predictions, but {head.reason}; drop --placement")
     channels_last = run.channels_last_on(dev)
     if channels_last:
         ctx.model.to(memory_format=torch.channels_last)
@@ -149,12 +159,16 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     feeder = ctx.feeder(timer=timer, amp=run.amp_dtype, channels_last=channels_last)
     meter = LayerMeter(ctx.cfg.model_name, ctx.layers, ctx.transforms, request.quantities, run.per_image)
     predictions = PredictionMeter(ctx.transforms) if head.measured else None
+    placed_by = ["inverse", *(FITTED_PLACEMENTS[q] for q in FITTED_PLACEMENTS if q in request.quantities)]
+    placements = PlacementMeter(ctx.layers, ctx.transforms, placed_by) if run.placement else None
     output_name = output_layer_name([layer.name for layer in ctx.layers])
     used: list[tuple[int, list[str]]] = []  # (batch index, image names) as measured on this rank
     fitted: dict[tuple[str, str, str], PairFit] = {}
     fit_seconds, fit_phases, done = 0.0, {}, 0
     loop_started = time.perf_counter()
-    with FeatureCapture(ctx.model, ctx.layers, output_classes=head.classes) as capture:
+    with FeatureCapture(ctx.model, ctx.layers, output_classes=head.classes) as capture, \
+            MapSubstitution(ctx.model, ctx.layers if placements is not None else []) as substitution:
+        placer = PlacementRunner(feeder, capture, substitution, placements) if placements is not None else None
         if calibration is not None:
             fit_started = time.perf_counter()
             fitted, done, fit_phases = _calibrate(calibration, feeder, capture, request, dev, progress, total)
@@ -167,17 +181,23 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
                 for pair in feeder.pairs(x, capture, batch.partner):
                     fit = fitted.get((pair.layer.name, pair.transform.spec, pair.transform.sweep))
                     with timer("metrics"):
-                        meter.update(pair, fit.aligned_maps(pair) if fit else None, batch.index, batch.names)
+                        fitted_maps = fit.aligned_maps(pair) if fit else None
+                        meter.update(pair, fitted_maps, batch.index, batch.names)
+                    if placer is not None:
+                        placer.place(pair, x, fitted_maps)  # its passes count as the "placement" phase
+                    del fitted_maps
                 if predictions is not None:
                     with timer("metrics"):
                         for transform, values in predictions.update(feeder.output_pairs):
                             if run.per_image:
                                 meter.image_rows.extend((batch.index, row) for row in image_rows(
                                     ctx.cfg.model_name, output_name, transform, batch.names, values))
+                if placer is not None:
+                    placer.finish(x, feeder.output_pairs)
                 done += x.shape[0] * ranks.world_size
                 if progress is not None:
                     progress(min(done, total), total)
-    measured = _merge_ranks(ranks, dev, stream, used, meter, predictions)
+    measured = _merge_ranks(ranks, dev, stream, used, meter, predictions, placements)
     release_free_memory()  # the batches' freed heap (about 0.65 GB on the default job) before the report's figures
     loop_seconds = time.perf_counter() - loop_started
 
@@ -186,11 +206,14 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     table = with_output_rows(table, [] if predictions is None else predictions.rows(
         ctx.cfg.model_name, output_name, len(ctx.layers) + 1, head.classes, ctx.cfg.input_size[1:], pairs.mask,
         ctx.cfg.pretrained, n_calibration))
+    if placements is not None:
+        table = with_placement_rows(table, placements.rows(ctx.cfg.model_name, ctx.cfg.input_size[1:], pairs.mask,
+                                                           ctx.cfg.pretrained, n_calibration))
     meta = ctx.metadata(stream, setup_seconds, loop_seconds)
     meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
     meta.update(amp=run.amp, channels_last=channels_last, workers=pairs.workers, world_size=ranks.world_size,
                 rank=ranks.rank, malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite,
-                output=head.as_json(), registered_border=[{"layer": layer, "transform": spec, "shift_px": list(shift)}
+                output=head.as_json(), placement=_placement_meta(placements), registered_border=[{"layer": layer, "transform": spec, "shift_px": list(shift)}
                                                           for (layer, spec), shift in feeder.border_shifts.items()])
     if calibration is not None:
         meta["fits"] = {
@@ -205,13 +228,23 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     return AlignmentReport(table=table, per_image=per_image_table, meta=meta, fits=fit_details)
 
 
+def _placement_meta(placements: PlacementMeter | None) -> dict:
+    """``run.json``'s ``placement``: whether the placement rows were measured, with which alignments, and the
+    layers left out of them with the reason."""
+    if placements is None:
+        return {"measured": False}
+    return {"measured": True, "placed_by": list(placements.placed_by),
+            "layers_left_out": [{"layer": name, "reason": why} for name, why in placements.skipped.items()]}
+
+
 def _merge_ranks(ranks, dev: torch.device, stream: ImageStream, used: list, meter: LayerMeter,
-                 predictions: PredictionMeter | None) -> int:
+                 predictions: PredictionMeter | None, placements: PlacementMeter | None = None) -> int:
     """Sum every rank's statistics and gather the image names and per-image rows (under torchrun); images measured."""
     measured_count = torch.tensor([float(len(stream.used))], dtype=torch.float64)
     if ranks.active:
         # the image count rides along, so every rank (not only rank 0, which gathers the names) knows it
-        all_reduce_sum([measured_count, *meter.states(), *(predictions.states() if predictions is not None else [])],
+        all_reduce_sum([measured_count, *meter.states(), *(predictions.states() if predictions is not None else []),
+                       *(placements.states() if placements is not None else [])],
                        dev if dev.type == "cuda" else torch.device("cpu"))
         shards = gather_to_main((used, list(stream.skipped), meter.image_rows), ranks)
         used = sorted((item for shard in shards for item in shard[0]), key=lambda item: item[0])

@@ -1,4 +1,5 @@
-"""How a run executes, said once: :class:`RunOptions` (autocast, memory format, output row, per-image rows).
+"""How a run executes, said once: :class:`RunOptions` (autocast, memory format, output row, placement rows,
+per-image rows).
 
 What is measured lives elsewhere: the model in :class:`~alignscope.model.options.ModelOptions`
 (with the device), the pairs in :class:`~alignscope.inputs.options.PairOptions`, the fits in
@@ -28,15 +29,20 @@ def resolve_amp(amp: str | None) -> torch.dtype | None:
 class RunOptions:
     """``amp``: ``"bf16"`` | ``"fp16"`` runs the model under autocast (maps compared in float32, statistics in
     float64); ``channels_last``: NHWC tensors for the model (``None``: on for CUDA); ``output``: measure the
-    output row where the model has a classifier head; ``per_image``: keep one row per image too."""
+    output row where the model has a classifier head; ``placement``: the placement rows (an exact STN at each
+    layer, measured on the prediction; needs ``output``); ``per_image``: keep one row per image too."""
 
     amp: str | None = None
     channels_last: bool | None = None
     output: bool = True
     per_image: bool = False
+    placement: bool = False
 
     def __post_init__(self) -> None:
         resolve_amp(self.amp)  # a bad value fails when the options are made
+        if self.placement and not self.output:
+            raise UsageError("placement compares the model's predictions, so it needs the output row; drop output=False "
+                             "(--no-output) or placement=True (--placement)")
 
     @property
     def amp_dtype(self) -> torch.dtype | None:

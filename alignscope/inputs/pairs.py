@@ -201,19 +201,33 @@ class PairFeeder:
         self.output_pairs: list[OutputPair] = []
         self._users: dict[Residual, tuple[set[str], int]] | None = None
 
-    def _forward(self, capture: FeatureCapture, x: torch.Tensor, limit: int | None = None) -> dict[str, torch.Tensor]:
-        """The captured maps of ``x``, fed in :func:`forward_chunks` of at most ``limit`` images."""
+    def _forward(self, capture: FeatureCapture, x: torch.Tensor, limit: int | None = None,
+                 phase: str = "forward") -> dict[str, torch.Tensor]:
+        """The captured maps of ``x``, fed in :func:`forward_chunks` of at most ``limit`` images; the time
+        counts as ``phase``."""
         if limit is not None and x.shape[0] > limit:
-            parts = [self._forward(capture, chunk) for chunk in forward_chunks(x, limit)]
+            parts = [self._forward(capture, chunk, phase=phase) for chunk in forward_chunks(x, limit)]
             return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.timer("forward"):
+        with self.timer(phase):
             if self.amp is None:
                 return {name: value.float() for name, value in capture(x).items()}  # no copy when already float32
             with torch.autocast(self.device.type, dtype=self.amp):
                 maps = capture(x)
             return {name: value.float() for name, value in maps.items()}
+
+    def output_of(self, capture: FeatureCapture, batch: torch.Tensor) -> torch.Tensor:
+        """The model's output (B, K) for ``batch``, fed as the measuring pass feeds it (autocast, memory format);
+        no layer is captured (see :meth:`~alignscope.model.capture.FeatureCapture.output_only`)."""
+        with capture.output_only():
+            return self._forward(capture, batch, phase="placement")[MODEL_OUTPUT]
+
+    def moved_input(self, x: torch.Tensor, transform: Transform) -> torch.Tensor:
+        """g x exactly as :meth:`model_inputs` feeds it (disk-masked first where ``transform`` uses the disk)."""
+        with self.timer("warping"):
+            source = keep_disk(x, self.image_disk, self.fill) if uses_disk(transform, self.mask_mode) else x
+            return source if transform.is_identity else warp(source, transform, 1.0, self.fill)
 
     def mask_for(self, layer: LayerInfo, transform: Transform, disk: bool, height: int, width: int) -> torch.Tensor:
         """The valid mask; equal masks are one tensor object, so quantities that depend only on

@@ -95,7 +95,7 @@ def find_head(model: nn.Module, input_size: Sequence[int], device: str | torch.d
     return Head(True, classes=shape[1], evidence=evidence)
 
 
-def _compare(log_p: torch.Tensor, top: torch.Tensor, finite: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compare_predictions(log_p: torch.Tensor, top: torch.Tensor, finite: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-1 agreement as 0/1, KL(p || q) in nats) per image, NaN where either output is not finite."""
     log_q = torch.log_softmax(other.to(torch.float64), dim=1)
     agree = (log_q.argmax(dim=1) == top).to(torch.float64)
@@ -122,12 +122,12 @@ def prediction_values(reference: torch.Tensor, moved: torch.Tensor, other: torch
     log_p = torch.log_softmax(reference.to(torch.float64), dim=1)
     top = log_p.argmax(dim=1)
     finite = torch.isfinite(reference).all(dim=1)
-    agreement, kl = _compare(log_p, top, finite, moved)
-    chance_agreement, chance_kl = _compare(log_p, top, finite, other)
+    agreement, kl = compare_predictions(log_p, top, finite, moved)
+    chance_agreement, chance_kl = compare_predictions(log_p, top, finite, other)
     if roundtrip is None:
-        floor_agreement, floor_kl = _compare(log_p, top, finite, reference)  # exactly 1 and 0 where finite
+        floor_agreement, floor_kl = compare_predictions(log_p, top, finite, reference)  # exactly 1 and 0 where finite
     else:
-        floor_agreement, floor_kl = _compare(log_p, top, finite, roundtrip)
+        floor_agreement, floor_kl = compare_predictions(log_p, top, finite, roundtrip)
     return {"prediction_agreement": agreement, "prediction_kl": kl,
             "prediction_agreement_chance": chance_agreement, "prediction_kl_chance": chance_kl,
             "prediction_agreement_floor": floor_agreement, "prediction_kl_floor": floor_kl}

@@ -534,6 +534,18 @@ class FeatureCapture:
             finally:
                 self._only = saved
 
+    @contextlib.contextmanager
+    def output_only(self) -> Iterator["FeatureCapture"]:
+        """Within this block no layer is captured and the model's output is returned (the forward pass runs to the end)."""
+        if self.output_classes is None:
+            raise LayerError("this capture returns no model output (the model has no classifier head, or output=False)")
+        saved = self._only
+        self._only = set()
+        try:
+            yield self
+        finally:
+            self._only = saved
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

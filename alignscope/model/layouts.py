@@ -57,6 +57,14 @@ class Layout:
         """(B, C, H, W) view (or copy, for token grids) of ``x``."""
         return CONVERTERS[self.kind](x, self)
 
+    def from_nchw(self, nchw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_nchw`: ``nchw`` (B, C, H, W) written in the layout of ``like``, the captured
+        tensor it replaces (its prefix tokens kept as they are; its dtype, device and shape)."""
+        out = WRITERS[self.kind](nchw.to(like.dtype), like, self)
+        if out.shape != like.shape:
+            raise ValueError(f"a {tuple(nchw.shape)} map written as {self} gives {tuple(out.shape)}, not {tuple(like.shape)}")
+        return out
+
     def at_input(self, x: torch.Tensor, input_hw: tuple[int, int]) -> "Layout":
         """This layout for ``x`` captured from an input of ``input_hw`` (H, W) other than the probed one.
 
@@ -108,6 +116,14 @@ CONVERTERS: dict[str, Callable[[torch.Tensor, Layout], torch.Tensor]] = {
     "NHWC": _nhwc,
     "NLC": _tokens_last,
     "NCL": _tokens_first,
+}
+
+#: The inverses, (map, captured tensor, layout) -> a tensor shaped like the captured one.
+WRITERS: dict[str, Callable[[torch.Tensor, torch.Tensor, Layout], torch.Tensor]] = {
+    "NCHW": lambda m, like, layout: m.clone(),  # a copy: a later in-place op of the model must not reach the caller's map
+    "NHWC": lambda m, like, layout: m.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format),
+    "NLC": lambda m, like, layout: torch.cat([like[:, :layout.prefix, :], m.flatten(2).transpose(1, 2)], dim=1),
+    "NCL": lambda m, like, layout: torch.cat([like[:, :, :layout.prefix], m.flatten(2)], dim=2),
 }
 
 NCHW = Layout("NCHW")

@@ -9,7 +9,11 @@ field, rotation-invariant) aligns with g^-1 alone. :class:`PlainNetwork` has
 the same layers and channel counts with ordinary convolutions: neither g^-1
 nor a permutation aligns it. Both expose their tensors as the outputs of
 ``nn.Identity`` modules named ``regular`` and ``pooled`` so the hooks can
-see them. ``e2cnn`` is needed only for :class:`C8Network` (``pip install e2cnn``).
+see them. :class:`C8Classifier` puts a linear read-out of every cell (not
+invariant) on one of the two, for the placement rows: an exact STN at
+``pooled`` restores its prediction, one at ``regular`` only together with
+the channel permutation. ``e2cnn`` is needed only for the C8 networks
+(``pip install e2cnn``).
 """
 from __future__ import annotations
 
@@ -55,6 +59,28 @@ class C8Network(nn.Module):
         h = self.conv2(self.relu(self.conv1(self._geometric(x, self.in_type))))
         self.regular(h.tensor)
         return self.pooled(self.group_pool(h).tensor)
+
+
+class C8Classifier(nn.Module):
+    """:class:`C8Network`, then a linear map of every cell of its ``reads`` output (``"pooled"`` or ``"regular"``)
+    to ``classes`` scores; ``size`` is the square input's side in pixels. Its layers are ``body.regular`` and
+    ``body.pooled``."""
+
+    def __init__(self, reads: str = "pooled", size: int = 32, classes: int = 10, fields: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        if reads not in ("pooled", "regular"):
+            raise ValueError(f"reads must be 'pooled' or 'regular', got {reads!r}")
+        self.body = C8Network(fields=fields, seed=seed)
+        self.reads = reads
+        channels = fields if reads == "pooled" else fields * GROUP_ORDER
+        self.head = nn.Linear(channels * size * size, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reads == "pooled":
+            return self.head(self.body(x).flatten(1))
+        body = self.body
+        h = body.conv2(body.relu(body.conv1(body._geometric(x, body.in_type))))
+        return self.head(body.regular(h.tensor).flatten(1))
 
 
 class PlainNetwork(nn.Module):

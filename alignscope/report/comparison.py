@@ -111,9 +111,9 @@ def comparison_table(combined: pd.DataFrame, value: str = "aligned_error") -> pd
     note = found.warning()
     if note:
         log.warning(note)
-    from .output_rows import is_output_row
+    from .output_rows import is_layer_row
 
-    layers = combined[~is_output_row(combined)] if "kind" in combined else combined  # outputs: prediction_comparison
+    layers = combined[is_layer_row(combined)] if "kind" in combined else combined  # outputs: prediction_comparison
     keyed = layers.assign(_sweep=(layers["sweep"].fillna("") != "") if "sweep" in layers else False)
     keyed = keyed.sort_values("_sweep", kind="stable").drop_duplicates(["model", "transform", "layer"])
     keyed = keyed[keyed["transform"].isin(found.shared)]

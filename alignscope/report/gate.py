@@ -9,8 +9,9 @@ the table does not have, or filters that select no row, are usage errors for
 the same reason.
 
 A table with output rows (the model's prediction, ``kind`` = ``"output"``)
-holds two kinds of row: a limit on a ``prediction_*`` column checks the
-output rows, a limit on any other column the layer rows, so that
+holds more than one kind of row: a limit on a ``prediction_*`` column checks the
+output rows, one on a ``placed_*`` / ``placement_*`` column the placement rows
+(``--placement``), a limit on any other column the layer rows, so that
 ``--max aligned_error=0.5`` does not fail on the output rows' empty
 ``aligned_error``. A limit that the filters leave no row of its kind for is
 a usage error too.
@@ -25,7 +26,7 @@ import pandas as pd
 
 from ..columns import limitable_columns
 from ..errors import UsageError
-from .output_rows import is_output_row, is_prediction_column
+from .output_rows import OUTPUT_KIND, PLACEMENT_KIND, column_kind, rows_of_kind
 
 Limits = Mapping[str, float] | Iterable[str] | None
 
@@ -92,7 +93,7 @@ def check(table: pd.DataFrame, max: Limits = None, min: Limits = None, layers: S
     ``max`` / ``min``: ``{column: limit}`` or strings ``"column=limit"``;
     a row breaks ``max`` when its value is above the limit, ``min`` when below,
     and either when the value is NaN (``prediction_*`` limits apply to the
-    output rows only, all others to the layer rows; see the module docstring). ``layers`` / ``transforms``: names or
+    output rows only, ``placed_*`` limits to the placement rows, all others to the layer rows; see the module docstring). ``layers`` / ``transforms``: names or
     globs the check is restricted to (each must match some row).
     """
     upper, lower = _limits(max, "--max"), _limits(min, "--min")
@@ -105,12 +106,12 @@ def check(table: pd.DataFrame, max: Limits = None, min: Limits = None, layers: S
         if column not in numeric:
             raise UsageError(f"column {column!r} is not numeric; limits apply to: {', '.join(numeric)}")
     scope = table[_select(table, "layer", layers, "layer") & _select(table, "transform", transforms, "transform")]
-    output = is_output_row(scope)
     reasons = pd.Series([[] for _ in range(len(scope))], index=scope.index, dtype=object)
     for column, limit, sign, word in [(c, v, 1, ">") for c, v in upper.items()] + [(c, v, -1, "<") for c, v in lower.items()]:
-        applies = output if is_prediction_column(column) else ~output
+        applies = rows_of_kind(scope, column_kind(column))
         if not applies.any():
-            kind = "output rows (the model's prediction)" if is_prediction_column(column) else "layer rows"
+            kind = {OUTPUT_KIND: "output rows (the model's prediction)", PLACEMENT_KIND: "placement rows (--placement)"
+                    }.get(column_kind(column), "layer rows")
             raise UsageError(f"{column} is measured on the {kind}, and the --layers/--transforms filters leave none; "
                              "widen the filters or drop the limit")
         values = scope[column].astype(float)
@@ -140,9 +141,8 @@ def checked_rows(table: pd.DataFrame, layers: Sequence[str] | None = None, trans
     """
     scope = _select(table, "layer", layers, "layer") & _select(table, "transform", transforms, "transform")
     if columns:
-        output = is_output_row(table)
         applies = pd.Series(False, index=table.index)
         for column in columns:
-            applies |= output if is_prediction_column(column) else ~output
+            applies |= rows_of_kind(table, column_kind(column))
         scope &= applies
     return int(scope.sum())

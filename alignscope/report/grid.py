@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .output_rows import is_output_row
+from .output_rows import is_layer_row, is_output_row
 
 ALIGNED_BELOW = 1 / 3
 NOT_ALIGNED_ABOVE = 0.5
@@ -76,7 +76,7 @@ class SummaryGrid:
     @classmethod
     def from_table(cls, table: pd.DataFrame) -> "SummaryGrid":
         output = is_output_row(table)
-        layers_rows = table[~output & (table["transform"] != "identity")]
+        layers_rows = table[is_layer_row(table) & (table["transform"] != "identity")]
         layers_rows = layers_rows[layers_rows["sweep"].fillna("").astype(str) == ""] if "sweep" in layers_rows else layers_rows
         order = layers_rows.sort_values("depth") if "depth" in layers_rows else layers_rows
         layers = list(dict.fromkeys(order["layer"]))
@@ -176,8 +176,7 @@ def images_needed(table: pd.DataFrame) -> tuple[int, int, int] | None:
     Interval half-widths shrink as 1 / sqrt(n): a pair whose half-widths add up to ``f`` times the
     distance between its means needs about ``n f²`` images.
     """
-    output = is_output_row(table)
-    rows = table[~output & (table["transform"] != "identity")].dropna(subset=["aligned_error_ci_low", "aligned_error_ci_high"])
+    rows = table[is_layer_row(table) & (table["transform"] != "identity")].dropna(subset=["aligned_error_ci_low", "aligned_error_ci_high"])
     if "sweep" in rows:
         rows = rows[rows["sweep"].fillna("").astype(str) == ""]
     transforms = list(dict.fromkeys(rows["transform"]))

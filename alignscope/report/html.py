@@ -21,13 +21,17 @@ from typing import Any, Mapping
 import pandas as pd
 
 # Figures in reading order; any other stem (sweeps) follows.
-FIGURE_ORDER = ("alignment_heatmap", "alignment_by_depth", "prediction", "alignment_by_depth_fitted")
+FIGURE_ORDER = ("alignment_heatmap", "alignment_by_depth", "prediction", "placement", "placement_kl",
+                "alignment_by_depth_fitted")
 FIGURE_CAPTIONS = {
     "alignment_heatmap": "aligned_error after the inverse warp, transform × layer (1 = chance)",
     "alignment_by_depth": "per transform: aligned error with its 95% CI band, unaligned and floor as reference lines",
     "alignment_by_depth_fitted": "searched warps and channel maps against the inverse warp (held-out images)",
     "prediction": "the model's output: top-1 agreement between x and g x (95% Wilson CI) and mean KL(p(x) || p(g x)) "
                   "in nats (95% CI), with chance (an unrelated image) and, for interpolated g, the floor",
+    "placement": "an exact STN at each place (input, then the layers by depth): top-1 agreement with f(x), 95% Wilson "
+                 "band; dashed: no STN, dotted: chance",
+    "placement_kl": "the same placements: mean KL(p(x) || p_placed) in nats, 95% band; dashed: no STN, dotted: chance",
 }
 PREDICTION_TABLE = ("model", "transform", "n_images", "prediction_agreement", "prediction_agreement_ci_low",
                     "prediction_agreement_ci_high", "prediction_agreement_chance", "prediction_agreement_floor",
@@ -148,6 +152,22 @@ def _prediction_html(table: pd.DataFrame, meta: Mapping[str, Any]) -> str:
 
 
 
+def _placement_html(table: pd.DataFrame) -> list[str]:
+    """The placement grid, one line per transform and the costliest modules (nothing without placement rows)."""
+    from .output_rows import placement_rows
+    from .placement import PlacementGrid, costliest_modules, placement_verdicts
+
+    if placement_rows(table).empty:
+        return []
+    grid = PlacementGrid.from_table(table)
+    parts = ["<h2>Where could an STN go?</h2>", grid.html(), _list(placement_verdicts(table), "verdicts", "no rows")]
+    costly = costliest_modules(table)
+    if len(costly):
+        parts += ["<p>Largest drops in agreement between one place and the next (the modules between them lose that "
+                  "share of the predictions):</p>", _table_html(costly)]
+    return parts
+
+
 def _layer_count(table) -> int:
     """Layers measured (the output row, the model's prediction, is not a layer)."""
     from .output_rows import layer_rows
@@ -173,6 +193,7 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
     grid = SummaryGrid.from_table(table)
     if grid.transforms:
         parts += ["<h2>Summary</h2>", grid.html(), _list(short_verdicts(table), "verdicts", "no rows")]
+    parts += _placement_html(table)
     parts += [f"<h2>Warnings ({len(warnings)})</h2>", _list(warnings, "warnings", "No warnings.")]
     if figures is not None:
         parts += ["<h2>Figures</h2>", _figures_html(figures) if figures else "<p>No figures were drawn (--no-plots).</p>"]

@@ -1,12 +1,14 @@
-"""The output rows of an alignment table: telling them from layer rows, and reading them.
+"""The kinds of row of an alignment table: telling them apart, and reading the output rows.
 
 The rows :mod:`alignscope.measure.prediction` measures (the model's prediction
 under each transform) sit in the same table as the layer rows, after them,
 with ``kind`` = ``"output"`` (``"layer"`` for the others; a table without
 the column has layer rows only). Their own columns start with
-``prediction_``; the layer rows' distances are empty there. Only pandas
-here, so that reading a CSV (``plot``, ``check``, ``compare``) does not
-import torch.
+``prediction_``; the layer rows' distances are empty there. With
+``--placement`` the placement rows (:mod:`alignscope.measure.placement`,
+``kind`` = ``"placement"``) follow, with the ``placed_*`` and
+``placement_drop`` columns. Only pandas here, so that reading a CSV
+(``plot``, ``check``, ``compare``) does not import torch.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ import pandas as pd
 OUTPUT_KIND = "output"  # value of the ``kind`` column for the output rows (layer rows: "layer")
 OUTPUT_LAYER = "output"  # the output row's ``layer``
 PREDICTION_PREFIX = "prediction_"  # every column of the output rows' own measurements starts with it
+PLACEMENT_KIND = "placement"  # ``kind`` of the placement rows
+PLACEMENT_PREFIXES = ("placed_", "placement_")  # the placement rows' own columns
+LAYER_KIND = "layer"
 
 
 def output_layer_name(layer_names: Sequence[str]) -> str:
@@ -27,13 +32,21 @@ def output_layer_name(layer_names: Sequence[str]) -> str:
 
 def with_output_rows(table: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
     """``table`` (layer rows, ``kind`` set to ``"layer"``) followed by ``records``; integer columns stay integers."""
-    table = table.assign(kind="layer")
+    return _appended(table.assign(kind=LAYER_KIND), records)
+
+
+def with_placement_rows(table: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
+    """``table`` followed by the placement rows ``records``; integer columns stay integers."""
+    return _appended(table, records)
+
+
+def _appended(table: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
     if not records:
         return table
     combined = pd.concat([table, pd.DataFrame.from_records(records)], ignore_index=True)
     for column in table.columns:
         if pd.api.types.is_integer_dtype(table[column]) and not pd.api.types.is_integer_dtype(combined[column]):
-            combined[column] = combined[column].astype("Int64")  # a column the output rows lack: empty, not 12.0
+            combined[column] = combined[column].astype("Int64")  # a column the added rows lack: empty, not 12.0
     return combined
 
 
@@ -44,9 +57,40 @@ def is_output_row(table: pd.DataFrame) -> pd.Series:
     return table["kind"].astype(str).eq(OUTPUT_KIND)
 
 
+def is_placement_row(table: pd.DataFrame) -> pd.Series:
+    """True for the placement rows (``kind`` = ``"placement"``)."""
+    if "kind" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table["kind"].astype(str).eq(PLACEMENT_KIND)
+
+
+def is_layer_row(table: pd.DataFrame) -> pd.Series:
+    """True for the rows measuring layers (every row of a table without a ``kind`` column)."""
+    return ~(is_output_row(table) | is_placement_row(table))
+
+
 def layer_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows measuring layers (every row of a table without output rows)."""
-    return table[~is_output_row(table)]
+    return table[is_layer_row(table)]
+
+
+def placement_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[is_placement_row(table)]
+
+
+def is_placement_column(column: str) -> bool:
+    """Columns measured on the placement rows only."""
+    return str(column).startswith(PLACEMENT_PREFIXES)
+
+
+def column_kind(column: str) -> str:
+    """The kind of row a column is measured on: ``output``, ``placement`` or ``layer``."""
+    return OUTPUT_KIND if is_prediction_column(column) else PLACEMENT_KIND if is_placement_column(column) else LAYER_KIND
+
+
+def rows_of_kind(table: pd.DataFrame, kind: str) -> pd.Series:
+    """The boolean mask of ``table``'s rows of ``kind`` (``output``, ``placement``, ``layer``)."""
+    return {OUTPUT_KIND: is_output_row, PLACEMENT_KIND: is_placement_row, LAYER_KIND: is_layer_row}[kind](table)
 
 
 def output_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Plots of an alignment table: error by depth, transform x layer heatmap, sweeps.
+"""Plots of an alignment table: error by depth, transform x layer heatmap, sweeps (all of a report's figures
+together: :func:`alignscope.report.figures.report_figures`).
 
 All figures read only the tidy table (``alignment.csv``), so any report can
 be redrawn later with ``alignscope plot``. Conventions shared by every figure:
@@ -10,7 +11,7 @@ be redrawn later with ``alignscope plot``. Conventions shared by every figure:
 - sweep rows appear only in their sweep plot, unless a run has nothing else;
 - the output rows (the model's prediction, :mod:`alignscope.measure.prediction`) are
   not distances to chance: they stay out of the depth, heatmap and sweep
-  figures and get their own figure (:func:`prediction_figure`);
+  figures and get their own figures (:mod:`alignscope.report.prediction_plots`);
 - a run with random weights says so in every figure title.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .output_rows import layer_rows, output_rows  # noqa: E402
+from .output_rows import layer_rows  # noqa: E402
 from .verdicts import floor_above_aligned  # noqa: E402
 
 ERROR_LABEL = "distance / chance distance"
@@ -281,73 +282,6 @@ def sweep_figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
                      fontsize=11)
         figures[f"sweep_{_slug(sweep)}" if models == 1 else f"sweep_{_slug(model)}_{_slug(sweep)}"] = fig
     return figures
-
-
-def report_figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
-    """All figures of a report, keyed by file stem."""
-    table = table.copy()
-    if "sweep" not in table:
-        table["sweep"] = ""
-    table["sweep"] = table["sweep"].fillna("")
-    predictions = output_rows(table)
-    table = layer_rows(table)
-    figures = {"alignment_by_depth": depth_figure(table), "alignment_heatmap": heatmap_figure(table)}
-    fitted = fitted_figure(table)
-    if fitted is not None:
-        figures["alignment_by_depth_fitted"] = fitted
-    figures.update(sweep_figures(table))
-    if len(predictions):
-        figures["prediction"] = prediction_figure(predictions)
-    return figures
-
-
-def prediction_figure(table: pd.DataFrame) -> plt.Figure:
-    """The output rows: top-1 agreement (95% Wilson interval) and mean KL (95% interval) per transform.
-
-    Chance (two unrelated images) and, where g is interpolated, the floor
-    (the image round trip alone) are drawn as markers on the same rows.
-    Sweeps appear as their own transforms; the identity is left out. Several
-    models: one colour per model.
-    """
-    rows = table[table["transform"] != "identity"]
-    rows = rows if len(rows) else table
-    transforms = list(dict.fromkeys(rows["transform"]))
-    models = list(dict.fromkeys(rows["model"]))
-    colors = dict(zip(models, sns.color_palette("tab10" if len(models) <= 10 else "husl", len(models))))
-    height = 0.32 * len(transforms) * max(1, len(models)) ** 0.5 + 1.9
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, height), sharey=True, constrained_layout=True)
-    offsets = np.linspace(-0.2, 0.2, len(models)) if len(models) > 1 else [0.0]
-    position = {spec: i for i, spec in enumerate(transforms)}
-    for offset, model in zip(offsets, models):
-        group = rows[rows["model"] == model]
-        y = group["transform"].map(position).to_numpy(dtype=float) + offset
-        for ax, column in zip(axes, ("prediction_agreement", "prediction_kl")):
-            value = group[column].to_numpy(dtype=float)
-            low = value - group[f"{column}_ci_low"].to_numpy(dtype=float)
-            high = group[f"{column}_ci_high"].to_numpy(dtype=float) - value
-            ax.errorbar(value, y, xerr=[low, high], fmt="o", ms=4.5, capsize=3, color=colors[model],
-                        label=model if len(models) > 1 else "x vs g x, 95% CI")
-            ax.scatter(group[f"{column}_chance"], y, marker="x", s=30, color="0.35", zorder=4,
-                       label="x vs an unrelated image (chance)" if offset == offsets[0] else None)
-            interpolated = ~group["exact"].astype(str).str.lower().eq("true").to_numpy()
-            if interpolated.any():
-                ax.scatter(group[f"{column}_floor"].to_numpy(dtype=float)[interpolated], y[interpolated], marker="|",
-                           s=90, color="0.2", zorder=4, label="x vs g$^{-1}$(g x) (floor)" if offset == offsets[0] else None)
-    axes[0].set_xlim(-0.03, 1.03)
-    axes[0].set_xlabel("top-1 agreement (share of images whose class does not change)")
-    axes[1].set_xlabel("mean KL(p(x) || p(g x)), nats")
-    axes[1].set_xlim(left=0)
-    axes[0].set_yticks(range(len(transforms)))
-    axes[0].set_yticklabels(transforms, fontsize=8.5)
-    axes[0].set_ylim(len(transforms) - 0.5, -0.5)
-    for ax in axes:
-        ax.grid(alpha=0.3, axis="x")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
-    images = int(rows["n_images"].max()) if len(rows) else 0
-    fig.suptitle(f"Does the prediction change? — {', '.join(models)} ({images} images){random_weights_note(table)}",
-                 fontsize=11)
-    return fig
 
 
 def channel_grid_figure(explanation, top: int = 4) -> plt.Figure:

@@ -92,7 +92,7 @@ class AlignmentReport:
 
     def plot(self) -> dict[str, "matplotlib.figure.Figure"]:  # noqa: F821
         """Matplotlib figures keyed by file stem: depth plot, heatmap, one per sweep."""
-        from .plots import report_figures
+        from .figures import report_figures
 
         return report_figures(self.table)
 
@@ -127,9 +127,9 @@ class AlignmentReport:
         return publish_folder(Path(out), write, force, kind="report", inputs=inputs)
 
     def __repr__(self) -> str:
-        from .output_rows import is_output_row
+        from .output_rows import is_layer_row
 
-        layers = self.table.loc[~is_output_row(self.table), "layer"].nunique()
+        layers = self.table.loc[is_layer_row(self.table), "layer"].nunique()
         head = f"AlignmentReport(model={self.meta.get('model', '?')!r}, layers={layers}, " \
                f"transforms={self.table['transform'].nunique()}, images={int(self.table['n_images'].max()) if len(self.table) else 0})"
         from .output_rows import PREDICTION_SUMMARY, layer_rows, output_rows

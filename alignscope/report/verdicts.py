@@ -58,12 +58,12 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     transform with an output row gets a second sentence: how often the
     model's top-1 class changes (:func:`~alignscope.measure.prediction.prediction_sentence`).
     """
-    from .output_rows import is_output_row, prediction_sentence
+    from .output_rows import is_layer_row, is_output_row, prediction_sentence
 
     lines = []
     for (model, transform), rows in table.groupby(["model", "transform"], sort=False):
         output = is_output_row(rows)
-        group = rows[~output].sort_values("depth")
+        group = rows[is_layer_row(rows)].sort_values("depth")
         prediction = [prediction_sentence(row, f"{transform}" if table["model"].nunique() == 1 else f"{model} {transform}")
                       for _, row in rows[output].iterrows()]
         if group.empty:
@@ -101,7 +101,9 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             lines[-1] += _floor_sentence(group)
             lines[-1] += frame_comparison(group)
         lines.extend(prediction)
-    return lines
+    from .placement import placement_verdicts
+
+    return lines + placement_verdicts(table, limit=10_000)
 
 
 _LATTICE_REASON_LABELS = (
@@ -144,9 +146,9 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     alone hide: random weights, skipped layers, rows without valid cells and
     floors above the measurement.
     """
-    from .output_rows import is_output_row
+    from .output_rows import is_layer_row
 
-    output = is_output_row(table)
+    output = ~is_layer_row(table)  # output and placement rows: no distances
     lines = []
     if meta.get("pretrained") is False or ("pretrained" in table and not table["pretrained"].astype(str).str.lower().eq("true").all()):
         lines.append("RANDOM WEIGHTS: the model is not pretrained; the numbers describe an untrained network")
@@ -190,6 +192,11 @@ def report_warnings(table: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
             lines.append(f"the {what} fitted{on} is worse than g^-1 alone on the held-out images at {len(worse)} "
                          f"row(s): {cells}{' ...' if len(worse) > 6 else ''}; it does not carry over to new images "
                          f"(too few calibration images for its parameters?), so {column} there is no alignment")
+    from .placement import identity_caveat
+
+    lines += identity_caveat(table)
+    for entry in (meta.get("placement") or {}).get("layers_left_out") or []:
+        lines.append(f"placement at {entry.get('layer')} left out: {entry.get('reason')}")
     missing_lattices = no_lattice_sentence(meta.get("no_lattice") or {})
     if missing_lattices:
         lines.append(missing_lattices)
