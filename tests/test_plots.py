@@ -157,6 +157,17 @@ def test_compare_table_keeps_only_shared_transforms(caplog):
     assert "hflip only in a" in caplog.records[0].getMessage()
 
 
+def test_compare_keeps_a_run_without_any_number():
+    # e.g. a run on copies of one photo: every row NaN with why_missing; its column stays, the difference is unknown
+    empty = make_table(("rot90",), model="b")
+    for column in [c for c in empty.columns if c.startswith("aligned_error")]:
+        empty[column] = float("nan")
+    wide = comparison_table(combine_runs([make_table(("rot90",), model="a"), empty], ["x/a.csv", "y/b.csv"]))
+    assert list(wide.columns) == ["layer", "a", "b", "difference", "intervals_overlap"]
+    assert wide["b"].isna().all() and wide["difference"].isna().all() and wide["intervals_overlap"].isna().all()
+    assert wide["a"].notna().all()
+
+
 def test_compare_meets_a_sweep_value_of_one_run_with_a_plain_transform_of_another():
     a = pd.concat([make_table(("rot90",), model="a"),
                    make_table(("rotate0", "rotate45", "rotate90"), model="a", sweep="rotate:0:90:45", magnitudes=(0, 45, 90))])

@@ -25,7 +25,7 @@ from ..model.capture import FeatureCapture
 from ..model.substitute import MapSubstitution
 from ..model.options import ModelOptions
 from ..model.preserve import left_as_found
-from ..report.caveats import nonfinite_layers, warn_chance_collapse, warn_left_out
+from ..report.caveats import nonfinite_layers, refuse_all_duplicates, warn_chance_collapse, warn_left_out
 from ..report.output_rows import output_layer_name, with_output_rows, with_placement_rows
 from ..report.report import AlignmentReport
 from ..runtime.allocator import malloc_tuning, release_free_memory, tune_malloc
@@ -268,6 +268,7 @@ def _layer_table(ctx: RunContext, meter: LayerMeter, feeder, fitted: dict, reque
         ctx.cfg.input_size[1:], ctx.pairs.mask, ctx.cfg.pretrained, feeder.masks, feeder.registered_masks,
         fit_columns if request.active else None))
     nonfinite = nonfinite_layers(table, measured)
+    refuse_all_duplicates(table, measured)
     warn_left_out(table, measured)
     warn_chance_collapse(table)
     return table, nonfinite

@@ -15,7 +15,7 @@ import logging
 
 import pandas as pd
 
-from ..errors import AlignscopeError
+from ..errors import AlignscopeError, ImageError
 
 log = logging.getLogger("alignscope")
 
@@ -79,6 +79,19 @@ def nonfinite_layers(table: pd.DataFrame, n_images: int) -> list[str]:
             "the model's computation overflows or its inputs are not finite; nothing to report")
     log.warning("%s", nonfinite_caveat(table, n_images))
     return list(bad.groupby("layer", sort=False)["n_nonfinite"].max().index)
+
+
+def refuse_all_duplicates(table: pd.DataFrame, n_images: int) -> None:
+    """Fail when no layer row has a number because every image was left out as equal (or nearly) to its chance
+    partner at every layer: the images are copies of one another, or the maps ignore the image; a report of NaN
+    rows only would read as a result."""
+    counts = [table[c] for c in ("n_identical", "n_near_duplicate") if c in table]
+    if table.empty or not counts or table["aligned_error"].notna().any() or (table["n_images"] > 0).any():
+        return
+    if (sum(counts) >= n_images).all():
+        raise ImageError(f"no layer could be measured: at every layer each of the {n_images} images' maps equal (or "
+                         "nearly) its chance partner's, so no chance distance is left to divide by (copies of one image, "
+                         "or a model whose maps do not depend on the image); pass distinct images")
 
 
 def left_out_caveat(table: pd.DataFrame, n_images: int) -> str:

@@ -127,9 +127,13 @@ def comparison_table(combined: pd.DataFrame, value: str = "aligned_error") -> pd
     wide.insert(0, "layer", names.reindex(wide.index))
     if len(runs) == 2 and f"{value}_ci_low" in keyed and f"{value}_ci_high" in keyed:
         # the second run minus the first, and whether their 95% intervals overlap (a difference they cannot tell)
-        low = keyed.pivot_table(index=["transform", "depth"], columns="model", values=f"{value}_ci_low", sort=False)
-        high = keyed.pivot_table(index=["transform", "depth"], columns="model", values=f"{value}_ci_high", sort=False)
+        # a run with no number at all (every row NaN) keeps its column: pivot_table would drop it
+        low = keyed.pivot_table(index=["transform", "depth"], columns="model", values=f"{value}_ci_low", sort=False,
+                                dropna=False).reindex(index=wide.index, columns=runs)
+        high = keyed.pivot_table(index=["transform", "depth"], columns="model", values=f"{value}_ci_high", sort=False,
+                                 dropna=False).reindex(index=wide.index, columns=runs)
         a, b = runs
         wide["difference"] = wide[b] - wide[a]
-        wide["intervals_overlap"] = ((low[a] <= high[b]) & (low[b] <= high[a])).reindex(wide.index)
+        known = low[a].notna() & low[b].notna() & high[a].notna() & high[b].notna()
+        wide["intervals_overlap"] = ((low[a] <= high[b]) & (low[b] <= high[a])).astype(object).where(known, None)
     return wide.sort_index(key=lambda level: level.map(order) if level.name == "transform" else level)
