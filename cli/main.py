@@ -158,7 +158,12 @@ def _print_placement(table) -> None:
     if placement_rows(table).empty:
         return
     click.echo("")
-    click.echo(PlacementGrid.from_table(table).text(max(80, shutil.get_terminal_size((80, 24)).columns)))
+    grid = PlacementGrid.from_table(table)
+    if len(grid.places) <= 16:
+        click.echo(grid.text(max(80, shutil.get_terminal_size((80, 24)).columns)))
+    else:  # --layers all: the grid would fill screens; the lines and the costliest modules say it
+        click.echo(f"placement at {len(grid.places)} places (input and layers): the grid is in report.html, the rows in "
+                   "alignment.csv (kind = placement)")
     click.echo("")
     for line in placement_verdicts(table):
         click.echo(line)

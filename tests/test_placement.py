@@ -212,3 +212,16 @@ def test_c8_regular_fields_need_the_permutation_channel_map(c8_reports):
     assert placed(report, "rot90").loc["body.regular", "placed_agreement"] < 0.9
     mapped = placed(report, "rot90", by="permutation").loc["body.regular"]
     assert mapped["placed_agreement"] == 1 and mapped["placed_kl"] < 1e-6
+
+
+def test_before_a_pointwise_tail_and_global_pooling_an_exact_warp_changes_nothing(small_images):
+    # 1x1 convolutions and a global mean cannot tell where a cell sits: rotating the last map back by a
+    # quarter turn (a permutation of its cells) gives exactly the prediction of g x, no better
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6))
+    report = run(net, ["rot90"], small_images, layers=["1"])
+    last = placed(report, "rot90").loc["1"]
+    output = output_rows(report.table).iloc[0]
+    assert last["placed_agreement"] == output["prediction_agreement"]
+    assert last["placed_kl"] == pytest.approx(output["prediction_kl"], abs=1e-6)

@@ -106,7 +106,8 @@ def layer_axis(ax: plt.Axes, table: pd.DataFrame, labels: bool = True) -> None:
     ax.set_xlim(min(depths) - 0.35, max(depths) + 0.35)
 
 
-def _panel_grid(count: int, width: float = 3.3, height: float = 2.7, max_cols: int = 4):
+def panel_grid(count: int, width: float = 3.3, height: float = 2.7, max_cols: int = 4):
+    """A figure of ``count`` panels, at most ``max_cols`` a row, shared axes; the unused ones hidden."""
     cols = min(max_cols, count)
     rows = -(-count // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, 7.0) + 2.6, height * rows + 1.4), sharex=True, sharey=True,
@@ -135,7 +136,7 @@ def depth_figure(table: pd.DataFrame) -> plt.Figure:
     transforms = list(dict.fromkeys(shown["transform"]))
     models = list(dict.fromkeys(shown["model"]))
     colors = dict(zip(models, sns.color_palette("tab10" if len(models) <= 10 else "husl", len(models))))
-    fig, axes = _panel_grid(len(transforms))
+    fig, axes = panel_grid(len(transforms))
     top = 1.05
     circled = False
     for ax, transform in zip(axes.flat, transforms):
@@ -198,7 +199,7 @@ def fitted_figure(table: pd.DataFrame) -> plt.Figure | None:
     model = table["model"].iloc[0]
     one = depth_rows(table[table["model"] == model])
     transforms = list(dict.fromkeys(one["transform"]))
-    fig, axes = _panel_grid(len(transforms), width=4.4, height=3.3, max_cols=3)
+    fig, axes = panel_grid(len(transforms), width=4.4, height=3.3, max_cols=3)
     for ax, transform in zip(axes.flat, transforms):
         group = one[one["transform"] == transform].sort_values("depth")
         for column, label, color, style in present:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .plots import _panel_grid, layer_axis, random_weights_note
+from .plots import panel_grid, layer_axis, random_weights_note
 
 AGREEMENT_LABEL = "top-1 agreement with f(x)"
 KL_LABEL = "KL(p(x) || p), nats"
@@ -76,7 +76,7 @@ def placement_figures(placements: pd.DataFrame, predictions: pd.DataFrame) -> di
     figures = {}
     for stem, column, reference, label in (("placement", "placed_agreement", "prediction_agreement", AGREEMENT_LABEL),
                                            ("placement_kl", "placed_kl", "prediction_kl", KL_LABEL)):
-        fig, axes = _panel_grid(len(transforms))
+        fig, axes = panel_grid(len(transforms))
         for ax, transform in zip(axes.flat, transforms):
             group = rows[rows["transform"] == transform]
             for kind in kinds:
