@@ -126,9 +126,9 @@ _PLACEMENT = [
                            "in front of the network, f(g⁻¹ g x)", suffixes=INTERVAL, group="placement"),
     _c("placed_kl", "mean KL(p(x) ‖ p_placed) of the softmax outputs, nats; 95% Student-t interval", suffixes=INTERVAL,
        group="placement"),
-    _c("placed_by", "the STN's warp: `inverse` (g⁻¹, as the layer rows align), or with fits `optimal` / "
-                    "`optimal_affine` (the searched warp) and `channel_map` / `permutation` (g⁻¹, then the fitted "
-                    "channel map)", False, group="placement"),
+    _c("placed_by", "the STN's warp: `inverse` (g⁻¹, as the layer rows align); `registered` (g⁻¹ on the layer's "
+                    "lattice, where g is interpolated there); with fits `optimal` / `optimal_affine` (the searched "
+                    "warp) and `channel_map` / `permutation` (g⁻¹, then the fitted channel map)", False, group="placement"),
     _c("placement_drop", "`placed_agreement` of the previous place (in depth order, the input first) minus this "
                          "one's: what the modules between the two cost", group="placement"),
 ]

@@ -225,3 +225,12 @@ def test_before_a_pointwise_tail_and_global_pooling_an_exact_warp_changes_nothin
     output = output_rows(report.table).iloc[0]
     assert last["placed_agreement"] == output["prediction_agreement"]
     assert last["placed_kl"] == pytest.approx(output["prediction_kl"], abs=1e-6)
+
+
+def test_registered_rows_only_where_g_is_interpolated_on_a_lattice(small_images):
+    report = run(FlatHead(24, padding_mode="zeros"), ["rotate30", "rot90"], small_images, layers=["act1", "act2"])
+    assert "registered" in report.meta["placement"]["placed_by"]
+    rows = placement_rows(report.table)
+    registered = rows[rows["placed_by"] == "registered"]
+    assert set(registered["transform"]) == {"rotate30"}  # rot90 is exact on the grid: its registered map is g⁻¹ itself
+    assert set(registered["layer"]) == {"act1", "act2"} and registered["placed_agreement"].between(0, 1).all()

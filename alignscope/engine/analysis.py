@@ -159,7 +159,8 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     feeder = ctx.feeder(timer=timer, amp=run.amp_dtype, channels_last=channels_last)
     meter = LayerMeter(ctx.cfg.model_name, ctx.layers, ctx.transforms, request.quantities, run.per_image)
     predictions = PredictionMeter(ctx.transforms) if head.measured else None
-    placed_by = ["inverse", *(FITTED_PLACEMENTS[q] for q in FITTED_PLACEMENTS if q in request.quantities)]
+    placed_by = ["inverse", *(["registered"] if any(layer.lattice is not None for layer in ctx.layers) else []),
+                 *(FITTED_PLACEMENTS[q] for q in FITTED_PLACEMENTS if q in request.quantities)]
     placements = PlacementMeter(ctx.layers, ctx.transforms, placed_by) if run.placement else None
     output_name = output_layer_name([layer.name for layer in ctx.layers])
     used: list[tuple[int, list[str]]] = []  # (batch index, image names) as measured on this rank

@@ -6,7 +6,9 @@ replaced by its aligned map (:mod:`alignscope.model.substitute`) and the model's
 input placement, f(g⁻¹ g x), where neither the measuring pass's round trip nor f(x) itself is
 it. The statistics are :class:`~alignscope.measure.placement.PlacementMeter`'s.
 
-Alignments (``placed_by``): ``inverse`` (g⁻¹, the layer rows' aligned map) always; with fits,
+Alignments (``placed_by``): ``inverse`` (g⁻¹, the layer rows' aligned map) always; ``registered``
+(g⁻¹ on the layer's measured lattice, the registered comparison's map) where g is interpolated on a
+layer that has a lattice (elsewhere it is the ``inverse`` map itself); with fits,
 the searched warp (``optimal``, ``optimal_affine``) and g⁻¹ followed by the fitted channel map
 (``channel_map``, ``permutation``), fitted on the calibration images as the layer columns are.
 """
@@ -51,6 +53,8 @@ class PlacementRunner:
         if self._moved is None or self._moved[0] != key:
             self._moved = (key, self.feeder.moved_input(x, transform))  # the batch's g x, one transform at a time
         maps = {"inverse": pair.aligned}
+        if pair.registered is not None and pair.residual is None:  # g⁻¹ resampled at the lattice's own points
+            maps["registered"] = pair.registered
         for quantity, placed_by in FITTED_PLACEMENTS.items():
             value = (fitted or {}).get(quantity)
             if isinstance(value, torch.Tensor) and value.ndim == 4:

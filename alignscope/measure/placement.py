@@ -98,6 +98,8 @@ class PlacementMeter:
                     before = start["placed_agreement"]
                 for place, depth, layer in places:
                     result = self.stats[(place, by, *key)].compute()
+                    if by == "registered" and result["placed_agreement_n"] == 0 and place not in self.skipped:
+                        continue  # g exact on this layer's grid, or no lattice: the inverse row is the registered one
                     stride = float(layer.stride or 1) if layer is not None else 1.0
                     record = {
                         "model": model, "layer": place, "depth": depth,

@@ -16,6 +16,10 @@ import pandas as pd
 from .grid import short_name
 from .output_rows import output_rows, placement_rows
 
+#: the grid's short label of each alignment (``placed_by``) after the transform
+SHORT_BY = {"registered": "lattice", "optimal": "search", "optimal_affine": "affine", "channel_map": "chmap",
+            "permutation": "perm"}
+
 #: |KL| under the identity above which the write-back is not trusted (float32 forward passes give 0 here)
 IDENTITY_KL_TOLERANCE = 1e-6
 
@@ -58,7 +62,7 @@ class PlacementGrid:
         return cls(keys, places, cells, none, n)
 
     def _label(self, key: tuple[str, str]) -> str:
-        return key[0] if key[1] == "inverse" else f"{key[0]} +{key[1]}"
+        return key[0] if key[1] == "inverse" else f"{key[0]} +{SHORT_BY.get(key[1], key[1])}"
 
     def text(self, width: int = 80) -> str:
         """Fixed-width lines; places that do not fit in ``width`` columns go to a further block."""
@@ -69,6 +73,9 @@ class PlacementGrid:
         per_block = max(1, (width - first - cell) // cell)
         blocks = [self.places[i:i + per_block] for i in range(0, len(self.places), per_block)]
         lines = [f"top-1 agreement with f(x) when an exact STN undoes g at each place (none: no STN); n = {self.n_images}"]
+        kinds = sorted({key[1] for key in self.rows} - {"inverse"})
+        if kinds:
+            lines.append("rows +X: the STN " + "; ".join(f"+{SHORT_BY.get(k, k)} = {_BY_MEANING.get(k, k)}" for k in kinds))
         for number, block in enumerate(blocks):
             header = "transform".ljust(first) + ("none".rjust(cell) if number == 0 else "")
             lines.append(header + "".join(short_name(place, cell - 1).rjust(cell) for place in block))
@@ -126,6 +133,11 @@ def placement_verdicts(table: pd.DataFrame, limit: int = 100) -> list[str]:
                 line += f"; no STN {_pct(none)}"
         lines.append(line if len(line) <= limit else line[: limit - 1] + "…")
     return lines
+
+
+_BY_MEANING = {"registered": "g⁻¹ on the layer's lattice", "optimal": "the searched warp",
+               "optimal_affine": "the searched affine warp", "channel_map": "g⁻¹ + fitted channel map",
+               "permutation": "g⁻¹ + fitted channel permutation"}
 
 
 def _pct(value: float) -> str:
