@@ -362,15 +362,17 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click app, turning errors into one line and an exit code.
 
-    glibc malloc is tuned for large tensors first (see :mod:`alignscope.runtime.allocator`);
+    glibc malloc is tuned for large tensors and oneDNN's primitive cache bounded first (see
+    :mod:`alignscope.runtime.allocator`);
     SIGTERM is handled like Ctrl-C, so a half-written result is cleaned up; Python
     warnings from libraries are silenced unless ``--debug`` (the ones a user can act
     on are reported by alignscope itself as one line each).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    from alignscope.runtime.allocator import tune_malloc
+    from alignscope.runtime.allocator import bound_onednn_cache, tune_malloc
 
+    bound_onednn_cache()  # before torch runs a convolution: oneDNN reads it once
     tune_malloc()
     previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -66,6 +66,22 @@ def test_malloc_is_tuned_in_process_and_the_opt_out_works():
         assert tuned["tuned"] and set(tuned["settings"]) == {"M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD", "M_TOP_PAD"}
 
 
+def test_the_command_line_bounds_onednns_cache_unless_the_user_chose():
+    code = ("import os, json; from alignscope.runtime.allocator import bound_onednn_cache, malloc_tuning; "
+            "bound_onednn_cache(); print(json.dumps([os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'), malloc_tuning()]))")
+    env = {k: v for k, v in os.environ.items() if "PRIMITIVE_CACHE" not in k and k != "ALIGNSCOPE_NO_MALLOC_TUNING"}
+
+    def run(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    value, state = run()
+    assert value == "128" and state["onednn_primitive_cache_capacity"] == 128
+    assert run(DNNL_PRIMITIVE_CACHE_CAPACITY="7") == [None, {}]  # the legacy name counts as the user's choice
+    assert run(ONEDNN_PRIMITIVE_CACHE_CAPACITY="9")[0] == "9"
+    assert run(ALIGNSCOPE_NO_MALLOC_TUNING="1") == [None, {}]
+
+
 # --- 2. folders alignscope did not write are never replaced ---------------------------------------
 
 def user_folder(tmp_path):

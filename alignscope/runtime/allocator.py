@@ -36,6 +36,7 @@ USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TO
 OPT_OUT = "ALIGNSCOPE_NO_MALLOC_TUNING"
 
 _state: dict[str, object] = {}
+_onednn: dict[str, object] = {}
 
 
 def tuning_skipped_because(environ: dict | None = None) -> str:
@@ -74,9 +75,32 @@ def tune_malloc() -> dict[str, object]:
     return dict(_state)
 
 
+#: oneDNN's primitive cache: what the command line bounds it to, and the variables that set it.
+ONEDNN_CACHE_CAPACITY = 128
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+
+
+def bound_onednn_cache() -> str | None:
+    """Bound oneDNN's primitive cache (default 1024 primitives) to :data:`ONEDNN_CACHE_CAPACITY`; the value set.
+
+    Every convolution shape the analysis feeds (batches, chunks of round trips, partners) keeps a
+    compiled primitive and its scratch memory: on the default job about 150 MiB of the peak, on 64
+    images about 250 MiB. 128 primitives keep the default model's shapes of one batch without
+    measurable slowing (docs/performance.md). oneDNN reads the variable when it first runs, so this
+    must happen before the first forward pass; the command line calls it first thing. Nothing is
+    changed when the user set one of :data:`ONEDNN_CACHE_VARIABLES` (their choice wins) or
+    ``ALIGNSCOPE_NO_MALLOC_TUNING=1``. The Python API leaves the caller's process alone.
+    """
+    if os.environ.get(OPT_OUT) == "1" or any(name in os.environ for name in ONEDNN_CACHE_VARIABLES):
+        return None
+    os.environ[ONEDNN_CACHE_VARIABLES[0]] = str(ONEDNN_CACHE_CAPACITY)
+    _onednn["onednn_primitive_cache_capacity"] = ONEDNN_CACHE_CAPACITY
+    return os.environ[ONEDNN_CACHE_VARIABLES[0]]
+
+
 def malloc_tuning() -> dict[str, object]:
-    """What :func:`tune_malloc` did in this process (``{}`` if it was not called)."""
-    return dict(_state)
+    """What :func:`tune_malloc` (and :func:`bound_onednn_cache`) did in this process (``{}`` if not called)."""
+    return dict(_state) | dict(_onednn)
 
 
 def release_free_memory() -> bool:
