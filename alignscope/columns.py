@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "AGREEMENT_QUANTITIES", "ALIGNMENT_COLUMNS", "Column", "DISTANCE_QUANTITIES", "FIT_QUANTITIES", "FITTED_SUMMARY",
-    "NUMERIC_COLUMNS", "PER_IMAGE_COLUMNS", "PER_IMAGE_KEYS", "PREDICTION_QUANTITIES", "REGISTERED_QUANTITIES", "REQUIRED_COLUMNS",
+    "LIE_LAYER_QUANTITIES", "LIE_OUTPUT_QUANTITIES", "NUMERIC_COLUMNS", "PER_IMAGE_COLUMNS", "PER_IMAGE_KEYS",
+    "PLACEMENT_QUANTITIES", "PREDICTION_QUANTITIES", "REGISTERED_QUANTITIES", "REQUIRED_COLUMNS",
     "SUMMARY_COLUMNS", "all_names", "describe", "limitable_columns", "markdown_table",
 ]
 
@@ -31,6 +32,9 @@ AGREEMENT_QUANTITIES = ("prediction_agreement", "prediction_agreement_chance", "
 PREDICTION_QUANTITIES = AGREEMENT_QUANTITIES + ("prediction_kl", "prediction_kl_chance", "prediction_kl_floor")
 #: Placement-row quantities (an exact STN at a layer, measured on the prediction).
 PLACEMENT_QUANTITIES = ("placed_agreement", "placed_kl")
+#: Lie-derivative quantities of the layer rows and of the output row (``--lie``).
+LIE_LAYER_QUANTITIES = ("lie_error", "lie_relative")
+LIE_OUTPUT_QUANTITIES = ("lie_output",)
 
 STD = "_std"
 INTERVAL = ("_ci_low", "_ci_high")
@@ -42,8 +46,8 @@ class Column:
 
     ``suffixes`` are the derived columns written next to it (``_std``, ``_ci_low``, ``_ci_high``);
     ``group`` is the docs table it is listed in: ``layer`` (every run), ``fitted`` (with
-    ``--optimal`` / ``--channel-map``), ``output`` (the output rows) or ``placement`` (the
-    placement rows, with ``--placement``).
+    ``--optimal`` / ``--channel-map``), ``output`` (the output rows), ``placement`` (the
+    placement rows, with ``--placement``) or ``lie`` (the Lie-derivative rows, with ``--lie``).
     """
 
     name: str
@@ -132,6 +136,16 @@ _PLACEMENT = [
     _c("placement_drop", "`placed_agreement` of the previous place (in depth order, the input first) minus this "
                          "one's: what the modules between the two cost", group="placement"),
 ]
+_LIE = [
+    _c("lie_error", "‖M L F‖ / the chance distance, L F the Lie derivative of the layer's map along the generator "
+                    "(0: equivariant to it); per unit t (see `lie_unit`); 95% Student-t interval", suffixes=INTERVAL,
+       group="lie"),
+    _c("lie_relative", "‖M L F‖ / ‖M F(x)‖, per unit t; 95% interval", suffixes=INTERVAL, group="lie"),
+    _c("lie_output", "output rows: mean over classes of |d p_k / dt| of the softmax (Gruver et al. 2023's end-to-end "
+                     "metric), per unit t; 95% interval", suffixes=INTERVAL, group="lie"),
+    _c("lie_unit", "the unit of t: per radian (`rotate`), per normalized coordinate (translations: half the image "
+                   "side), per unit of log-scale (`scale`), per unit of tan(angle) (shears)", False, group="lie"),
+]
 _FITTED = [
     _c("n_calibration", "images the fits were calibrated on (none of them is in `n_images`)", group="fitted"),
     _c("optimal_error", "aligned error after the best warp in g's family (g's parameters and a shift free), "
@@ -163,7 +177,7 @@ _FITTED = [
 ]
 
 #: Every column of ``alignment.csv`` by its base name, in the order the docs list them.
-ALIGNMENT_COLUMNS: dict[str, Column] = {c.name: c for c in (*_LAYER, *_OUTPUT, *_PLACEMENT, *_FITTED)}
+ALIGNMENT_COLUMNS: dict[str, Column] = {c.name: c for c in (*_LAYER, *_OUTPUT, *_PLACEMENT, *_LIE, *_FITTED)}
 
 #: Columns every table has, in this order, first (what a reader of the CSV may rely on).
 REQUIRED_COLUMNS = (

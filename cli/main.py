@@ -139,6 +139,10 @@ def _print_summary(report, out_path: Path) -> None:
         click.echo("")
         click.echo(format_table(layer_rows(report.table), columns))
     _print_placement(report.table)
+    from alignscope.report.lie import lie_text
+
+    if lie_text(report.table):
+        click.echo("\n" + lie_text(report.table))
     warnings = report.warnings()
     if warnings:  # each in full in report.html
         click.echo(f"\ncaveats ({len(warnings)}):")

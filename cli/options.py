@@ -169,6 +169,10 @@ def run_options(command=None, *, outputs: bool = True):
             click.option("--no-output", is_flag=True,
                          help="Skip the output row (top-1 agreement and softmax KL between x and g x), measured by "
                               "default for models with a classifier head; forward passes then stop after the deepest layer."),
+            click.option("--lie", is_flag=True,
+                         help="Add the Lie-derivative rows: per layer and at the output, the derivative along six "
+                              "continuous transformations (translations, rotation, scale, shears) at the identity. "
+                              "Costs one forward-mode pass per generator and batch."),
             click.option("--placement", is_flag=True,
                          help="Add the placement rows: the prediction when each layer's output of g x is replaced by "
                               "g^-1 of it (an exact STN there), against f(x), and the placement figure. Costs one more "
@@ -179,9 +183,10 @@ def run_options(command=None, *, outputs: bool = True):
         from alignscope.engine.options import RunOptions
 
         return {"run": RunOptions(values["amp"], values["channels_last"], not values.get("no_output", False),
-                                  values.get("per_image", False), values.get("placement", False))}
+                                  values.get("per_image", False), values.get("placement", False),
+                                  values.get("lie", False))}
 
-    return _shared(command, declared, ("amp", "channels_last", "per_image", "no_output", "placement"), build)
+    return _shared(command, declared, ("amp", "channels_last", "per_image", "no_output", "placement", "lie"), build)
 
 
 def _parse_ridge(text: str) -> float | str:

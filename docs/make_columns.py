@@ -1,6 +1,6 @@
 """Rewrite the column tables of docs/measures.md from alignscope.columns.
 
-Each table sits between ``<!-- columns:GROUP -->`` and ``<!-- /columns -->`` (GROUP: layer, output, placement,
+Each table sits between ``<!-- columns:GROUP -->`` and ``<!-- /columns -->`` (GROUP: layer, output, placement, lie,
 fitted) and is the text of ``alignscope.columns.markdown_table(GROUP)``; everything outside the markers
 is left as it is.
 

@@ -217,7 +217,7 @@ def test_column_tables_are_generated():
     from alignscope.columns import markdown_table
 
     tables = marked_tables(MEASURES.read_text(encoding="utf-8"))
-    assert sorted(tables) == ["fitted", "layer", "output", "placement"], sorted(tables)
+    assert sorted(tables) == ["fitted", "layer", "lie", "output", "placement"], sorted(tables)
     for group, bodies in tables.items():
         assert len(bodies) == 1, f"{group}: {len(bodies)} marked tables"
         assert bodies[0] == "\n" + markdown_table(group) + "\n", (

@@ -19,6 +19,7 @@ from ..inputs.options import PairOptions
 from ..inputs.pairs import PairFeeder, chance_partners
 from ..geometry.transforms import Transform
 from ..measure.layers import LayerMeter
+from ..measure.lie import LieMeter
 from ..measure.placement import PlacementMeter
 from ..measure.prediction import PredictionMeter, image_rows
 from ..model.capture import FeatureCapture
@@ -33,6 +34,7 @@ from ..runtime.distributed import all_reduce_sum, gather_to_main, init_from_envi
 from ..runtime.timing import PhaseTimer
 from .context import RunContext
 from .options import RunOptions, refuse_both
+from .lie import LieRunner
 from .placement import FITTED_PLACEMENTS, PlacementRunner
 
 log = logging.getLogger("alignscope")
@@ -68,6 +70,7 @@ def analyze(
     timer: PhaseTimer | None = None,
     output: bool = True,
     placement: bool = False,
+    lie: bool | str | Sequence[str] = False,
     *,
     pairs: PairOptions | None = None,
     run: RunOptions | None = None,
@@ -110,6 +113,9 @@ def analyze(
     prediction when layer k's output of g x is replaced by g⁻¹ of it, an exact STN there, against f(x)
     (:mod:`alignscope.measure.placement`); one more forward pass per layer, transform and image (and per
     fit asked for). Needs a classifier head.
+    ``lie``: add the Lie-derivative rows (``kind`` = ``"lie"``) along the named generators (``True``: all six:
+    translate_x, translate_y, rotate, scale, shear_x, shear_y; :mod:`alignscope.measure.lie`): per layer
+    ``lie_error`` and ``lie_relative``, at the output ``lie_output``; one forward-mode pass per generator and batch.
 
     The settings come as three option objects too, each validated once: ``pairs``
     (:class:`~alignscope.inputs.options.PairOptions`: transforms, images, batch size, mask, seed,
@@ -123,11 +129,12 @@ def analyze(
     refuse_both("pairs", pairs, dict(transforms=(transforms, None), images=(images, None), batch_size=(batch_size, 16),
                                      mask=(mask, "auto"), seed=(seed, 0), max_images=(max_images, None), workers=(workers, 0)))
     refuse_both("run", run, dict(amp=(amp, None), channels_last=(channels_last, None), output=(output, True),
-                                 per_image=(per_image, False), placement=(placement, False)))
+                                 per_image=(per_image, False), placement=(placement, False),
+                                 lie=(lie, False)))
     refuse_both("fits", fits, dict(optimal=(optimal, None), channel_map=(channel_map, None), ridge=(ridge, "auto"),
                                    search_steps=(search_steps, 60), calibration_images=(calibration_images, None)))
     pairs = pairs or PairOptions.build(transforms, images, batch_size, mask, seed, max_images, workers)
-    run = run or RunOptions(amp, channels_last, output, per_image, placement)
+    run = run or RunOptions(amp, channels_last, output, per_image, placement, lie)
     request = fits or FitRequest.build(optimal, channel_map, ridge, search_steps, calibration_images)
     with left_as_found(options.model):  # a caller's module comes back in its own mode, device and flags
         return _measure(options, pairs, run, request, progress, timer)
@@ -162,6 +169,7 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     placed_by = ["inverse", *(["registered"] if any(layer.lattice is not None for layer in ctx.layers) else []),
                  *(FITTED_PLACEMENTS[q] for q in FITTED_PLACEMENTS if q in request.quantities)]
     placements = PlacementMeter(ctx.layers, ctx.transforms, placed_by) if run.placement else None
+    lie_meter = LieMeter(ctx.layers, run.lie, output=head.measured) if run.lie else None
     output_name = output_layer_name([layer.name for layer in ctx.layers])
     used: list[tuple[int, list[str]]] = []  # (batch index, image names) as measured on this rank
     fitted: dict[tuple[str, str, str], PairFit] = {}
@@ -170,6 +178,7 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     with FeatureCapture(ctx.model, ctx.layers, output_classes=head.classes) as capture, \
             MapSubstitution(ctx.model, ctx.layers if placements is not None else []) as substitution:
         placer = PlacementRunner(feeder, capture, substitution, placements) if placements is not None else None
+        lie_runner = LieRunner(feeder, capture, lie_meter) if lie_meter is not None else None
         if calibration is not None:
             fit_started = time.perf_counter()
             fitted, done, fit_phases = _calibrate(calibration, feeder, capture, request, dev, progress, total)
@@ -195,10 +204,12 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
                                     ctx.cfg.model_name, output_name, transform, batch.names, values))
                 if placer is not None:
                     placer.finish(x, feeder.output_pairs)
+                if lie_runner is not None:
+                    lie_runner.update(x, batch.partner)
                 done += x.shape[0] * ranks.world_size
                 if progress is not None:
                     progress(min(done, total), total)
-    measured = _merge_ranks(ranks, dev, stream, used, meter, predictions, placements)
+    measured = _merge_ranks(ranks, dev, stream, used, meter, predictions, placements, lie_meter)
     release_free_memory()  # the batches' freed heap (about 0.65 GB on the default job) before the report's figures
     loop_seconds = time.perf_counter() - loop_started
 
@@ -207,6 +218,9 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     table = with_output_rows(table, [] if predictions is None else predictions.rows(
         ctx.cfg.model_name, output_name, len(ctx.layers) + 1, head.classes, ctx.cfg.input_size[1:], pairs.mask,
         ctx.cfg.pretrained, n_calibration))
+    if lie_meter is not None:
+        table = with_placement_rows(table, lie_meter.rows(ctx.cfg.model_name, output_name, head.classes,
+                                                          ctx.cfg.pretrained, pairs.mask))
     if placements is not None:
         table = with_placement_rows(table, placements.rows(ctx.cfg.model_name, ctx.cfg.input_size[1:], pairs.mask,
                                                            ctx.cfg.pretrained, n_calibration))
@@ -239,13 +253,15 @@ def _placement_meta(placements: PlacementMeter | None) -> dict:
 
 
 def _merge_ranks(ranks, dev: torch.device, stream: ImageStream, used: list, meter: LayerMeter,
-                 predictions: PredictionMeter | None, placements: PlacementMeter | None = None) -> int:
+                 predictions: PredictionMeter | None, placements: PlacementMeter | None = None,
+                 lie_meter: LieMeter | None = None) -> int:
     """Sum every rank's statistics and gather the image names and per-image rows (under torchrun); images measured."""
     measured_count = torch.tensor([float(len(stream.used))], dtype=torch.float64)
     if ranks.active:
         # the image count rides along, so every rank (not only rank 0, which gathers the names) knows it
         all_reduce_sum([measured_count, *meter.states(), *(predictions.states() if predictions is not None else []),
-                       *(placements.states() if placements is not None else [])],
+                       *(placements.states() if placements is not None else []),
+                       *(lie_meter.states() if lie_meter is not None else [])],
                        dev if dev.type == "cuda" else torch.device("cpu"))
         shards = gather_to_main((used, list(stream.skipped), meter.image_rows), ranks)
         used = sorted((item for shard in shards for item in shard[0]), key=lambda item: item[0])

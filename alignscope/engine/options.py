@@ -30,16 +30,19 @@ class RunOptions:
     """``amp``: ``"bf16"`` | ``"fp16"`` runs the model under autocast (maps compared in float32, statistics in
     float64); ``channels_last``: NHWC tensors for the model (``None``: on for CUDA); ``output``: measure the
     output row where the model has a classifier head; ``placement``: the placement rows (an exact STN at each
-    layer, measured on the prediction; needs ``output``); ``per_image``: keep one row per image too."""
+    layer, measured on the prediction; needs ``output``); ``per_image``: keep one row per image too; ``lie``:
+    Lie derivatives along these generators (``True``: all six; see :mod:`alignscope.measure.lie`)."""
 
     amp: str | None = None
     channels_last: bool | None = None
     output: bool = True
     per_image: bool = False
     placement: bool = False
+    lie: bool | str | tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         resolve_amp(self.amp)  # a bad value fails when the options are made
+        object.__setattr__(self, "lie", resolve_generators(self.lie))
         if self.placement and not self.output:
             raise UsageError("placement compares the model's predictions, so it needs the output row; drop output=False "
                              "(--no-output) or placement=True (--placement)")
@@ -50,6 +53,22 @@ class RunOptions:
 
     def channels_last_on(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)
+
+
+def resolve_generators(lie: bool | str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``True`` -> every generator; ``False``/``None``/``()`` -> none; names (or one name) -> those, checked."""
+    from ..geometry.generators import GENERATORS
+
+    if lie is None or lie is False:
+        return ()
+    if lie is True:
+        return tuple(GENERATORS)
+    names = (lie,) if isinstance(lie, str) else tuple(lie)
+    unknown = [name for name in names if name not in GENERATORS]
+    if unknown:
+        raise UsageError(f"unknown Lie generator(s) {', '.join(map(repr, unknown))}; pass lie=True or names among "
+                         f"{', '.join(GENERATORS)}")
+    return tuple(dict.fromkeys(names))
 
 
 def refuse_both(what: str, given: object | None, keywords: dict[str, tuple[object, object]]) -> None:

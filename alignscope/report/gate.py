@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..columns import limitable_columns
 from ..errors import UsageError
-from .output_rows import OUTPUT_KIND, PLACEMENT_KIND, column_kind, rows_of_kind
+from .output_rows import LIE_KIND, OUTPUT_KIND, PLACEMENT_KIND, column_kind, rows_for_column
 
 Limits = Mapping[str, float] | Iterable[str] | None
 
@@ -108,9 +108,10 @@ def check(table: pd.DataFrame, max: Limits = None, min: Limits = None, layers: S
     scope = table[_select(table, "layer", layers, "layer") & _select(table, "transform", transforms, "transform")]
     reasons = pd.Series([[] for _ in range(len(scope))], index=scope.index, dtype=object)
     for column, limit, sign, word in [(c, v, 1, ">") for c, v in upper.items()] + [(c, v, -1, "<") for c, v in lower.items()]:
-        applies = rows_of_kind(scope, column_kind(column))
+        applies = rows_for_column(scope, column)
         if not applies.any():
-            kind = {OUTPUT_KIND: "output rows (the model's prediction)", PLACEMENT_KIND: "placement rows (--placement)"
+            kind = {OUTPUT_KIND: "output rows (the model's prediction)", PLACEMENT_KIND: "placement rows (--placement)",
+                    LIE_KIND: "Lie-derivative rows (--lie)"
                     }.get(column_kind(column), "layer rows")
             raise UsageError(f"{column} is measured on the {kind}, and the --layers/--transforms filters leave none; "
                              "widen the filters or drop the limit")
@@ -143,6 +144,6 @@ def checked_rows(table: pd.DataFrame, layers: Sequence[str] | None = None, trans
     if columns:
         applies = pd.Series(False, index=table.index)
         for column in columns:
-            applies |= rows_of_kind(table, column_kind(column))
+            applies |= rows_for_column(table, column)
         scope &= applies
     return int(scope.sum())

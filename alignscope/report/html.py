@@ -194,6 +194,13 @@ def summary_html(table: pd.DataFrame, meta: Mapping[str, Any], verdicts: list[st
     if grid.transforms:
         parts += ["<h2>Summary</h2>", grid.html(), _list(short_verdicts(table), "verdicts", "no rows")]
     parts += _placement_html(table)
+    from .lie import lie_table
+
+    wide = lie_table(table)
+    if not wide.empty:
+        parts += ["<h2>Lie derivatives</h2>", "<p>lie_error = ‖M L F‖ / chance distance per unit t of each generator "
+                  "(0: equivariant to it); the output column is the mean |d p<sub>k</sub>/dt| over classes (Gruver et "
+                  "al. 2023). See docs/measures.md.</p>", _table_html(wide.reset_index())]
     parts += [f"<h2>Warnings ({len(warnings)})</h2>", _list(warnings, "warnings", "No warnings.")]
     if figures is not None:
         parts += ["<h2>Figures</h2>", _figures_html(figures) if figures else "<p>No figures were drawn (--no-plots).</p>"]

@@ -23,6 +23,8 @@ PREDICTION_PREFIX = "prediction_"  # every column of the output rows' own measur
 PLACEMENT_KIND = "placement"  # ``kind`` of the placement rows
 PLACEMENT_PREFIXES = ("placed_", "placement_")  # the placement rows' own columns
 LAYER_KIND = "layer"
+LIE_KIND = "lie"  # ``kind`` of the Lie-derivative rows (``--lie``)
+LIE_PREFIX = "lie_"
 
 
 def output_layer_name(layer_names: Sequence[str]) -> str:
@@ -36,7 +38,7 @@ def with_output_rows(table: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
 
 
 def with_placement_rows(table: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
-    """``table`` followed by the placement rows ``records``; integer columns stay integers."""
+    """``table`` followed by the placement (or Lie-derivative) rows ``records``; integer columns stay integers."""
     return _appended(table, records)
 
 
@@ -64,9 +66,20 @@ def is_placement_row(table: pd.DataFrame) -> pd.Series:
     return table["kind"].astype(str).eq(PLACEMENT_KIND)
 
 
+def is_lie_row(table: pd.DataFrame) -> pd.Series:
+    """True for the Lie-derivative rows (``kind`` = ``"lie"``)."""
+    if "kind" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table["kind"].astype(str).eq(LIE_KIND)
+
+
 def is_layer_row(table: pd.DataFrame) -> pd.Series:
-    """True for the rows measuring layers (every row of a table without a ``kind`` column)."""
-    return ~(is_output_row(table) | is_placement_row(table))
+    """True for the rows measuring layers under finite transforms (every row of a table without a ``kind``
+    column; an empty ``kind`` counts as a layer row)."""
+    if "kind" not in table.columns:
+        return pd.Series(True, index=table.index)
+    kind = table["kind"].astype(str)
+    return kind.eq(LAYER_KIND) | table["kind"].isna() | kind.eq("")
 
 
 def layer_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -84,13 +97,28 @@ def is_placement_column(column: str) -> bool:
 
 
 def column_kind(column: str) -> str:
-    """The kind of row a column is measured on: ``output``, ``placement`` or ``layer``."""
-    return OUTPUT_KIND if is_prediction_column(column) else PLACEMENT_KIND if is_placement_column(column) else LAYER_KIND
+    """The kind of row a column is measured on: ``output``, ``placement``, ``lie`` or ``layer``."""
+    if is_prediction_column(column):
+        return OUTPUT_KIND
+    if is_placement_column(column):
+        return PLACEMENT_KIND
+    return LIE_KIND if str(column).startswith(LIE_PREFIX) else LAYER_KIND
+
+
+def rows_for_column(table: pd.DataFrame, column: str) -> pd.Series:
+    """The rows a limit on ``column`` checks: the rows of its kind; for the Lie-derivative columns the model-output
+    rows (``lie_output``) or the layer rows (the others)."""
+    rows = rows_of_kind(table, column_kind(column))
+    if column_kind(column) == LIE_KIND and "module" in table.columns:
+        output = table["module"].astype(str).eq("model output")
+        rows &= output if str(column).startswith("lie_output") else ~output
+    return rows
 
 
 def rows_of_kind(table: pd.DataFrame, kind: str) -> pd.Series:
     """The boolean mask of ``table``'s rows of ``kind`` (``output``, ``placement``, ``layer``)."""
-    return {OUTPUT_KIND: is_output_row, PLACEMENT_KIND: is_placement_row, LAYER_KIND: is_layer_row}[kind](table)
+    return {OUTPUT_KIND: is_output_row, PLACEMENT_KIND: is_placement_row, LIE_KIND: is_lie_row,
+            LAYER_KIND: is_layer_row}[kind](table)
 
 
 def output_rows(table: pd.DataFrame) -> pd.DataFrame:
