@@ -234,3 +234,23 @@ def test_registered_rows_only_where_g_is_interpolated_on_a_lattice(small_images)
     registered = rows[rows["placed_by"] == "registered"]
     assert set(registered["transform"]) == {"rotate30"}  # rot90 is exact on the grid: its registered map is g⁻¹ itself
     assert set(registered["layer"]) == {"act1", "act2"} and registered["placed_agreement"].between(0, 1).all()
+
+
+def test_the_placement_figures_have_a_panel_per_transform_with_the_no_stn_line(small_images):
+    import matplotlib.pyplot as plt
+
+    report = run(FlatHead(24, padding_mode="zeros"), ["identity", "rot90", "hflip"], small_images, layers=["act1", "act2"])
+    figures = report.plot()
+    try:
+        assert {"placement", "placement_kl"} <= set(figures)
+        panels = {ax.get_title(): ax for ax in figures["placement"].axes if ax.get_visible() and ax.get_title()}
+        assert set(panels) == {"rot90", "hflip"}  # the identity, a control, is left out
+        none = output_rows(report.table).set_index("transform")["prediction_agreement"]
+        for transform, ax in panels.items():
+            line = next(l for l in ax.get_lines() if l.get_marker() == "o")
+            expected = placed(report, transform).sort_values("depth")["placed_agreement"].to_numpy()
+            assert list(line.get_ydata()) == pytest.approx(list(expected))
+            dashed = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+            assert dashed and dashed[0].get_ydata()[0] == pytest.approx(none[transform])
+    finally:
+        plt.close("all")

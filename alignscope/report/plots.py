@@ -117,8 +117,8 @@ def panel_grid(count: int, width: float = 3.3, height: float = 2.7, max_cols: in
     return fig, axes
 
 
-def _label_outer(axes: np.ndarray, table: pd.DataFrame, count: int) -> None:
-    """Layer names under the lowest visible panel of each column, the y label on the first column."""
+def label_outer(axes: np.ndarray, table: pd.DataFrame, count: int, ylabel: str = ERROR_LABEL) -> None:
+    """Layer names under the lowest visible panel of each column, ``ylabel`` on the first column."""
     rows, cols = axes.shape
     for index, ax in enumerate(axes.flat[:count]):
         row, col = divmod(index, cols)
@@ -126,7 +126,7 @@ def _label_outer(axes: np.ndarray, table: pd.DataFrame, count: int) -> None:
         layer_axis(ax, table, labels=lowest)
         ax.tick_params(labelbottom=lowest)
         if col == 0:
-            ax.set_ylabel(ERROR_LABEL, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
 
 
 def depth_figure(table: pd.DataFrame) -> plt.Figure:
@@ -160,7 +160,7 @@ def depth_figure(table: pd.DataFrame) -> plt.Figure:
         ax.set_title(transform, fontsize=9.5)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(0, top)
-    _label_outer(axes, shown, len(transforms))
+    label_outer(axes, shown, len(transforms))
     style = [Line2D([], [], color="0.2", lw=1.8, marker="o", ms=3.5, label="aligned (g$^{-1}$ applied), 95% CI band"),
              Line2D([], [], color="0.2", lw=0.9, ls="--", label="unaligned (no warp)"),
              Line2D([], [], color="0.2", lw=1.1, ls=":", label="floor (image resampling)"),
@@ -211,7 +211,7 @@ def fitted_figure(table: pd.DataFrame) -> plt.Figure | None:
         ax.set_title(transform, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(bottom=0)
-    _label_outer(axes, one, len(transforms))
+    label_outer(axes, one, len(transforms))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.supxlabel(DEPTH_LABEL, fontsize=9)

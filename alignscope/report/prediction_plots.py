@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .plots import panel_grid, layer_axis, random_weights_note
+from .plots import label_outer, panel_grid, random_weights_note
 
 AGREEMENT_LABEL = "top-1 agreement with f(x)"
 KL_LABEL = "KL(p(x) || p), nats"
@@ -100,15 +100,7 @@ def placement_figures(placements: pd.DataFrame, predictions: pd.DataFrame) -> di
             axes.flat[0].set_ylim(-0.03, 1.03)
         else:
             axes.flat[0].set_ylim(bottom=0)
-        count = len(transforms)
-        nrows, ncols = axes.shape
-        for index, ax in enumerate(axes.flat[:count]):
-            r, c = divmod(index, ncols)
-            lowest = r == nrows - 1 or (r + 1) * ncols + c >= count
-            layer_axis(ax, rows, labels=lowest)
-            ax.tick_params(labelbottom=lowest)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
+        label_outer(axes, rows, len(transforms), label)
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
         models = ", ".join(dict.fromkeys(rows["model"].astype(str)))
