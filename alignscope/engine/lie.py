@@ -44,14 +44,14 @@ class LieRunner:
 
 
 def lie_derivatives(capture: FeatureCapture, images: torch.Tensor, generator: Generator, image_hw: tuple[int, int],
-                    fill: float | list[float] = 0.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    fill: float | list[float] = 0.0, difference: str = "central") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (F(x), L F(x))} for every layer ``capture`` reads, each (B, C, h, w) float32, and, when the capture
     returns the model's output, {MODEL_OUTPUT: (f(x), J_f[−v·∇x])} (B, K): one forward-mode pass.
 
     ``images`` (B, 3, H, W) normalized, extended by ``fill`` (black) beyond their edges; call outside
-    inference mode."""
+    inference mode. ``difference``: see :func:`~alignscope.geometry.generators.directional_difference`."""
     dj, di = cell_displacement(generator, *image_hw, image_hw, images.device)
-    tangent = -directional_difference(images, dj, di, fill).to(images.dtype)
+    tangent = -directional_difference(images, dj, di, fill, difference).to(images.dtype)
     with forward_ad.dual_level():
         captured = capture(forward_ad.make_dual(images, tangent))
         unpacked = {name: forward_ad.unpack_dual(value) for name, value in captured.items()}
@@ -61,7 +61,7 @@ def lie_derivatives(capture: FeatureCapture, images: torch.Tensor, generator: Ge
         if name != MODEL_OUTPUT:
             height, width = primal.shape[-2:]
             map_dj, map_di = cell_displacement(generator, height, width, image_hw, primal.device)
-            derivative = derivative + directional_difference(primal, map_dj, map_di).float()
+            derivative = derivative + directional_difference(primal, map_dj, map_di, 0.0, difference).float()
         out[name] = (primal, derivative)
     return out
 

@@ -65,12 +65,20 @@ def cell_displacement(generator: Generator, height: int, width: int, image_hw: t
 
 
 def directional_difference(maps: torch.Tensor, dj: torch.Tensor, di: torch.Tensor,
-                           fill: float | Sequence[float] = 0.0) -> torch.Tensor:
+                           fill: float | Sequence[float] = 0.0, difference: str = "central") -> torch.Tensor:
     """(dj ∂_j + di ∂_i) of ``maps`` (B, C, h, w) by central differences, the maps extended by ``fill`` (a scalar
     or one value per channel) beyond their edges: what a warp brings in from outside (black for images, 0 for
-    maps). Returns the rate at which content moving along (dj, di) cells per unit t changes each cell."""
+    maps). Returns the rate at which content moving along (dj, di) cells per unit t changes each cell.
+    ``difference="forward"``: the next cell minus this one instead, what differentiating bilinear sampling
+    at the sample points gives (for comparing with tools that do; alignscope measures with the central one)."""
+    if difference not in ("central", "forward"):
+        raise ValueError(f"difference must be 'central' or 'forward', got {difference!r}")
     value = torch.as_tensor(fill, dtype=maps.dtype, device=maps.device).reshape(1, -1, 1, 1)
     padded = value + torch.nn.functional.pad(maps - value, (1, 1, 1, 1))
-    grad_j = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
-    grad_i = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
+    if difference == "central":
+        grad_j = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
+        grad_i = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
+    else:
+        grad_j = padded[..., 1:-1, 2:] - padded[..., 1:-1, 1:-1]
+        grad_i = padded[..., 2:, 1:-1] - padded[..., 1:-1, 1:-1]
     return dj.to(maps.dtype) * grad_j + di.to(maps.dtype) * grad_i
