@@ -205,3 +205,13 @@ def test_displacements_are_the_generators_in_cells():
     assert torch.allclose(dj, torch.full((7, 14), 7.0, dtype=torch.float64)) and not di.any()
     dj, di = cell_displacement(GENERATORS["rotate"], 5, 5, (5, 5))
     assert dj[2, 2] == 0 and di[2, 2] == 0 and di[2, 4] == -2 and dj[0, 2] == -2  # right goes up, top goes left
+
+
+def test_token_grids_get_lie_derivatives_too():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", depth=2, pretrained=False).eval()  # random weights
+    report = alignscope.analyze(vit, transforms=["identity"], images=torch.randn(2, 3, 224, 224), layers=["blocks.1"],
+                                input_size=(3, 224, 224), lie=["translate_x", "rotate"], batch_size=2)
+    rows = _lie_rows(report)
+    assert rows.loc[("lie-translate_x", "blocks.1"), "lie_error"] > 0 and rows["n_images"].eq(2).all()
+    assert rows["lie_output"].dropna().between(0, 1).all() and len(rows["lie_output"].dropna()) == 2

@@ -8,8 +8,14 @@ gradients; nothing of them is kept but the statistics.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch import nn
+
+from ..errors import LayerError, first_line
 
 from ..geometry.generators import Generator, cell_displacement, directional_difference
 from ..inputs.pairs import MODEL_OUTPUT, PairFeeder, chance_partners, keep_disk
@@ -52,9 +58,13 @@ def lie_derivatives(capture: FeatureCapture, images: torch.Tensor, generator: Ge
     inference mode. ``difference``: see :func:`~alignscope.geometry.generators.directional_difference`."""
     dj, di = cell_displacement(generator, *image_hw, image_hw, images.device)
     tangent = -directional_difference(images, dj, di, fill, difference).to(images.dtype)
-    with forward_ad.dual_level():
-        captured = capture(forward_ad.make_dual(images, tangent))
-        unpacked = {name: forward_ad.unpack_dual(value) for name, value in captured.items()}
+    try:
+        with forward_ad.dual_level(), _unfused_attention(capture.model):
+            captured = capture(forward_ad.make_dual(images, tangent))
+            unpacked = {name: forward_ad.unpack_dual(value) for name, value in captured.items()}
+    except NotImplementedError as exc:
+        raise LayerError(f"the model uses an operation PyTorch's forward mode cannot differentiate, so --lie cannot "
+                         f"measure it ({first_line(exc)[:160]})") from None
     out = {}
     for name, (primal, derivative) in unpacked.items():
         primal, derivative = primal.float(), _tangent_or_zero(derivative, primal).float()
@@ -64,6 +74,20 @@ def lie_derivatives(capture: FeatureCapture, images: torch.Tensor, generator: Ge
             derivative = derivative + directional_difference(primal, map_dj, map_di, 0.0, difference).float()
         out[name] = (primal, derivative)
     return out
+
+
+@contextlib.contextmanager
+def _unfused_attention(model: nn.Module) -> Iterator[None]:
+    """timm's attention modules with their fused kernel off (``fused_attn``): the fused CPU kernel has no
+    forward-mode derivative, the plain one computes the same attention."""
+    switched = [module for module in model.modules() if getattr(module, "fused_attn", False) is True]
+    for module in switched:
+        module.fused_attn = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.fused_attn = True
 
 
 def _tangent_or_zero(derivative: torch.Tensor | None, primal: torch.Tensor) -> torch.Tensor:
