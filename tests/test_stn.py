@@ -5,6 +5,7 @@ hand-made rotations, the Deming slope, IDX parsing, fresh seeded transforms, the
 optimiser groups and the CLI.
 """
 import gzip
+from pathlib import Path
 import json
 import math
 
@@ -460,3 +461,23 @@ def test_the_experiment_answers_its_question_in_one_line():
                           pd.DataFrame(), pd.DataFrame(), {})
     line = three.answer()
     assert "deep@1 0.910 ± 0.010" in line and "over 3 seeds" in line
+
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # the standard MNIST training split
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"the real MNIST files are not at {SHARED_MNIST} (they sit beside "
+                                                      "the development checkout; point --data mnist:DIR at your copy)")
+def test_the_real_mnist_files_read_and_train():
+    from alignscope.stn import UprightData, load_data, run_experiment
+
+    data = load_data(f"mnist:{SHARED_MNIST}")
+    assert tuple(data.train_images.shape) == (60000, 1, 28, 28) and tuple(data.test_images.shape) == (10000, 1, 28, 28)
+    assert torch.bincount(data.train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
+    assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) <= 1.0
+    small = UprightData(data.train_images[:128], data.train_labels[:128], data.test_images[:32], data.test_labels[:32],
+                        data.classes, "MNIST subset")
+    result = run_experiment(small, variants=("none", "input"), seeds=1, test_passes=1,
+                            config=TrainConfig(optimizer="adam", lr=3e-3, iterations=4, batch_size=16, ramp=0.5))
+    assert set(result.results["variant"]) == {"none", "input"} and result.results["test_accuracy"].between(0, 1).all()
