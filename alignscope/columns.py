@@ -111,8 +111,9 @@ _LAYER = [
                            "the image's norm in pixels (near-duplicate images; see the floors in docs/measures.md)"),
     _c("why_missing", "empty when the row has numbers; otherwise why not: no or too few valid cells (below 4 cells "
                       "and 1% of the map), or no image above the chance floor", False),
-    _c("kind", "`layer`, `output` for the output rows (the model's prediction) or `placement` for the placement rows "
-               "(an exact STN at a layer, `--placement`); the distance columns are empty on the last two", False),
+    _c("kind", "`layer`, `output` for the output rows (the model's prediction), `placement` for the placement rows "
+               "(an exact STN at a layer, `--placement`) or `lie` for the Lie-derivative rows (`--lie`); the distance "
+               "columns are empty on the last three", False),
 ]
 _OUTPUT = [
     _c("prediction_agreement", "share of images whose top-1 class is the same for x and g x; 95% Wilson interval",

@@ -141,8 +141,9 @@ def _print_summary(report, out_path: Path) -> None:
     _print_placement(report.table)
     from alignscope.report.lie import lie_text
 
-    if lie_text(report.table):
-        click.echo("\n" + lie_text(report.table))
+    text = lie_text(report.table, max(80, shutil.get_terminal_size((80, 24)).columns))
+    if text:
+        click.echo("\n" + text)
     warnings = report.warnings()
     if warnings:  # each in full in report.html
         click.echo(f"\ncaveats ({len(warnings)}):")

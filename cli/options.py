@@ -173,6 +173,9 @@ def run_options(command=None, *, outputs: bool = True):
                          help="Add the Lie-derivative rows: per layer and at the output, the derivative along six "
                               "continuous transformations (translations, rotation, scale, shears) at the identity. "
                               "Costs one forward-mode pass per generator and batch."),
+            click.option("--lie-generator", "lie_generators", multiple=True,
+                         type=click.Choice(["translate_x", "translate_y", "rotate", "scale", "shear_x", "shear_y"]),
+                         help="With --lie (implies it): only this generator (repeatable)."),
             click.option("--placement", is_flag=True,
                          help="Add the placement rows: the prediction when each layer's output of g x is replaced by "
                               "g^-1 of it (an exact STN there), against f(x), and the placement figure. Costs one more "
@@ -184,9 +187,9 @@ def run_options(command=None, *, outputs: bool = True):
 
         return {"run": RunOptions(values["amp"], values["channels_last"], not values.get("no_output", False),
                                   values.get("per_image", False), values.get("placement", False),
-                                  values.get("lie", False))}
+                                  tuple(values.get("lie_generators") or ()) or values.get("lie", False))}
 
-    return _shared(command, declared, ("amp", "channels_last", "per_image", "no_output", "placement", "lie"), build)
+    return _shared(command, declared, ("amp", "channels_last", "per_image", "no_output", "placement", "lie", "lie_generators"), build)
 
 
 def _parse_ridge(text: str) -> float | str:

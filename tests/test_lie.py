@@ -215,3 +215,26 @@ def test_token_grids_get_lie_derivatives_too():
     rows = _lie_rows(report)
     assert rows.loc[("lie-translate_x", "blocks.1"), "lie_error"] > 0 and rows["n_images"].eq(2).all()
     assert rows["lie_output"].dropna().between(0, 1).all() and len(rows["lie_output"].dropna()) == 2
+
+
+def test_the_terminal_table_wraps_and_the_command_line_picks_generators(tmp_path, capsys):
+    from alignscope.cli.main import main
+    from alignscope.errors import UsageTypeError
+    from alignscope.report.lie import lie_text
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "--lie-generator", "rotate", "--lie-generator", "scale", "--transform", "rot90", "--max-images",
+              "2", "--input-size", "64", "--layers", "blocks.?", "--layers", "conv_stem", "--no-plots", "--out", str(out)])
+    assert exit_info.value.code == 0
+    import json
+
+    import pandas as pd
+
+    assert json.loads((out / "run.json").read_text())["lie"]["generators"] == ["rotate", "scale"]
+    table = pd.read_csv(out / "alignment.csv")
+    text = lie_text(table, width=80)
+    assert max(map(len, text.splitlines())) <= 80
+    assert sum(line.startswith("generator") for line in text.splitlines()) == 2  # 8 columns: two blocks at 80
+    with pytest.raises(UsageTypeError, match="lie must be"):
+        alignscope.analyze(transforms=["rot90"], lie=5, max_images=2)

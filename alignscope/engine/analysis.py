@@ -228,7 +228,9 @@ def _measure(options: ModelOptions, pairs: PairOptions, run: RunOptions, request
     meta["timings_seconds"]["phases"] = timer.as_dict() if isinstance(timer, PhaseTimer) else {}
     meta.update(amp=run.amp, channels_last=channels_last, workers=pairs.workers, world_size=ranks.world_size,
                 rank=ranks.rank, malloc_tuning=malloc_tuning(), nonfinite_layers=nonfinite,
-                output=head.as_json(), placement=_placement_meta(placements), registered_border=[{"layer": layer, "transform": spec, "shift_px": list(shift)}
+                output=head.as_json(), placement=_placement_meta(placements),
+                lie={"generators": list(run.lie), "units": {g.name: g.unit for g in lie_meter.generators}}
+                if lie_meter is not None else {"generators": []}, registered_border=[{"layer": layer, "transform": spec, "shift_px": list(shift)}
                                                           for (layer, spec), shift in feeder.border_shifts.items()])
     if calibration is not None:
         meta["fits"] = {

@@ -4,7 +4,8 @@ Per batch and generator, one forward-mode pass (``torch.autograd.forward_ad``) o
 carried chance partner, the tangent being −v·∇x: every selected layer's map and the model's output
 come back with their directional derivatives J[−v·∇x] (:mod:`alignscope.measure.lie`). The passes
 run in float32 outside inference mode (forward-mode AD needs ordinary tensors) and without
-gradients; nothing of them is kept but the statistics.
+gradients, always in float32 and without autocast (``--amp`` does not apply to them); nothing of them is
+kept but the statistics.
 """
 from __future__ import annotations
 

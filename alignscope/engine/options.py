@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, UsageTypeError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,6 +63,8 @@ def resolve_generators(lie: bool | str | tuple[str, ...] | list[str] | None) -> 
         return ()
     if lie is True:
         return tuple(GENERATORS)
+    if not isinstance(lie, (str, list, tuple)):
+        raise UsageTypeError(f"lie must be True, False or generator names, not {type(lie).__name__}")
     names = (lie,) if isinstance(lie, str) else tuple(lie)
     unknown = [name for name in names if name not in GENERATORS]
     if unknown:

@@ -30,12 +30,35 @@ def lie_table(table: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def lie_text(table: pd.DataFrame) -> str:
-    """The table as fixed-width text (``""`` without Lie-derivative rows)."""
+def lie_text(table: pd.DataFrame, width: int = 80) -> str:
+    """The table as fixed-width text, layers that do not fit in ``width`` columns in further blocks (``""``
+    without Lie-derivative rows)."""
+    from .grid import short_name
+
     wide = lie_table(table)
     if wide.empty:
         return ""
-    shown = wide.drop(columns="unit")
-    head = ("Lie derivatives: ‖L F‖ / chance distance per unit t (0: equivariant); output: mean |dp/dt| over classes\n"
-            "t: per radian (rotate), half image side (translations), log-scale (scale), tan(angle) (shears)")
-    return head + "\n" + shown.to_string(float_format=lambda v: f"{v:.3g}")
+    columns = [c for c in wide.columns if c != "unit"]
+    first, cell = max(11, *(len(str(g)) for g in wide.index)) + 1, 10
+    per_block = max(1, (width - first) // cell)
+    head = ["Lie derivatives per unit t: ‖L F‖ / chance distance (0 = equivariant)",
+            *(["output: mean |dp/dt| over the classes"] if OUTPUT_COLUMN in columns else []),
+            "t: radians, half image sides (translations), log-scale, tan(angle) (shears)"]
+    lines = list(head)
+    if len(columns) > 16:  # --layers all: the blocks would fill screens; the output and the pointer say it
+        lines.append(f"{len(columns) - (OUTPUT_COLUMN in columns)} layers: see report.html, or alignment.csv (kind = lie)")
+        columns = [OUTPUT_COLUMN] if OUTPUT_COLUMN in columns else []
+    for start in range(0, len(columns), per_block):
+        block = columns[start:start + per_block]
+        labels = ["output" if c == OUTPUT_COLUMN else short_name(str(c), cell - 1) for c in block]
+        lines.append("generator".ljust(first) + "".join(label.rjust(cell) for label in labels))
+        for generator, row in wide.iterrows():
+            lines.append(str(generator).ljust(first) + "".join(_number(row[c]).rjust(cell) for c in block))
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    """Three significant digits, trailing zeros kept (38.0 next to 40.4), no exponent above 1e-4."""
+    if pd.isna(value):
+        return "·"
+    return f"{value:#.3g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.1e}"
