@@ -347,6 +347,8 @@ def compare(csvs: tuple[str, ...], out: str, force: bool) -> None:
     if len(predictions):
         click.echo("\nprediction_agreement by transform (the output rows; NaN: a run without that transform or head):")
         click.echo(predictions.to_string(float_format=lambda v: f"{v:.3f}"))
+    if "kind" in combined and combined["kind"].astype(str).isin(["placement", "lie"]).any():
+        click.echo("\nplacement and Lie-derivative rows are not compared here; they are in comparison.csv with the rest")
     click.echo(f"\ncomparison written to {out}/ (comparison.csv holds every row of every run)")
 
 
