@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if debug:  # accepted anywhere on the line: the group takes it, whichever command follows
+        args = ["--debug", *(arg for arg in args if arg != "--debug")]
     from alignscope.runtime.allocator import bound_onednn_cache, tune_malloc
 
     bound_onednn_cache()  # before torch runs a convolution: oneDNN reads it once
