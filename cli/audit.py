@@ -26,7 +26,8 @@ def enforce_limits(table, maximum=(), minimum=(), layers=(), transforms=()) -> N
     if failing.empty:
         click.echo(f"ok: {summary}", err=True)
         return
-    columns = (("model",) if table["model"].nunique() > 1 else ()) + ("layer", "transform", *limited, "breaks")
+    which = ("placed_by",) if "placed_by" in failing and failing["placed_by"].notna().any() else ()  # inverse, perm, ...
+    columns = (("model",) if table["model"].nunique() > 1 else ()) + ("layer", "transform", *which, *limited, "breaks")
     click.echo(format_table(failing, tuple(dict.fromkeys(columns))))
     raise LimitsBroken(summary)
 

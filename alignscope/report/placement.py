@@ -43,9 +43,7 @@ class PlacementGrid:
         placed = placement_rows(table)
         if placed.empty:
             return cls([], [], {}, {}, 0)
-        placed = placed[placed["transform"] != "identity"]
-        if "sweep" in placed:
-            placed = placed[placed["sweep"].fillna("").astype(str) == ""]
+        placed = placed[placed["transform"] != "identity"]  # a sweep's values are rows like any transform
         by = _by(placed)
         keys = list(dict.fromkeys(zip(placed["transform"], by)))
         places = list(dict.fromkeys(placed.sort_values("depth", kind="stable")["layer"].astype(str)))
@@ -57,7 +55,7 @@ class PlacementGrid:
                 values.setdefault("input", cells[(transform, "inverse")]["input"])
         outputs = output_rows(table)
         none = {str(r["transform"]): float(r["prediction_agreement"]) for _, r in outputs.iterrows()
-                if "prediction_agreement" in r and str(r.get("sweep", "") or "") == ""}
+                if "prediction_agreement" in r}
         n = int(placed["n_images"].max()) if len(placed) else 0
         return cls(keys, places, cells, none, n)
 
