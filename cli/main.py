@@ -167,14 +167,14 @@ def _print_placement(table) -> None:
     if len(grid.places) <= 16:
         click.echo(grid.text(max(80, shutil.get_terminal_size((80, 24)).columns)))
     else:  # --layers all: the grid would fill screens; the lines and the costliest modules say it
-        click.echo(f"placement at {len(grid.places)} places (input and layers): the grid is in report.html, the rows in "
-                   "alignment.csv (kind = placement)")
+        click.echo(f"placement at {len(grid.places)} places: see report.html, or alignment.csv (kind = placement)")
     click.echo("")
     for line in placement_verdicts(table):
         click.echo(line)
-    if placement_rows(table)["layer"].nunique() > 8:  # --layers all: where the prediction is lost
+    costly = costliest_modules(table)
+    if placement_rows(table)["layer"].nunique() > 16 and (costly["placement_drop"] > 0).any():  # --layers all
         click.echo("\nlargest drops in agreement between one place and the next:")
-        click.echo(format_table(costliest_modules(table), ("transform", "layer", "placement_drop", "placed_agreement")))
+        click.echo(format_table(costly, ("transform", "layer", "placement_drop", "placed_agreement")))
 
 
 @app.command()

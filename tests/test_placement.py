@@ -116,6 +116,7 @@ def test_placement_is_a_gate_column_and_a_usage_error_without_a_head(small_image
     failing = check(report.table, min={"placed_agreement": 1.01})
     assert set(failing["kind"]) == {"placement"} and len(failing) == 3
     assert check(report.table, min={"placed_agreement": 0.0}).empty
+    assert check(report.table, max={"placement_drop": 1.0}).empty  # the input rows, without a place before, are not checked
     with pytest.raises(UsageError, match="needs the output row"):
         run(FlatHead(24), ["rot90"], small_images, layers=["act1"], output=False)
     with pytest.raises(UsageError, match="placement compares the model's predictions"):

@@ -250,7 +250,9 @@ def _placement_meta(placements: PlacementMeter | None) -> dict:
     layers left out of them with the reason."""
     if placements is None:
         return {"measured": False}
-    return {"measured": True, "placed_by": list(placements.placed_by),
+    measured = [by for by in placements.placed_by
+                if any(key[1] == by and stat.state[0, 0] > 0 for key, stat in placements.stats.items())]
+    return {"measured": True, "placed_by": measured,
             "layers_left_out": [{"layer": name, "reason": why} for name, why in placements.skipped.items()]}
 
 

@@ -43,6 +43,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         resolve_amp(self.amp)  # a bad value fails when the options are made
         object.__setattr__(self, "lie", resolve_generators(self.lie))
+        for name in ("output", "per_image", "placement"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageTypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.placement and not self.output:
             raise UsageError("placement compares the model's predictions, so it needs the output row; drop output=False "
                              "(--no-output) or placement=True (--placement)")

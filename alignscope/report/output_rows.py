@@ -109,6 +109,8 @@ def rows_for_column(table: pd.DataFrame, column: str) -> pd.Series:
     """The rows a limit on ``column`` checks: the rows of its kind; for the Lie-derivative columns the model-output
     rows (``lie_output``) or the layer rows (the others)."""
     rows = rows_of_kind(table, column_kind(column))
+    if str(column).startswith("placement_drop") and "depth" in table.columns:
+        rows &= pd.to_numeric(table["depth"], errors="coerce").fillna(0) > 0  # the input has no place before it
     if column_kind(column) == LIE_KIND and "module" in table.columns:
         output = table["module"].astype(str).eq("model output")
         rows &= output if str(column).startswith("lie_output") else ~output

@@ -65,7 +65,7 @@ class PlacementGrid:
     def text(self, width: int = 80) -> str:
         """Fixed-width lines; places that do not fit in ``width`` columns go to a further block."""
         if not self.rows:
-            return "(no placement rows)"
+            return "(placement rows only under the identity, the control: see alignment.csv, kind = placement)"
         first = max(9, *(len(self._label(key)) for key in self.rows)) + 1
         cell = 8
         per_block = max(1, (width - first - cell) // cell)
@@ -73,7 +73,7 @@ class PlacementGrid:
         lines = [f"top-1 agreement with f(x) when an exact STN undoes g at each place (none: no STN); n = {self.n_images}"]
         kinds = sorted({key[1] for key in self.rows} - {"inverse"})
         if kinds:
-            lines.append("rows +X: the STN " + "; ".join(f"+{SHORT_BY.get(k, k)} = {_BY_MEANING.get(k, k)}" for k in kinds))
+            lines.append("; ".join(f"+{SHORT_BY.get(k, k)}: the STN applies {_BY_MEANING.get(k, k)}" for k in kinds))
         for number, block in enumerate(blocks):
             header = "transform".ljust(first) + ("none".rjust(cell) if number == 0 else "")
             lines.append(header + "".join(short_name(place, cell - 1).rjust(cell) for place in block))
@@ -91,7 +91,7 @@ class PlacementGrid:
     def html(self) -> str:
         """The same grid as an HTML table."""
         if not self.rows:
-            return "<p>No placement rows.</p>"
+            return "<p>Placement rows only under the identity (the control); see alignment.csv.</p>"
         head = "<th title=\"no STN: f(g x) against f(x)\">none</th>" + "".join(
             f"<th title=\"{html.escape(place)}\">{html.escape(short_name(place, 10))}</th>" for place in self.places)
         body = []
@@ -102,9 +102,12 @@ class PlacementGrid:
                 value = self.cells[key].get(place, math.nan)
                 tds.append(f"<td>{value:.2f}</td>" if math.isfinite(value) else "<td>·</td>")
             body.append(f"<tr><th>{html.escape(self._label(key))}</th>{''.join(tds)}</tr>")
+        kinds = sorted({key[1] for key in self.rows} - {"inverse"})
+        extra = "".join(f" <code>+{SHORT_BY.get(k, k)}</code>: the STN applies {html.escape(_BY_MEANING.get(k, k))}."
+                        for k in kinds)
         legend = (f"<p class=\"sub\">top-1 agreement with f(x), n = {self.n_images}: an exact STN at each place (g x fed, "
-                  "that place's output replaced by g⁻¹ of it; <code>input</code>: f(g⁻¹ g x)); <code>none</code>: no STN. "
-                  "Intervals in the table below and in the figure.</p>")
+                  "that place's output replaced by g⁻¹ of it; <code>input</code>: f(g⁻¹ g x)); <code>none</code>: no STN."
+                  f"{extra} Intervals in the table below and in the figure.</p>")
         return f"<table class=\"grid\"><tr><th>transform</th>{head}</tr>{''.join(body)}</table>{legend}"
 
 
@@ -124,11 +127,12 @@ def placement_verdicts(table: pd.DataFrame, limit: int = 100) -> list[str]:
         else:
             low = min(values, key=values.get)
             high = max(values, key=values.get)
-            line = (f"{key[0]}: an exact STN keeps {_pct(start)} at the input, {_pct(values[low])} at {low}, "
-                    f"{_pct(values[high])} at {high}")
+            at_layers = (f"{_pct(values[low])} at every layer" if values[low] == values[high] else
+                         f"{_pct(values[low])[:-1]}–{_pct(values[high])} at layers (min {low}, max {high})")
+            line = f"{key[0]}: exact STN keeps {_pct(start)} at input, {at_layers}"
             none = grid.none.get(key[0], math.nan)
             if math.isfinite(none):
-                line += f"; no STN {_pct(none)}"
+                line += f"; none {_pct(none)}"
         lines.append(line if len(line) <= limit else line[: limit - 1] + "…")
     return lines
 

@@ -82,6 +82,8 @@ def placement_figures(placements: pd.DataFrame, predictions: pd.DataFrame) -> di
             for kind in kinds:
                 line = group[group.get("placed_by", pd.Series("inverse", index=group.index)).fillna("inverse") == kind]
                 line = line.sort_values("depth")
+                if line.empty:
+                    continue
                 if kind != "inverse":  # a fitted STN starts from the same input placement
                     line = pd.concat([group[group["depth"] == 0], line])
                 x = line["depth"].to_numpy(dtype=float)
@@ -105,7 +107,8 @@ def placement_figures(placements: pd.DataFrame, predictions: pd.DataFrame) -> di
         fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
         models = ", ".join(dict.fromkeys(rows["model"].astype(str)))
         images = int(rows["n_images"].max()) if len(rows) else 0
-        fig.suptitle(f"Where could an STN go? An exact g$^{{-1}}$ at each place, measured on the prediction — {models} "
+        what = "top-1 agreement with f(x)" if column == "placed_agreement" else "KL(p(x) || p), nats"
+        fig.suptitle(f"Where could an STN go? An exact g$^{{-1}}$ at each place: {what} — {models} "
                      f"({images} images){random_weights_note(rows)}", fontsize=10.5)
         figures[stem] = fig
     return figures
