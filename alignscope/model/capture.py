@@ -407,7 +407,22 @@ class _StopForward(Exception):
     """Raised by the last hook so that layers after the deepest one are not computed."""
 
 
-class FeatureCapture:
+class ForwardHooks:
+    """Forward hooks owned by one object: removed by :meth:`close`, also when its ``with`` block ends."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class FeatureCapture(ForwardHooks):
     """Context manager capturing the outputs of ``layers`` for one batch at a time.
 
     >>> with FeatureCapture(model, layers) as capture:
@@ -440,7 +455,7 @@ class FeatureCapture:
         self.output_classes = output_classes
         self.stop_early = stop_early and output_classes is None
         self._stop_early_asked = stop_early
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._captured: dict[str, torch.Tensor] = {}
         self._only: set[str] | None = None  # see restricted()
         self._batch = 0
@@ -545,11 +560,3 @@ class FeatureCapture:
             yield self
         finally:
             self._only = saved
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

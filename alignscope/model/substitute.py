@@ -26,16 +26,16 @@ import torch
 from torch import nn
 
 from ..errors import LayerError
-from .capture import LayerInfo
+from .capture import ForwardHooks, LayerInfo
 
 
-class MapSubstitution:
+class MapSubstitution(ForwardHooks):
     """Forward hooks that replace one armed layer's output by a given map (see the module docstring)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerInfo]) -> None:
         self.model = model
         self.layers = list(layers)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._armed: tuple[LayerInfo, torch.Tensor] | None = None
         self._calls = 0
         self._modules: dict[str, nn.Module] = {}
@@ -84,11 +84,3 @@ class MapSubstitution:
                                  f"module {layer.source!r} did not run in the forward pass")
         finally:
             self._armed, self._calls = None, 0
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
