@@ -187,8 +187,12 @@ def _bench_lines(result: dict) -> list[str]:
 @click.option("--variants", default="default", show_default=True,
               help="Comma-separated: none, input, features@k, shared@k, deep@k, supervised (a control: input's "
                    "localization net alone, trained on the true transform at --lr without the ramp: the most a net of "
-                   "that size undoes; no accuracy and no layer alignment, its classifier is never trained); 'default' "
-                   "(none, input, features@1, features@2, shared@2, deep@2; classic: k=1 only) or 'all'.")
+                   "that size undoes; no accuracy and no layer alignment, its classifier is never trained); ranges "
+                   "such as deep@1..4; 'default' (none, input, features@1, features@2, shared@2, deep@2; classic: k=1 "
+                   "only), 'depth-sweep' or 'all'.")
+@click.option("--depth-sweep", is_flag=True,
+              help="Same as --variants depth-sweep: none, input, then shared@k and deep@k for k = 1 to the classifier's "
+                   "depth (4 for small and narrow), with stability columns and a figure against k.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--recipe", type=click.Choice(["digits", "paper"]), default="digits", show_default=True,
               help="digits: the recipe that brought the input STN closest to undoing rotation on the offline digits "
@@ -210,8 +214,8 @@ def _bench_lines(result: dict) -> list[str]:
 @click.option("--test-passes", type=click.IntRange(min=1), default=10, show_default=True,
               help="Random transforms of the test set to average over.")
 @click.option("--warp", type=click.Choice(["affine", "rotation", "rotation_scale"]), default="affine", show_default=True)
-@click.option("--quick", is_flag=True, help="1 seed, 150 steps of 64, 2 test passes, none/input/features@1/shared@1/deep@1: "
-                                          "checks the set-up, learns little.")
+@click.option("--quick", is_flag=True, help="1 seed, 150 steps of 64, 2 test passes, none/input/features@1/shared@1/deep@1 "
+                                          "(with --depth-sweep: its variants, 3 seeds): checks the set-up, learns little.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs trained at once, each in its own process with one torch thread (2 on a 2-core machine).")
 @click.option("--combine", multiple=True, type=click.Path(exists=True, file_okay=False),
@@ -222,7 +226,8 @@ def _bench_lines(result: dict) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON records.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, loc_lr_multiplier, loc_weight_decay,
-        iterations, batch_size, schedule, ramp, test_passes, warp, quick, jobs, combine, out, force, as_json, debug) -> None:
+        iterations, batch_size, schedule, ramp, test_passes, warp, depth_sweep, quick, jobs, combine, out, force, as_json,
+        debug) -> None:
     """Where should the spatial transformer go? Train STN variants on transformed digits and compare.
 
     Every training sample gets a fresh random transform in every epoch; the
@@ -238,6 +243,8 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
     \b
     Examples:
       alignscope stn --quick
+      alignscope stn --data mnist:DIR --depth-sweep --iterations 10000 --jobs 2
+      alignscope stn --variants none,input,shared@1..4,deep@1..4 --seeds 3
       alignscope stn --variants none,input --seeds 3
       alignscope stn --variants input --out stn-input; alignscope stn --variants none --out stn-none
       alignscope stn --combine stn-none --combine stn-input --out stn-all
@@ -245,7 +252,8 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
     """
     from alignscope.errors import UsageError
     from alignscope.report.report import validate_destination
-    from alignscope.stn import run_experiment, variant_names
+    from alignscope.stn import run_experiment
+    from alignscope.stn.models import expand_variants
     from alignscope.stn.train import recipe as make_recipe
     from alignscope.stn.experiment import QUICK, combine_experiments, load_experiment
 
@@ -258,19 +266,15 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
     if images and data != "digits":
         raise UsageError("give either --data or --images, not both")
     data = f"folder:{images}" if images else data
+    if depth_sweep:
+        if variants != "default":
+            raise UsageError("give either --depth-sweep or --variants, not both")
+        variants = "depth-sweep"
     if quick:
-        seeds, test_passes = QUICK["seeds"], QUICK["test_passes"]
+        seeds, test_passes = (QUICK["sweep_seeds"] if variants == "depth-sweep" else QUICK["seeds"]), QUICK["test_passes"]
         iterations, batch_size = iterations or QUICK["iterations"], batch_size or QUICK["batch_size"]
         variants = ",".join(QUICK["variants"]) if variants == "default" else variants
-    if variants.strip() == "all":
-        chosen = list(variant_names(classifier))
-    elif variants.strip() == "default":
-        chosen = [v for v in ("none", "input", "features@1", "features@2", "shared@2", "deep@2")
-                  if v in variant_names(classifier)]
-        if classifier == "classic":
-            chosen = list(variant_names(classifier))
-    else:
-        chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    chosen = expand_variants(variants, classifier)
     config = make_recipe(recipe, optimizer=optimizer, lr=lr, loc_lr_multiplier=loc_lr_multiplier,
                          loc_weight_decay=loc_weight_decay, iterations=iterations, batch_size=batch_size,
                          schedule=schedule, ramp=ramp)
@@ -312,11 +316,17 @@ def _print_stn_summary(experiment, out_path, as_json: bool) -> None:
     short = {"parameters": "params", "localization_parameters": "loc_params", "test_accuracy_mean": "accuracy",
              "test_accuracy_std": "acc_std", "angle_std_deg_mean": "angle_std", "angle_std_deg_std": "angle_std_sd",
              "deming_slope_mean": "slope", "deming_slope_std": "slope_sd", "alignment_at_stn": "align_stn",
-             "alignment_last_layer": "align_last"}
+             "alignment_last_layer": "align_last", "diverged_fraction": "diverged", "collapsed_fraction": "collapsed",
+             "worst_seed": "worst", "angle_std_deg_worst": "angle_worst", "test_accuracy_worst": "acc_worst"}
     table = table.rename(columns=short)
     click.echo(format_table(table, tuple(table.columns)))
     click.echo("")
     click.echo(experiment.answer())
+    depth = experiment.depth_answer()
+    if depth:
+        click.echo(depth)
     click.echo("(columns as in stn_summary.csv, shortened: accuracy = test_accuracy_mean, angle_std = the warp's angle "
-               "error std in degrees, align_stn / align_last = alignment error at the STN / the last layer)")
-    click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_angles.csv, stn_summary.csv, plots)")
+               "error std in degrees, align_stn / align_last = alignment error at the STN / the last layer; diverged / collapsed: shares of the seeds, "
+               "worst: the seed with the largest angle_std, see docs/stn-experiments.md)")
+    click.echo(f"\nwritten to {out_path}/ (stn_results.csv, stn_alignment.csv, stn_angles.csv, stn_curves.csv, stn_summary.csv, "
+               "plots)")

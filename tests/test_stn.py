@@ -5,9 +5,10 @@ hand-made rotations, the Deming slope, IDX parsing, fresh seeded transforms, the
 optimiser groups and the CLI.
 """
 import gzip
-from pathlib import Path
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -463,12 +464,25 @@ def test_the_experiment_answers_its_question_in_one_line():
     assert "deep@1 0.910 ± 0.010" in line and "over 3 seeds" in line
 
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def _find_mnist() -> Path:
+    """$ALIGNSCOPE_MNIST, else shared/data/mnist beside the checkout or beside any folder above it."""
+    if os.environ.get("ALIGNSCOPE_MNIST"):
+        return Path(os.environ["ALIGNSCOPE_MNIST"])
+    root = Path(__file__).resolve().parents[1]
+    for folder in root.parents:
+        if (folder / "shared" / "data" / "mnist").is_dir():
+            return folder / "shared" / "data" / "mnist"
+    return root.parent / "shared" / "data" / "mnist"
+
+
+SHARED_MNIST = _find_mnist()
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # the standard MNIST training split
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"the real MNIST files are not at {SHARED_MNIST} (they sit beside "
-                                                      "the development checkout; point --data mnist:DIR at your copy)")
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"the real MNIST files are not at {SHARED_MNIST} (set "
+                                                      "ALIGNSCOPE_MNIST to the folder of the four IDX files)")
 def test_the_real_mnist_files_read_and_train():
     from alignscope.stn import UprightData, load_data, run_experiment
 

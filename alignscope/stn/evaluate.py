@@ -75,3 +75,43 @@ def evaluate(model: STNClassifier, test: FixedTestSet, batch_size: int = 512) ->
         found = angle_metrics(t, torch.zeros_like(t), test.labels.repeat(test.passes))
         metrics.update(angle_std_deg=found["angle_std_deg"], deming_slope=found["deming_slope"])
     return Evaluation(metrics, {layer: s.compute() for layer, s in stats.items()}, angles)
+
+
+class CurveProbe:
+    """A learning curve: the angle metric and accuracy on a fixed probe set at checkpoints during training.
+
+    The probe is the first ``size`` images of the test set's pass 0 (fixed
+    random transforms, the same for every run). Each call evaluates the model
+    in eval mode (BatchNorm's running statistics, no dropout), records one row
+    (``step``, ``train_loss``: the mean loss since the last checkpoint,
+    ``probe_accuracy``, ``probe_angle_std_deg``) and puts the model back in
+    training mode; it draws no random numbers, so training goes on exactly as
+    without it.
+    """
+
+    def __init__(self, test: FixedTestSet, size: int = 1000) -> None:
+        n = min(size, len(test.labels))
+        self.labels = test.labels[:n]
+        self.params = test.params[0, :n]
+        self.images = next(iter(FixedTestSet(test.upright[:n], self.labels, test.params[:1, :n], test.task).batches(n)))[2]
+        self.read_angles = test.task == "rotate"
+        self.rows: list[dict] = []
+
+    @torch.inference_mode()
+    def __call__(self, step: int, model: STNClassifier, train_loss: float) -> None:
+        model.eval()
+        accuracy = angle_std = math.nan
+        try:
+            if not model.supervised:
+                accuracy = float((model(self.images).argmax(1) == self.labels).double().mean())
+            if self.read_angles:
+                theta = model.predict_theta(self.images)
+                warp = torch.zeros_like(self.params) if theta is None else warp_angle_deg(theta)
+                if torch.isfinite(warp).all():
+                    angle_std = angle_metrics(self.params, warp, self.labels)["angle_std_deg"]
+        except FloatingPointError:  # a sampling matrix that is no longer finite: the point stays NaN
+            pass
+        finally:
+            model.train()
+        self.rows.append({"step": step, "train_loss": train_loss, "probe_accuracy": accuracy,
+                          "probe_angle_std_deg": angle_std})

@@ -21,21 +21,28 @@ import torch
 from ..errors import UsageError
 from ..report.files import csv_text, publish_folder
 from .data import TASKS, FixedTestSet, UprightData, load_data
-from .evaluate import evaluate
-from .models import WARPS, STNClassifier, validate_variant
+from .evaluate import Evaluation, evaluate
+from .evaluate import CurveProbe
+from .models import DEFAULT_VARIANTS, WARPS, STNClassifier, validate_variant
+from .stability import run_stability, stability_summary
 from .train import DIGITS_RECIPE, TrainConfig, parameter_counts, train_variant
 
 MODELS_FILE = "stn_models.pt"
 # settings that must agree for saved runs to be combined into one comparison
 COMBINE_KEYS = ("data_spec", "task", "classifier", "warp", "optimizer", "lr", "loc_lr_multiplier", "loc_weight_decay",
                 "iterations", "batch_size", "decay_at", "decay_factor", "ramp", "schedule", "test_passes", "data_seed")
-QUICK = {"seeds": 1, "iterations": 150, "batch_size": 64, "test_passes": 2, "variants": ("none", "input", "features@1", "shared@1", "deep@1")}
+ALIGNMENT_COLUMNS = ["variant", "seed", "layer", "alignment_error", "alignment_error_ci_low", "alignment_error_ci_high",
+                     "n_images"]
+CURVE_COLUMNS = ["variant", "seed", "step", "train_loss", "probe_accuracy", "probe_angle_std_deg"]
+CURVE_POINTS = 20  # checkpoints of the learning curve per run (plus step 0)
+QUICK = {"seeds": 1, "sweep_seeds": 3, "iterations": 150, "batch_size": 64, "test_passes": 2, "variants": ("none", "input", "features@1", "shared@1", "deep@1")}
 
 
 @dataclass
 class STNExperiment:
     """``results``: one row per (variant, seed); ``alignment``: per (variant, seed, layer); ``angles``: per test image
-    of pass 0 (variant, seed, label, true_deg, warp_deg)."""
+    of pass 0 (variant, seed, label, true_deg, warp_deg); ``curves``: the learning curves, per (variant, seed, step)
+    (:class:`alignscope.stn.evaluate.CurveProbe`; empty for runs saved without them)."""
 
     results: pd.DataFrame
     alignment: pd.DataFrame
@@ -43,9 +50,12 @@ class STNExperiment:
     settings: dict
     models: dict[str, STNClassifier] = field(default_factory=dict)  # seed-0 model per variant, for pictures
     test: FixedTestSet | None = None
+    curves: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CURVE_COLUMNS))
 
     def summary(self) -> pd.DataFrame:
-        """Per variant: mean and std across seeds of accuracy and the angle metric, and the alignment at the STN."""
+        """Per variant: mean and std across seeds of accuracy and the angle metric, the alignment at the STN, and
+        training stability (:func:`alignscope.stn.stability.stability_summary`: diverged and collapsed fractions,
+        the worst seed). Means and spreads are over the seeds that finished (a diverged seed has no numbers)."""
         grouped = self.results.groupby("variant", sort=False)
         table = pd.DataFrame({
             "parameters": grouped["parameters"].first(),
@@ -65,6 +75,7 @@ class STNExperiment:
             last = max(numbered, key=lambda name: int(name[5:])) if numbered else None
             table["alignment_at_stn"] = [at.get((v, "stn"), math.nan) for v in table.index]
             table["alignment_last_layer"] = [at.get((v, last), math.nan) for v in table.index]
+        table = table.join(stability_summary(self.results))
         return table.reindex(list(dict.fromkeys(self.results["variant"]))).reset_index(names="variant")
 
     def answer(self) -> str:
@@ -90,10 +101,36 @@ class STNExperiment:
             line += f" (mean ± std over {seeds} seeds)"
         return line
 
+    def depth_answer(self) -> str | None:
+        """For a depth sweep (two or more k of shared@k or deep@k): per family, the unstable seeds over all k and the
+        angle std at the deepest k against the shallowest; None otherwise."""
+        from .models import variant_depth
+
+        summary = self.summary().set_index("variant")
+        parts = []
+        for family in ("shared", "deep"):
+            names = [v for v in summary.index if str(v).startswith(f"{family}@")]
+            if len(names) < 2:
+                continue
+            rows = self.results[self.results["variant"].isin(names)]
+            diverged = int(rows["diverged"].fillna(False).astype(bool).sum())
+            collapsed = int(rows["collapsed"].fillna(False).astype(bool).sum())
+            first, last = min(names, key=variant_depth), max(names, key=variant_depth)
+            parts.append(f"{family}@k: {diverged + collapsed} of {len(rows)} seeds unstable ({diverged} diverged, "
+                         f"{collapsed} collapsed); angle std {summary.loc[first, 'angle_std_deg_mean']:.1f} deg at "
+                         f"{first}, {summary.loc[last, 'angle_std_deg_mean']:.1f} deg at {last}")
+        if not parts:
+            return None
+        return "does sharing keep a deeper localization net stable? " + "; ".join(parts)
+
     def figures(self) -> dict:
-        from .plots import accuracy_figure, angle_figure, warp_grid_figure
+        from .plots import accuracy_figure, angle_figure, curve_figure, depth_figure, depth_points, warp_grid_figure
 
         figures = {"stn_accuracy": accuracy_figure(self)}
+        if len(depth_points(self)):
+            figures["stn_depth"] = depth_figure(self)
+        if len(self.curves) and (self.curves["variant"] != "none").any():
+            figures["stn_curves"] = curve_figure(self)
         if len(self.angles):
             figures["stn_angles"] = angle_figure(self)
         if self.models and self.test is not None:
@@ -107,6 +144,7 @@ class STNExperiment:
             (folder / "stn_results.csv").write_text(csv_text(self.results), encoding="utf-8")
             (folder / "stn_alignment.csv").write_text(csv_text(self.alignment), encoding="utf-8")
             (folder / "stn_angles.csv").write_text(csv_text(self.angles), encoding="utf-8")
+            (folder / "stn_curves.csv").write_text(csv_text(self.curves), encoding="utf-8")
             (folder / "stn_summary.csv").write_text(csv_text(self.summary()), encoding="utf-8")
             (folder / "run.json").write_text(json.dumps(self.settings, indent=2, default=str), encoding="utf-8")
             # seed-0 weights per variant (small), so saved runs can be combined and their warps drawn again
@@ -120,7 +158,7 @@ class STNExperiment:
 def run_experiment(
     data: str | UprightData = "digits",
     task: str = "rotate",
-    variants: Sequence[str] = ("none", "input", "features@1", "features@2", "shared@2", "deep@2"),
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     seeds: int = 3,
     config: TrainConfig = DIGITS_RECIPE,
     classifier: str = "narrow",
@@ -164,9 +202,10 @@ def run_experiment(
             _log_run(log, outcomes[-1])
     else:
         outcomes = _run_in_processes(runs, common, jobs, progress, log, total)
-    rows, alignment_rows, angle_frames, models = [], [], [], {}
+    rows, alignment_rows, angle_frames, models, curve_rows = [], [], [], {}, []
     for outcome in outcomes:
         rows.append(outcome.row)
+        curve_rows += outcome.curve_rows
         alignment_rows += outcome.alignment_rows
         if len(outcome.angles):
             angle_frames.append(outcome.angles)
@@ -180,7 +219,8 @@ def run_experiment(
                 "torch": torch.__version__, "torch_threads": 1 if jobs > 1 else torch.get_num_threads(), "jobs": jobs,
                 # timings in stn_results.csv mean little without the machine's load: 1-minute load average, start and end
                 "load_average_start": load_start, "load_average_end": _load_average(), "cpu_count": os.cpu_count()}
-    return STNExperiment(pd.DataFrame(rows), pd.DataFrame(alignment_rows), angles, settings, models, test)
+    return STNExperiment(pd.DataFrame(rows), pd.DataFrame(alignment_rows, columns=ALIGNMENT_COLUMNS), angles, settings,
+                         models, test, pd.DataFrame(curve_rows, columns=CURVE_COLUMNS))
 
 
 @dataclass
@@ -190,31 +230,52 @@ class _Outcome:
     angles: pd.DataFrame
     model: STNClassifier
     seconds: float
+    curve_rows: list[dict]
 
 
 def _train_and_evaluate(variant: str, seed: int, upright: UprightData, test: FixedTestSet, task: str, config: TrainConfig,
                         classifier: str, warp: str, on_step: Callable[[int], None] | None) -> _Outcome:
     """One (variant, seed): train, evaluate, and the rows it adds to each table."""
+    probe = CurveProbe(test)
     result = train_variant(variant, upright.train_images, upright.train_labels, task, seed, config, classifier, warp,
-                           len(upright.classes), on_step)
-    found = evaluate(result.model, test)
+                           len(upright.classes), on_step, checkpoint=probe,
+                           checkpoint_every=max(1, config.iterations // CURVE_POINTS))
+    diverged_at = result.diverged_at
+    found = None
+    if diverged_at is None:
+        try:
+            found = evaluate(result.model, test)
+        except FloatingPointError:  # finite on every training batch, not on some test image
+            diverged_at = config.iterations
+    if found is None:  # NaN weights or sampling matrices: nothing to evaluate
+        found = Evaluation({"test_accuracy": math.nan, "test_accuracy_std": math.nan, "test_passes": test.passes,
+                            "angle_std_deg": math.nan, "deming_slope": math.nan}, {}, pd.DataFrame())
     tail = result.losses[-min(50, len(result.losses)):]
+    stability = run_stability(variant, found.metrics["test_accuracy"], found.metrics["angle_std_deg"], diverged_at,
+                              len(upright.classes))
     row = {"variant": variant, "classifier": classifier, "task": task, "seed": seed, **parameter_counts(result.model),
            **found.metrics, "final_train_loss": sum(tail) / len(tail), "iterations": config.iterations,
+           **stability, "diverged_at_step": diverged_at,
            "seconds": round(result.seconds, 2), "cpu_seconds": round(result.cpu_seconds, 2)}
+    curve_rows = [{"variant": variant, "seed": seed, **r} for r in probe.rows]
     alignment_rows = [{"variant": variant, "seed": seed, "layer": layer, "alignment_error": values["aligned_error"],
                        "alignment_error_ci_low": values["aligned_error_ci_low"],
                        "alignment_error_ci_high": values["aligned_error_ci_high"], "n_images": int(values["aligned_error_n"])}
                       for layer, values in found.alignment.items()]
     angles = found.angles.assign(variant=variant, seed=seed) if len(found.angles) else found.angles
-    return _Outcome(row, alignment_rows, angles, result.model, result.seconds)
+    return _Outcome(row, alignment_rows, angles, result.model, result.seconds, curve_rows)
 
 
 def _log_run(log: Callable[[str], None] | None, outcome: _Outcome) -> None:
     if log is not None:
         r = outcome.row
+        if r["diverged_at_step"] is not None:
+            log(f"{r['variant']} seed {r['seed']}: DIVERGED, the loss or the sampling matrix became NaN or infinite at "
+                f"step {r['diverged_at_step']} ({outcome.seconds:.0f} s)")
+            return
+        flag = " DIVERGED: accuracy at most twice chance" if r["diverged"] else " (collapsed)" if r["collapsed"] else ""
         log(f"{r['variant']} seed {r['seed']}: test accuracy {r['test_accuracy']:.3f}, angle std {r['angle_std_deg']:.1f} deg, "
-            f"Deming slope {r['deming_slope']:.2f} ({outcome.seconds:.0f} s)")
+            f"Deming slope {r['deming_slope']:.2f} ({outcome.seconds:.0f} s){flag}")
 
 
 _PROGRESS_EVERY = 10  # steps between a worker's progress messages
@@ -305,8 +366,10 @@ def load_experiment(folder: str | Path) -> STNExperiment:
         upright = load_data(settings["data_spec"], settings["data_seed"])
         test = FixedTestSet.make(upright.test_images, upright.test_labels, settings["task"], settings["test_passes"],
                                  seed=10_000 + settings["data_seed"])
+    curves = pd.read_csv(folder / "stn_curves.csv") if (folder / "stn_curves.csv").is_file() else \
+        pd.DataFrame(columns=CURVE_COLUMNS)
     return STNExperiment(pd.read_csv(folder / "stn_results.csv"), pd.read_csv(folder / "stn_alignment.csv"),
-                         pd.read_csv(folder / "stn_angles.csv"), settings, models, test)
+                         pd.read_csv(folder / "stn_angles.csv"), settings, models, test, curves)
 
 
 def combine_experiments(parts: Sequence[STNExperiment]) -> STNExperiment:
@@ -336,4 +399,6 @@ def combine_experiments(parts: Sequence[STNExperiment]) -> STNExperiment:
     return STNExperiment(results, pd.concat([p.alignment for p in parts], ignore_index=True),
                          pd.concat([p.angles for p in parts if len(p.angles)], ignore_index=True)
                          if any(len(p.angles) for p in parts) else parts[0].angles,
-                         settings, models, next((p.test for p in parts if p.test is not None), None))
+                         settings, models, next((p.test for p in parts if p.test is not None), None),
+                         pd.concat([p.curves for p in parts if len(p.curves)], ignore_index=True)
+                         if any(len(p.curves) for p in parts) else parts[0].curves)

@@ -10,7 +10,8 @@ Classifiers (``CLASSIFIERS``), for 1 x 28 x 28 inputs, no padding:
 - ``small``: four blocks conv 3 x 3 -> ReLU -> BatchNorm with 16, 16 (stride 2),
   32, 32 (stride 2) channels (maps 26, 12, 10, 4), then FC 100 -> ReLU ->
   Dropout 0.15 -> linear to the classes. Localization: three 3 x 3 convs of 16
-  with ReLU, strides 2 (1 for maps of 14 or less), 2, 1.
+  with ReLU, strides 2 (1 for maps of 14 or less), 2, 1; on the last layer's
+  4 x 4 map (k = 4) the first two are padded with stride 1.
 - ``narrow``: ``small`` with 4, 4, 8, 8 channels (same maps, head and
   localization net): too small to learn every pose of every digit, so a
   classifier that gets digits in one canonical pose does better, which is
@@ -70,7 +71,14 @@ def theta_from_params(params: torch.Tensor, warp: str) -> torch.Tensor:
 
 
 def spatial_transform(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Bilinear sampling of x (B, C, H, W) at theta q (B, 2, 3) for each output point q, border padding."""
+    """Bilinear sampling of x (B, C, H, W) at theta q (B, 2, 3) for each output point q, border padding.
+
+    A non-finite theta raises FloatingPointError: grid_sample would return finite
+    nonsense for NaN coordinates (border padding) and its CPU backward can crash
+    the process, so a diverging localization net must stop here.
+    """
+    if not bool(torch.isfinite(theta).all()):
+        raise FloatingPointError("the spatial transformer's sampling matrix became NaN or infinite")
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=STN_PADDING, align_corners=False)
 
@@ -131,6 +139,9 @@ _small_layers = _conv_bn_layers((16, 16, 32, 32))
 
 
 def _small_localization(shape: tuple[int, int, int]) -> nn.Module:
+    if shape[-1] <= 6:  # the last layer's 4 x 4 map: padded convs keep 4 x 4, the last one leaves 2 x 2
+        return nn.Sequential(nn.Conv2d(shape[0], 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten())
     return nn.Sequential(nn.Conv2d(shape[0], 16, 3, stride=2 if shape[-1] > 14 else 1), nn.ReLU(),
                          nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten())
 
@@ -157,10 +168,10 @@ class ClassifierSpec:
 CLASSIFIERS: dict[str, ClassifierSpec] = {
     "classic": ClassifierSpec(_classic_layers, _linear_head, _classic_localization, (1,),
                               "conv9x64-pool-relu, conv7x64-pool-relu, linear"),
-    "small": ClassifierSpec(_small_layers, _small_head, _small_localization, (1, 2, 3),
+    "small": ClassifierSpec(_small_layers, _small_head, _small_localization, (1, 2, 3, 4),
                             "4 x (conv3-relu-bn) 16,16/2,32,32/2, fc100-relu-dropout0.15, linear"),
     # small at a quarter of the width: too little capacity to learn every pose, so a canonical pose pays off
-    "narrow": ClassifierSpec(_conv_bn_layers((4, 4, 8, 8)), _small_head, _small_localization, (1, 2, 3),
+    "narrow": ClassifierSpec(_conv_bn_layers((4, 4, 8, 8)), _small_head, _small_localization, (1, 2, 3, 4),
                              "4 x (conv3-relu-bn) 4,4/2,8,8/2, fc100-relu-dropout0.15, linear"),
 }
 
@@ -170,6 +181,62 @@ def variant_names(classifier: str) -> tuple[str, ...]:
     ks = CLASSIFIERS[classifier].placements
     return ("none", "input", *(f"features@{k}" for k in ks), *(f"shared@{k}" for k in ks), *(f"deep@{k}" for k in ks),
             "supervised")
+
+
+DEFAULT_VARIANTS = ("none", "input", "features@1", "features@2", "shared@2", "deep@2")
+_RANGE = re.compile(r"(features|shared|deep)@(\d+)\.\.(\d+)")
+
+
+def depth_sweep_variants(classifier: str) -> tuple[str, ...]:
+    """The depth sweep: no STN, the input STN (k = 0), then shared@k and deep@k for every k the classifier allows."""
+    ks = CLASSIFIERS[classifier].placements
+    return ("none", "input", *(f"shared@{k}" for k in ks), *(f"deep@{k}" for k in ks))
+
+
+def expand_variants(spec: str, classifier: str) -> list[str]:
+    """A ``--variants`` text as variant names, checked against the classifier.
+
+    Comma-separated names; ``kind@a..b`` stands for kind@a, ..., kind@b
+    (``deep@1..4``); ``default`` is :data:`DEFAULT_VARIANTS` (what the
+    classifier allows; ``classic``: all of its variants), ``all`` every
+    variant, ``depth-sweep`` :func:`depth_sweep_variants`. A name given twice
+    is refused: it would train the same runs twice under one name.
+    """
+    if classifier not in CLASSIFIERS:
+        raise UsageError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        match = _RANGE.fullmatch(part)
+        if part == "all":
+            names += variant_names(classifier)
+        elif part == "default":
+            names += list(variant_names(classifier)) if classifier == "classic" else [
+                v for v in DEFAULT_VARIANTS if v in variant_names(classifier)]
+        elif part == "depth-sweep":
+            names += depth_sweep_variants(classifier)
+        elif match:
+            kind, first, last = match.group(1), int(match.group(2)), int(match.group(3))
+            if first > last:
+                raise UsageError(f"variant range {part!r} runs backwards; write {kind}@{last}..{first}")
+            names += [f"{kind}@{k}" for k in range(first, last + 1)]
+        else:
+            names.append(part)
+    if not names:
+        raise UsageError("--variants names no variant; e.g. none,input,deep@1..4")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--variants names {', '.join(repeated)} more than once")
+    for name in names:
+        validate_variant(name, classifier)
+    return names
+
+
+def variant_depth(variant: str) -> int | None:
+    """k of ``features@k`` / ``shared@k`` / ``deep@k``; 0 for ``input`` (it reads the image); None otherwise."""
+    match = re.fullmatch(r"(?:features|shared|deep)@(\d+)", variant)
+    return int(match.group(1)) if match else (0 if variant == "input" else None)
 
 
 def validate_variant(variant: str, classifier: str) -> None:

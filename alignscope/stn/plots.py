@@ -1,4 +1,5 @@
-"""Figures of an STN experiment: accuracy by variant, predicted against true angle, learned warps."""
+"""Figures of an STN experiment: accuracy by variant, predicted against true angle, learned warps, and for a depth
+sweep the measures against the depth k and the learning curves."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from .angles import NO_COMPENSATION_STD  # noqa: E402
 
@@ -94,4 +96,118 @@ def warp_grid_figure(experiment, n: int = 8) -> plt.Figure:
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle("learned warps on test digits (features@k: the warp of layer k's map drawn on the image)", fontsize=9)
+    return fig
+
+
+_FAMILIES = (("shared", "C0", "o"), ("deep", "C3", "s"))
+
+
+def depth_points(experiment) -> pd.DataFrame:
+    """The runs of a depth sweep: ``family`` (shared, deep; ``input`` counts as k = 0 of both), ``k`` and the run's
+    columns; empty when fewer than two depths of shared@k or deep@k were run."""
+    from .models import variant_depth
+
+    results = experiment.results
+    rows = []
+    for family, _, _ in _FAMILIES:
+        for variant in dict.fromkeys(results["variant"]):
+            if variant == "input" or str(variant).startswith(f"{family}@"):
+                part = results[results["variant"] == variant].assign(family=family, k=variant_depth(variant))
+                rows.append(part)
+    points = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if points.empty or points.loc[points["k"] > 0, "k"].nunique() < 2:
+        return pd.DataFrame()
+    return points
+
+
+def depth_figure(experiment) -> plt.Figure:
+    """Angle std, test accuracy and the unstable share of seeds against the depth k the localization net reads.
+
+    shared@k and deep@k as two lines of means, each seed a point (hollow: the warp collapsed; x: diverged,
+    drawn at the panel's edge); k = 0 is the input STN; dashed: no STN.
+    """
+    points = depth_points(experiment)
+    results = experiment.results
+    fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.9), constrained_layout=True)
+    none = results[results["variant"] == "none"]
+    for offset, (family, colour, marker) in zip((-0.08, 0.08), _FAMILIES):
+        part = points[points["family"] == family]
+        if part.empty:
+            continue
+        ks = sorted(part["k"].unique())
+        for ax, column in zip(axes[:2], ("angle_std_deg", "test_accuracy")):
+            finished = part[~part["diverged"].fillna(False).astype(bool)]
+            means = finished.groupby("k")[column].mean().reindex(ks)
+            ax.plot(np.array(ks) + offset, means.values, "-", color=colour, label=f"{family}@k (mean)", lw=1.5)
+            collapsed = finished["collapsed"].fillna(False).astype(bool)
+            ax.scatter(finished.loc[~collapsed, "k"] + offset, finished.loc[~collapsed, column], color=colour,
+                       marker=marker, s=22, zorder=3)
+            ax.scatter(finished.loc[collapsed, "k"] + offset, finished.loc[collapsed, column], facecolors="none",
+                       edgecolors=colour, marker=marker, s=26, zorder=3)
+        diverged = part.groupby("k")["diverged"].apply(lambda s: s.fillna(False).astype(bool).mean()).reindex(ks)
+        collapsed = part.groupby("k")["collapsed"].apply(lambda s: s.fillna(False).astype(bool).mean()).reindex(ks)
+        width = 0.35
+        x = np.array(ks) + (offset * 2.2)
+        axes[2].bar(x, diverged.values, width=width, color=colour, label=f"{family}: diverged")
+        axes[2].bar(x, collapsed.values, width=width, bottom=diverged.values, color=colour, alpha=0.35,
+                    label=f"{family}: collapsed")
+        for k_value in part.loc[part["diverged"].fillna(False).astype(bool), "k"]:
+            axes[0].plot(k_value + offset, NO_COMPENSATION_STD + 3, "x", color=colour, ms=7)
+    axes[0].axhline(NO_COMPENSATION_STD, color="0.4", ls="--", lw=0.9, label=f"no STN ({NO_COMPENSATION_STD:.1f})")
+    from .stability import COLLAPSE_ANGLE_DEG
+
+    axes[0].axhline(COLLAPSE_ANGLE_DEG, color="0.7", ls=":", lw=0.9, label=f"collapse line ({COLLAPSE_ANGLE_DEG:.1f})")
+    axes[0].set_ylabel("angle_std_deg (0: one pose per class)")
+    axes[0].set_ylim(0, NO_COMPENSATION_STD + 6)
+    if len(none):
+        axes[1].axhline(float(none["test_accuracy"].mean()), color="0.4", ls="--", lw=0.9,
+                        label=f"no STN ({float(none['test_accuracy'].mean()):.3f})")
+    axes[1].set_ylabel(f"test accuracy (mean of {experiment.settings['test_passes']} passes)")
+    axes[2].set_ylabel("share of seeds")
+    axes[2].set_ylim(0, 1.05)
+    ks_all = sorted(points["k"].unique()) if len(points) else []
+    for ax in axes:
+        ax.set_xticks(ks_all, ["input" if k == 0 else str(k) for k in ks_all])
+        ax.set_xlabel("k: layers the localization net reads (input = 0)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("how much rotation the warp leaves", fontsize=9)
+    axes[1].set_title("accuracy", fontsize=9)
+    axes[2].set_title("unstable seeds (diverged, collapsed)", fontsize=9)
+    fig.suptitle("localization depth: shared@k (the classifier's own layers 1..k) against deep@k (a separate copy); "
+                 "points: seeds, hollow: collapsed\n" + _title(experiment), fontsize=8)
+    return fig
+
+
+def curve_figure(experiment) -> plt.Figure:
+    """Learning curves of the angle std on the probe set: one panel per family (input and shared@k, input and
+    deep@k, others), one colour per variant, one thin line per seed and the mean over seeds thick."""
+    curves = experiment.curves
+    curves = curves[curves["probe_angle_std_deg"].notna() & (curves["variant"] != "none")]
+    variants = list(dict.fromkeys(curves["variant"]))
+    panels = {family: [v for v in variants if v == "input" or v.startswith(f"{family}@")] for family, _, _ in _FAMILIES}
+    others = [v for v in variants if not any(v in vs for vs in panels.values())]
+    panels = {k: v for k, v in panels.items() if any(name != "input" for name in v)}
+    if others or not panels:
+        panels["other variants"] = [v for v in variants if v not in sum(panels.values(), [])] or variants
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    colours = plt.get_cmap("viridis")
+    for ax, (family, names) in zip(axes[0], panels.items()):
+        for i, variant in enumerate(names):
+            colour = "k" if variant == "input" else colours(i / max(1, len(names) - 1))
+            part = curves[curves["variant"] == variant]
+            for _, seed_part in part.groupby("seed"):
+                ax.plot(seed_part["step"], seed_part["probe_angle_std_deg"], color=colour, lw=0.6, alpha=0.45)
+            mean = part.groupby("step")["probe_angle_std_deg"].mean()
+            ax.plot(mean.index, mean.values, color=colour, lw=2, label=variant)
+        ax.axhline(NO_COMPENSATION_STD, color="0.4", ls="--", lw=0.9)
+        ax.set_title(family, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("angle_std_deg on the probe (first 1000 test digits, pass 0)")
+    axes[0, 0].set_ylim(0, NO_COMPENSATION_STD + 6)
+    fig.suptitle("learning curves of the angle std (thin: seeds, thick: mean; dashed: no compensation)\n"
+                 + _title(experiment), fontsize=8)
     return fig

@@ -103,6 +103,7 @@ class TrainResult:
     losses: list[float]
     seconds: float  # wall clock
     cpu_seconds: float  # CPU time of this process, all threads (one thread: about the wall time on an idle core)
+    diverged_at: int | None = None  # the step whose loss was NaN or infinite (training stopped there); None if none
 
 
 def make_optimizer(model: STNClassifier, config: TrainConfig) -> torch.optim.Optimizer:
@@ -131,11 +132,20 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torc
 
 def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task: str = "rotate", seed: int = 0,
                   config: TrainConfig = TrainConfig(), classifier: str = "small", warp: str = "affine",
-                  n_classes: int = 10, on_step: Callable[[int], None] | None = None) -> TrainResult:
+                  n_classes: int = 10, on_step: Callable[[int], None] | None = None,
+                  checkpoint: Callable[[int, STNClassifier, float], None] | None = None,
+                  checkpoint_every: int = 0) -> TrainResult:
     """Train ``variant`` for ``config.iterations`` steps on upright ``images`` (N, 1, 28, 28), freshly transformed.
 
     ``seed`` fixes the initialisation and the stream of batches and transforms;
     ``on_step(i)`` is called after step i (1-based). Losses are per step.
+    ``checkpoint(i, model, loss)`` is called before the first step (i = 0)
+    and after every ``checkpoint_every``-th step and the last, with the mean
+    training loss since the previous call (NaN at 0); the model is in training
+    mode and must be left so (a learning curve, :class:`alignscope.stn.evaluate.CurveProbe`).
+    A loss or a sampling matrix that becomes NaN or infinite stops the training
+    before that step's update: the result says at which step (``diverged_at``),
+    and the model keeps the weights that produced it.
     ``supervised`` (a control) sees the same batches, but its loss is the mean squared
     error between the predicted sampling matrix and the one that exactly undoes each
     sample's transform; only its localization net learns, at ``config.lr`` (the
@@ -152,28 +162,37 @@ def train_variant(variant: str, images: torch.Tensor, labels: torch.Tensor, task
     # (with the ramp its early targets are all near the identity, and its ReLUs can die before they matter)
     ramp_steps = 0.0 if model.supervised else config.ramp * config.iterations
     losses: list[float] = []
+    diverged_at = None
     started, cpu_started = time.perf_counter(), time.process_time()
     model.train()
+    if checkpoint is not None:
+        checkpoint(0, model, math.nan)
     for step in range(1, config.iterations + 1):
         stream.strength = min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0
         x, y, params = next(batches)
-        if model.supervised:
-            # apply_task samples the input at T^-1 q: sampling the transformed image at T q gives it back upright
-            loss = F.mse_loss(model.predict_theta(x), task_matrices(task, params).to(x.dtype))
-        else:
-            loss = F.cross_entropy(model(x), y)
+        try:
+            if model.supervised:
+                # apply_task samples the input at T^-1 q: sampling the transformed image at T q gives it back upright
+                loss = F.mse_loss(model.predict_theta(x), task_matrices(task, params).to(x.dtype))
+            else:
+                loss = F.cross_entropy(model(x), y)
+        except FloatingPointError:  # the STN's sampling matrix became non-finite (see spatial_transform)
+            loss = torch.tensor(math.nan)
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value):  # stop before a backward pass through NaNs
+            diverged_at = step
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{variant} seed {seed}: the loss became {value} at step {step}; "
-                                     "lower --lr or --loc-lr-multiplier")
-        losses.append(value)
         if on_step is not None:
             on_step(step)
-    return TrainResult(model.eval(), losses, time.perf_counter() - started, time.process_time() - cpu_started)
+        if checkpoint is not None and (step == config.iterations or (checkpoint_every and step % checkpoint_every == 0)):
+            since = losses[-(step % checkpoint_every or checkpoint_every):] if checkpoint_every else losses
+            checkpoint(step, model, sum(since) / len(since))
+    return TrainResult(model.eval(), losses, time.perf_counter() - started, time.process_time() - cpu_started, diverged_at)
 
 
 def parameter_counts(model: STNClassifier) -> dict[str, int]:
