@@ -185,7 +185,8 @@ def _bench_lines(result: dict) -> list[str]:
               help="small: 4 conv-ReLU-BN blocks of 16-32 channels; narrow: the same with 4-8; classic: conv9x64, "
                    "conv7x64 (see docs/stn-experiments.md).")
 @click.option("--variants", default="default", show_default=True,
-              help="Comma-separated: none, input, features@k, shared@k, deep@k, supervised (a control: input's "
+              help="Comma-separated: none, input, iterative (the input STN applied twice), features@k, shared@k, "
+                   "deep@k, supervised (a control: input's "
                    "localization net alone, trained on the true transform at --lr without the ramp: the most a net of "
                    "that size undoes; no accuracy and no layer alignment, its classifier is never trained); ranges "
                    "such as deep@1..4; 'default' (none, input, features@1, features@2, shared@2, deep@2; classic: k=1 "
@@ -255,7 +256,8 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
     from alignscope.stn import run_experiment
     from alignscope.stn.models import expand_variants
     from alignscope.stn.train import recipe as make_recipe
-    from alignscope.stn.experiment import QUICK, combine_experiments, load_experiment
+    from alignscope.stn.experiment import QUICK
+    from alignscope.stn.saved import combine_experiments, load_experiment
 
     if combine:
         out_path = validate_destination(out, force, inputs=combine)

@@ -416,7 +416,7 @@ def test_cli_combines_saved_runs_into_one_comparison(tmp_path):
     pd.testing.assert_frame_equal(angles, pd.read_csv(tmp_path / "input" / "stn_angles.csv"))
     assert list(pd.read_csv(tmp_path / "all" / "stn_summary.csv")["variant"]) == ["none", "input"]
     # the saved seed-0 weights come back: the combined folder's models predict what the input run's model did
-    from alignscope.stn.experiment import load_experiment
+    from alignscope.stn.saved import load_experiment
 
     again = load_experiment(tmp_path / "all")
     assert set(again.models) == {"none", "input"} and again.test is not None

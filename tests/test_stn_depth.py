@@ -11,7 +11,8 @@ from alignscope.errors import UsageError
 from alignscope.stn import STNClassifier, TrainConfig, load_data, run_experiment, spatial_transform, train_variant
 from alignscope.stn.angles import NO_COMPENSATION_STD
 from alignscope.stn.evaluate import CurveProbe
-from alignscope.stn.experiment import STNExperiment, load_experiment
+from alignscope.stn.experiment import STNExperiment
+from alignscope.stn.saved import load_experiment
 from alignscope.stn.models import DEFAULT_VARIANTS, depth_sweep_variants, expand_variants, variant_depth
 from alignscope.stn.stability import COLLAPSE_ANGLE_DEG, run_stability, stability_summary
 
@@ -191,3 +192,33 @@ def test_cli_depth_sweep_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _rotation(angle: float, shift=(0.0, 0.0)) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[[c, -s, shift[0]], [s, c, shift[1]]]], dtype=torch.float64)
+
+
+def test_composed_sampling_is_the_two_warps_in_turn():
+    from alignscope.stn.models import compose_sampling
+
+    first, then = _rotation(0.3, (0.1, -0.2)), _rotation(-0.5, (0.05, 0.1))
+    homogeneous = [torch.cat([m[0], torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)]) for m in (first, then)]
+    torch.testing.assert_close(compose_sampling(first, then)[0], (homogeneous[0] @ homogeneous[1])[:2])
+    # on a smooth image, sampling once at the composition equals warping twice (up to interpolation)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    blob = torch.exp(-((xs - 0.1) ** 2 + (ys + 0.05) ** 2) / 0.08)[None, None]
+    twice = spatial_transform(spatial_transform(blob, first.float()), then.float())
+    once = spatial_transform(blob, compose_sampling(first, then).float())
+    assert (twice - once)[..., 8:-8, 8:-8].abs().max() < 0.02
+
+
+def test_the_iterative_stn_reads_its_own_result(digits):
+    """With a localization net that always predicts the same warp, two passes give that warp twice."""
+    torch.manual_seed(0)
+    model = STNClassifier("iterative", classifier="narrow", warp="rotation").eval()
+    with torch.no_grad():
+        model.localization.last.bias.fill_(0.2)  # 0.2 rad whatever it reads
+    theta = model.predict_theta(digits.test_images[:2])
+    torch.testing.assert_close(theta, _rotation(0.4).float().expand(2, 2, 3), atol=1e-6, rtol=0)
+    assert model.localization_parameters() and model.loc_layers is None

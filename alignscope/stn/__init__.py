@@ -9,7 +9,8 @@ classifiers and the variants), :mod:`alignscope.stn.train` (the recipe),
 from .angles import angle_metrics, deming_slope, warp_angle_deg
 from .data import TASKS, FixedTestSet, TrainStream, UprightData, load_data, read_idx
 from .evaluate import evaluate
-from .experiment import STNExperiment, combine_experiments, load_experiment, run_experiment
+from .experiment import STNExperiment, run_experiment
+from .saved import combine_experiments, load_experiment
 from .models import CLASSIFIERS, WARPS, STNClassifier, spatial_transform, variant_names
 from .train import RECIPES, SCHEDULES, TrainConfig, recipe, train_variant
 

@@ -27,6 +27,9 @@ the classifier's own layers 1..k applied to the input, warps *the input image*,
 and the whole classifier runs on the warped image: layers 1..k get gradients
 from both paths); ``deep@k`` (a separate, separately initialised copy of
 layers 1..k plus the localization net reads and warps the input).
+``iterative``: the input STN applied twice with one localization net (the
+papers' extension): it reads the image, warps it, reads the warped image and
+predicts a correction; the image is sampled once at the composition of the two.
 ``supervised`` is a control, not an STN variant: ``input``'s localization net
 trained alone to predict the warp that undoes each sample's known transform
 (see :func:`alignscope.stn.train.train_variant`): how far a network of that
@@ -81,6 +84,14 @@ def spatial_transform(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         raise FloatingPointError("the spatial transformer's sampling matrix became NaN or infinite")
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=STN_PADDING, align_corners=False)
+
+
+def compose_sampling(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 3) sampling matrices: warping by ``first`` and then by ``then`` samples the input at first(then(q)).
+
+    Sampling x at A1 q gives x1; sampling x1 at A2 q reads x at A1 A2 q (homogeneous 3 x 3 product).
+    """
+    return first[:, :, :2] @ then + torch.cat([torch.zeros_like(first[:, :, :2]), first[:, :, 2:]], dim=2)
 
 
 class Localization(nn.Module):
@@ -179,7 +190,8 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
 def variant_names(classifier: str) -> tuple[str, ...]:
     """Every variant the classifier supports, in the order of the comparison."""
     ks = CLASSIFIERS[classifier].placements
-    return ("none", "input", *(f"features@{k}" for k in ks), *(f"shared@{k}" for k in ks), *(f"deep@{k}" for k in ks),
+    return ("none", "input", "iterative", *(f"features@{k}" for k in ks), *(f"shared@{k}" for k in ks),
+            *(f"deep@{k}" for k in ks),
             "supervised")
 
 
@@ -236,7 +248,7 @@ def expand_variants(spec: str, classifier: str) -> list[str]:
 def variant_depth(variant: str) -> int | None:
     """k of ``features@k`` / ``shared@k`` / ``deep@k``; 0 for ``input`` (it reads the image); None otherwise."""
     match = re.fullmatch(r"(?:features|shared|deep)@(\d+)", variant)
-    return int(match.group(1)) if match else (0 if variant == "input" else None)
+    return int(match.group(1)) if match else (0 if variant in ("input", "iterative") else None)
 
 
 def validate_variant(variant: str, classifier: str) -> None:
@@ -286,7 +298,7 @@ class STNClassifier(nn.Module):
 
     @property
     def warps_input(self) -> bool:
-        return self.kind in ("input", "shared", "deep")
+        return self.kind in ("input", "iterative", "shared", "deep")
 
     def _localization_input(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.loc_layers if self.kind == "deep" else self.layers[: self.k]
@@ -298,7 +310,13 @@ class STNClassifier(nn.Module):
         """(B, 2, 3) sampling matrix applied for input x (features@k: to layer k's map); None without an STN."""
         if self.localization is None:
             return None
-        return self.localization(self._localization_input(x))
+        theta = self.localization(self._localization_input(x))
+        if self.kind == "iterative":
+            # the same localization net reads its own result and corrects it; the image is sampled once, at the
+            # composed matrix (output point q -> theta q -> theta correction q), so the blur does not add up
+            correction = self.localization(spatial_transform(x, theta))
+            theta = compose_sampling(theta, correction)
+        return theta
 
     def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Maps after the STN (``stn``, at its insertion point) and after each layer (``layer1``...)."""
