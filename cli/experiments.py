@@ -261,7 +261,12 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
 
     if combine:
         out_path = validate_destination(out, force, inputs=combine)
-        experiment = combine_experiments([load_experiment(folder) for folder in combine])
+        parts = [load_experiment(folder) for folder in combine]
+        experiment = combine_experiments(parts)
+        if experiment.test is None:
+            for folder, part in zip(combine, parts):
+                if part.settings.get("test_set_missing"):
+                    click.echo(f"note: {folder}: {part.settings['test_set_missing']}; stn_warps.png is left out", err=True)
         experiment.save(out_path, force=force)
         _print_stn_summary(experiment, out_path, as_json)
         return

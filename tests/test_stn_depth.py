@@ -222,3 +222,32 @@ def test_the_iterative_stn_reads_its_own_result(digits):
     theta = model.predict_theta(digits.test_images[:2])
     torch.testing.assert_close(theta, _rotation(0.4).float().expand(2, 2, 3), atol=1e-6, rtol=0)
     assert model.localization_parameters() and model.loc_layers is None
+
+
+def test_a_saved_run_names_its_data_by_an_absolute_path_and_loads_without_it(tmp_path, monkeypatch):
+    """A run made with mnist:RELATIVE reads back from another folder; with the data gone, the results still load."""
+    import numpy as np
+
+    from alignscope.stn.data import canonical_spec
+
+    data = tmp_path / "data" / "mnist"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (data / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + np.array([n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + np.array([n], dtype=">i4").tobytes() + (np.arange(n) % 10).astype(np.uint8).tobytes())
+    monkeypatch.chdir(tmp_path / "data")
+    assert canonical_spec("mnist:mnist") == f"mnist:{data}" and canonical_spec("digits") == "digits"
+    experiment = run_experiment("mnist:mnist", variants=("input",), seeds=1, config=TINY, test_passes=1)
+    folder = experiment.save(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    again = load_experiment(folder)
+    assert again.settings["data_spec"] == f"mnist:{data}" and again.test is not None
+    for path in data.iterdir():
+        path.unlink()
+    gone = load_experiment(folder)
+    assert gone.test is None and "cannot be read here" in gone.settings["test_set_missing"]
+    assert len(gone.results) == 1 and "stn_warps" not in gone.figures()

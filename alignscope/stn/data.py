@@ -163,6 +163,13 @@ def _mnist(arg: str | None, data_seed: int) -> UprightData:
 SOURCES: dict[str, Callable[[str | None, int], UprightData]] = {"digits": _digits, "mnist": _mnist, "folder": _folder}
 
 
+def canonical_spec(spec: str) -> str:
+    """``spec`` with its folder made absolute (``mnist:../data`` -> ``mnist:/home/me/data``), so that a saved run
+    names its data wherever it is read back; ``digits`` unchanged."""
+    name, _, arg = spec.partition(":")
+    return f"{name}:{Path(arg).expanduser().resolve()}" if arg else spec
+
+
 def load_data(spec: str = "digits", data_seed: int = 0) -> UprightData:
     """Upright data of ``spec``: ``digits``, ``mnist:DIR`` or ``folder:DIR`` (see the module docstring)."""
     name, _, arg = spec.partition(":")

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UsageError
 from ..report.files import csv_text, publish_folder
-from .data import TASKS, FixedTestSet, UprightData, load_data
+from .data import TASKS, FixedTestSet, UprightData, canonical_spec, load_data
 from .evaluate import CurveProbe, Evaluation, evaluate
 from .models import DEFAULT_VARIANTS, WARPS, STNClassifier, validate_variant
 from .stability import run_stability, stability_summary
@@ -125,7 +125,7 @@ class STNExperiment:
         figures = {"stn_accuracy": accuracy_figure(self)}
         if len(depth_points(self)):
             figures["stn_depth"] = depth_figure(self)
-        if len(self.curves) and (self.curves["variant"] != "none").any():
+        if len(self.curves) and ((self.curves["variant"] != "none") & self.curves["probe_angle_std_deg"].notna()).any():
             figures["stn_curves"] = curve_figure(self)
         if len(self.angles):
             figures["stn_angles"] = angle_figure(self)
@@ -209,7 +209,7 @@ def run_experiment(
             models[outcome.row["variant"]] = outcome.model
     angle_columns = ["variant", "seed", "label", "true_deg", "warp_deg"]
     angles = pd.concat(angle_frames, ignore_index=True)[angle_columns] if angle_frames else pd.DataFrame(columns=angle_columns)
-    settings = {"data": upright.source, "data_spec": data if isinstance(data, str) else None, "task": task, "classifier": classifier, "variants": list(variants),
+    settings = {"data": upright.source, "data_spec": canonical_spec(data) if isinstance(data, str) else None, "task": task, "classifier": classifier, "variants": list(variants),
                 "seeds": seeds, "warp": warp, **config.as_dict(), "test_passes": test_passes, "data_seed": data_seed,
                 "train_images": len(upright.train_labels), "test_images": len(upright.test_labels),
                 "torch": torch.__version__, "torch_threads": 1 if jobs > 1 else torch.get_num_threads(), "jobs": jobs,

@@ -165,6 +165,12 @@ def depth_figure(experiment) -> plt.Figure:
     axes[1].set_ylabel(f"test accuracy (mean of {experiment.settings['test_passes']} passes)")
     axes[2].set_ylabel("share of seeds")
     axes[2].set_ylim(0, 1.05)
+    unstable = points.drop_duplicates(["variant", "seed"]) if len(points) else points
+    n_unstable = int(unstable["diverged"].fillna(False).astype(bool).sum()
+                     + unstable["collapsed"].fillna(False).astype(bool).sum()) if len(unstable) else 0
+    if n_unstable == 0:
+        axes[2].text(0.5, 0.5, f"no seed diverged or collapsed\n(0 of {len(unstable)} runs)", transform=axes[2].transAxes,
+                     ha="center", va="center", fontsize=9, color="0.3")
     ks_all = sorted(points["k"].unique()) if len(points) else []
     for ax in axes:
         ax.set_xticks(ks_all, ["input" if k == 0 else str(k) for k in ks_all])
@@ -188,8 +194,8 @@ def curve_figure(experiment) -> plt.Figure:
     panels = {family: [v for v in variants if v == "input" or v.startswith(f"{family}@")] for family, _, _ in _FAMILIES}
     others = [v for v in variants if not any(v in vs for vs in panels.values())]
     panels = {k: v for k, v in panels.items() if any(name != "input" for name in v)}
-    if others or not panels:
-        panels["other variants"] = [v for v in variants if v not in sum(panels.values(), [])] or variants
+    if others or not panels:  # the rest, against the input STN where there is one
+        panels["other variants"] = (["input"] if "input" in variants else []) + others
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, sharey=True,
                              constrained_layout=True)
     colours = plt.get_cmap("viridis")
@@ -206,7 +212,12 @@ def curve_figure(experiment) -> plt.Figure:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("angle_std_deg on the probe (first 1000 test digits, pass 0)")
+    axes[0, 0].set_ylabel("angle_std_deg (probe: 1000 test digits)")
+    ramp = experiment.settings.get("ramp") or 0
+    if ramp > 0:
+        for ax in axes[0]:
+            ax.axvline(ramp * experiment.settings["iterations"], color="0.6", ls=":", lw=0.9)
+            ax.text(ramp * experiment.settings["iterations"], 2, " full transform range from here", fontsize=7, color="0.4")
     axes[0, 0].set_ylim(0, NO_COMPENSATION_STD + 6)
     fig.suptitle("learning curves of the angle std (thin: seeds, thick: mean; dashed: no compensation)\n"
                  + _title(experiment), fontsize=8)

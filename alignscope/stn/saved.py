@@ -8,7 +8,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from ..errors import UsageError
+from ..errors import ImageError, UsageError
 from .data import FixedTestSet, load_data
 from .experiment import CURVE_COLUMNS, MODELS_FILE, STNExperiment
 from .models import STNClassifier
@@ -32,9 +32,15 @@ def load_experiment(folder: str | Path) -> STNExperiment:
             model = STNClassifier(variant, saved["n_classes"], saved["warp"], saved["classifier"])
             model.load_state_dict(saved["state_dict"])
             models[variant] = model.eval()
-    test = None
+    test = upright = None
     if settings.get("data_spec"):
-        upright = load_data(settings["data_spec"], settings["data_seed"])
+        try:
+            upright = load_data(settings["data_spec"], settings["data_seed"])
+        except (ImageError, UsageError, OSError) as error:
+            # the results stand without the images; only the pictures of the learned warps need them
+            settings["test_set_missing"] = f"the run's data {settings['data_spec']} cannot be read here ({error})"
+            upright = None
+    if upright is not None:
         test = FixedTestSet.make(upright.test_images, upright.test_labels, settings["task"], settings["test_passes"],
                                  seed=10_000 + settings["data_seed"])
     curves = pd.read_csv(folder / "stn_curves.csv") if (folder / "stn_curves.csv").is_file() else \
