@@ -108,7 +108,9 @@ def test_numbers_do_not_depend_on_the_batch_size(small_images):
     columns = ["placed_agreement", "placed_kl", "placed_kl_ci_low", "placement_drop"]
     one = placement_rows(run(FlatHead(24), ["rotate30", "hflip"], small_images, layers=["act1"], batch_size=5).table)
     two = placement_rows(run(FlatHead(24), ["rotate30", "hflip"], small_images, layers=["act1"], batch_size=12).table)
-    assert one[columns].to_numpy() == pytest.approx(two[columns].to_numpy(), abs=1e-9, nan_ok=True)
+    # float32 convolutions may round differently with the batch size (oneDNN picks kernels by shape): 1e-7
+    # relative; a statistic weighted or reset per batch would differ by far more
+    assert one[columns].to_numpy() == pytest.approx(two[columns].to_numpy(), rel=1e-6, abs=1e-9, nan_ok=True)
 
 
 def test_placement_is_a_gate_column_and_a_usage_error_without_a_head(small_images):
