@@ -290,7 +290,12 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
     bar = None if as_json else click.progressbar(length=len(chosen) * seeds * config.iterations, label="training",
                                                   file=sys.stderr, show_eta=True, show_percent=True)
 
+    shown = []  # the bar appears with the first step, so an error while reading the data prints nothing before it
+
     def progress(done: int, total: int) -> None:
+        if not shown:
+            bar.__enter__()
+            shown.append(True)
         bar.update(done - bar.pos)
 
     def log(line: str) -> None:
@@ -298,16 +303,17 @@ def stn(data, images, task, classifier, variants, seeds, recipe, optimizer, lr, 
             # on a terminal, below the bar (which redraws on its next update); in a log file, one line each
             click.echo(("\n" if sys.stderr.isatty() else "") + line, err=True)
 
-    if bar is not None:
-        bar.__enter__()
     try:
         experiment = run_experiment(data, task, chosen, seeds, config, classifier, warp, test_passes,
                                     progress=None if bar is None else progress, log=log, jobs=jobs)
     finally:
-        if bar is not None:
+        if shown:
             bar.__exit__(None, None, None)
     experiment.save(out_path, force=force)
     _print_stn_summary(experiment, out_path, as_json)
+    if variants == "depth-sweep" and experiment.depth_answer() is None and not as_json:
+        click.echo(f"(the {classifier} classifier allows one depth only, k = 1: no depth figure and no comparison "
+                   "across depths)")
 
 
 def _print_stn_summary(experiment, out_path, as_json: bool) -> None:

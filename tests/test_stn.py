@@ -481,7 +481,8 @@ SHARED_MNIST = _find_mnist()
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # the standard MNIST training split
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"the real MNIST files are not at {SHARED_MNIST} (set "
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the real MNIST files are not in $ALIGNSCOPE_MNIST nor in shared/data/"
+                                                      "mnist beside the checkout or a folder above it (set "
                                                       "ALIGNSCOPE_MNIST to the folder of the four IDX files)")
 def test_the_real_mnist_files_read_and_train():
     from alignscope.stn import UprightData, load_data, run_experiment

@@ -41,6 +41,9 @@ def test_variant_ranges_expand_in_order():
     ("deep@1..2,deep@2", "more than once"),
     (" , ", "names no variant"),
     ("shared@0", "does not fit"),
+    ("deep@1..", "unknown variant"),
+    ("deep@a..b", "unknown variant"),
+    ("foo", "unknown variant"),
 ])
 def test_bad_variant_lists_are_refused_with_the_reason(spec, message):
     with pytest.raises(UsageError, match=message):
@@ -186,7 +189,8 @@ def test_cli_depth_sweep_options(tmp_path, capsys):
     from alignscope.cli.main import main
 
     for args, message in ((["--depth-sweep", "--variants", "none"], "either --depth-sweep or --variants"),
-                          (["--variants", "deep@3..1"], "runs backwards")):
+                          (["--variants", "deep@3..1"], "runs backwards"),
+                          (["--data", f"mnist:{tmp_path / 'nothing'}"], "is not a folder")):  # no bar line before it
         with pytest.raises(SystemExit) as info:
             main(["stn", *args, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err

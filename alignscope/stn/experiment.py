@@ -51,7 +51,8 @@ class STNExperiment:
     def summary(self) -> pd.DataFrame:
         """Per variant: mean and std across seeds of accuracy and the angle metric, the alignment at the STN, and
         training stability (:func:`alignscope.stn.stability.stability_summary`: diverged and collapsed fractions,
-        the worst seed). Means and spreads are over the seeds that finished (a diverged seed has no numbers)."""
+        the worst seed). A seed whose loss or warp became non-finite has no numbers and is left out of the means and
+        spreads; a seed that diverged by its accuracy counts in them."""
         grouped = self.results.groupby("variant", sort=False)
         table = pd.DataFrame({
             "parameters": grouped["parameters"].first(),

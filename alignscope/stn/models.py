@@ -254,6 +254,9 @@ def variant_depth(variant: str) -> int | None:
 def validate_variant(variant: str, classifier: str) -> None:
     if classifier not in CLASSIFIERS:
         raise UsageError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if not re.fullmatch(r"none|input|iterative|supervised|(features|shared|deep)@\d+", variant):
+        raise UsageError(f"unknown variant {variant!r}; variants are none, input, iterative, supervised and "
+                         "features@k, shared@k, deep@k (k a layer number; kind@a..b for a range)")
     if variant not in variant_names(classifier):
         raise UsageError(f"variant {variant!r} does not fit the {classifier} classifier; choose from "
                          f"{', '.join(variant_names(classifier))}")

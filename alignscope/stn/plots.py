@@ -95,7 +95,9 @@ def warp_grid_figure(experiment, n: int = 8) -> plt.Figure:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle("learned warps on test digits (features@k: the warp of layer k's map drawn on the image)", fontsize=9)
+    note = " (features@k: the warp of layer k's map drawn on the image)" if any(
+        variant.startswith("features@") for variant in experiment.models) else ""
+    fig.suptitle("learned warps on test digits" + note, fontsize=9)
     return fig
 
 
@@ -123,12 +125,13 @@ def depth_points(experiment) -> pd.DataFrame:
 def depth_figure(experiment) -> plt.Figure:
     """Angle std, test accuracy and the unstable share of seeds against the depth k the localization net reads.
 
-    shared@k and deep@k as two lines of means, each seed a point (hollow: the warp collapsed; x: diverged,
-    drawn at the panel's edge); k = 0 is the input STN; dashed: no STN.
+    shared@k and deep@k as two lines of means over the seeds that did not diverge, each seed a point (hollow:
+    the warp collapsed; x: diverged, at its value where it has one, else at the top of the angle panel); k = 0
+    is the input STN; dashed: no compensation and no STN. Legends sit under the panels, off the points.
     """
     points = depth_points(experiment)
     results = experiment.results
-    fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.9), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12.5, 4.8), constrained_layout=True)
     none = results[results["variant"] == "none"]
     for offset, (family, colour, marker) in zip((-0.08, 0.08), _FAMILIES):
         part = points[points["family"] == family]
@@ -151,9 +154,14 @@ def depth_figure(experiment) -> plt.Figure:
         axes[2].bar(x, diverged.values, width=width, color=colour, label=f"{family}: diverged")
         axes[2].bar(x, collapsed.values, width=width, bottom=diverged.values, color=colour, alpha=0.35,
                     label=f"{family}: collapsed")
-        for k_value in part.loc[part["diverged"].fillna(False).astype(bool), "k"]:
-            axes[0].plot(k_value + offset, NO_COMPENSATION_STD + 3, "x", color=colour, ms=7)
-    axes[0].axhline(NO_COMPENSATION_STD, color="0.4", ls="--", lw=0.9, label=f"no STN ({NO_COMPENSATION_STD:.1f})")
+        failed = part[part["diverged"].fillna(False).astype(bool)]
+        angle = failed["angle_std_deg"].where(failed["angle_std_deg"].notna(), NO_COMPENSATION_STD + 3).clip(upper=NO_COMPENSATION_STD + 5)
+        axes[0].scatter(failed["k"] + offset, angle, marker="x", color=colour, s=30, zorder=3)
+        axes[1].scatter(failed["k"] + offset, failed["test_accuracy"], marker="x", color=colour, s=30, zorder=3)
+    for ax in axes[:2]:  # legend entries for the seed markers
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.3", s=26, label="seed, collapsed")
+        ax.scatter([], [], marker="x", color="0.3", s=30, label="seed, diverged")
+    axes[0].axhline(NO_COMPENSATION_STD, color="0.4", ls="--", lw=0.9, label=f"no compensation ({NO_COMPENSATION_STD:.1f})")
     from .stability import COLLAPSE_ANGLE_DEG
 
     axes[0].axhline(COLLAPSE_ANGLE_DEG, color="0.7", ls=":", lw=0.9, label=f"collapse line ({COLLAPSE_ANGLE_DEG:.1f})")
@@ -176,7 +184,7 @@ def depth_figure(experiment) -> plt.Figure:
         ax.set_xticks(ks_all, ["input" if k == 0 else str(k) for k in ks_all])
         ax.set_xlabel("k: layers the localization net reads (input = 0)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)
     axes[0].set_title("how much rotation the warp leaves", fontsize=9)
     axes[1].set_title("accuracy", fontsize=9)
     axes[2].set_title("unstable seeds (diverged, collapsed)", fontsize=9)
@@ -212,7 +220,8 @@ def curve_figure(experiment) -> plt.Figure:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("angle_std_deg (probe: 1000 test digits)")
+    probe = min(1000, experiment.settings.get("test_images") or 1000)
+    axes[0, 0].set_ylabel(f"angle_std_deg (probe: {probe} test digits)")
     ramp = experiment.settings.get("ramp") or 0
     if ramp > 0:
         for ax in axes[0]:

@@ -71,7 +71,8 @@ def combine_experiments(parts: Sequence[STNExperiment]) -> STNExperiment:
     seeds = results.groupby("variant")["seed"].count()
     settings = {**first, "variants": variants, "seeds": int(seeds.max()),
                 "combined_from": [p.settings.get("variants") for p in parts],
-                "seconds_total": float(results["seconds"].sum())}
+                # the runs' training seconds added up: the CPU work, not the wall clock of parallel runs
+                "training_seconds_summed": float(results["seconds"].sum())}
     models = {v: m for p in parts for v, m in p.models.items()}
     return STNExperiment(results, pd.concat([p.alignment for p in parts], ignore_index=True),
                          pd.concat([p.angles for p in parts if len(p.angles)], ignore_index=True)
