@@ -21,7 +21,7 @@ import torch
 
 from ..measure.metrics import AlignmentStatistic, pair_distances
 from .angles import angle_metrics, warp_angle_deg
-from .data import FixedTestSet
+from .data import FixedTestSet, apply_task
 from .models import STNClassifier
 
 
@@ -93,7 +93,7 @@ class CurveProbe:
         n = min(size, len(test.labels))
         self.labels = test.labels[:n]
         self.params = test.params[0, :n]
-        self.images = next(iter(FixedTestSet(test.upright[:n], self.labels, test.params[:1, :n], test.task).batches(n)))[2]
+        self.images = apply_task(test.upright[:n], test.task, self.params)
         self.read_angles = test.task == "rotate"
         self.rows: list[dict] = []
 

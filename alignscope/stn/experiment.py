@@ -23,7 +23,7 @@ from ..report.files import csv_text, publish_folder
 from .data import TASKS, FixedTestSet, UprightData, canonical_spec, load_data
 from .evaluate import CurveProbe, Evaluation, evaluate
 from .models import DEFAULT_VARIANTS, WARPS, STNClassifier, validate_variant
-from .stability import run_stability, stability_summary
+from .stability import flags, run_stability, stability_summary
 from .train import DIGITS_RECIPE, TrainConfig, parameter_counts, train_variant
 
 MODELS_FILE = "stn_models.pt"
@@ -110,8 +110,7 @@ class STNExperiment:
             if len(names) < 2:
                 continue
             rows = self.results[self.results["variant"].isin(names)]
-            diverged = int(rows["diverged"].fillna(False).astype(bool).sum())
-            collapsed = int(rows["collapsed"].fillna(False).astype(bool).sum())
+            diverged, collapsed = int(flags(rows, "diverged").sum()), int(flags(rows, "collapsed").sum())
             first, last = min(names, key=variant_depth), max(names, key=variant_depth)
             parts.append(f"{family}@k: {diverged + collapsed} of {len(rows)} seeds unstable ({diverged} diverged, "
                          f"{collapsed} collapsed); angle std {summary.loc[first, 'angle_std_deg_mean']:.1f} deg at "

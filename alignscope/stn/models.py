@@ -196,6 +196,7 @@ def variant_names(classifier: str) -> tuple[str, ...]:
 
 
 DEFAULT_VARIANTS = ("none", "input", "features@1", "features@2", "shared@2", "deep@2")
+_PLACED = re.compile(r"(features|shared|deep)@(\d+)")  # a variant placed after layer k
 _RANGE = re.compile(r"(features|shared|deep)@(\d+)\.\.(\d+)")
 
 
@@ -247,14 +248,14 @@ def expand_variants(spec: str, classifier: str) -> list[str]:
 
 def variant_depth(variant: str) -> int | None:
     """k of ``features@k`` / ``shared@k`` / ``deep@k``; 0 for ``input`` (it reads the image); None otherwise."""
-    match = re.fullmatch(r"(?:features|shared|deep)@(\d+)", variant)
-    return int(match.group(1)) if match else (0 if variant in ("input", "iterative") else None)
+    match = _PLACED.fullmatch(variant)
+    return int(match.group(2)) if match else (0 if variant in ("input", "iterative") else None)
 
 
 def validate_variant(variant: str, classifier: str) -> None:
     if classifier not in CLASSIFIERS:
         raise UsageError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
-    if not re.fullmatch(r"none|input|iterative|supervised|(features|shared|deep)@\d+", variant):
+    if variant not in ("none", "input", "iterative", "supervised") and not _PLACED.fullmatch(variant):
         raise UsageError(f"unknown variant {variant!r}; variants are none, input, iterative, supervised and "
                          "features@k, shared@k, deep@k (k a layer number; kind@a..b for a range)")
     if variant not in variant_names(classifier):
@@ -286,7 +287,7 @@ class STNClassifier(nn.Module):
                 shapes.append(tuple(h.shape[1:]))
         self.layers.train()
         self.head = spec.head(int(torch.tensor(shapes[-1]).prod()), n_classes)
-        match = re.fullmatch(r"(features|shared|deep)@(\d+)", variant)
+        match = _PLACED.fullmatch(variant)
         self.kind, self.k = (match.group(1), int(match.group(2))) if match else (variant, 0)
         # the control: input's localization net, trained on the known transforms instead of through the classifier
         self.supervised = variant == "supervised"

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .angles import NO_COMPENSATION_STD  # noqa: E402
+from .stability import COLLAPSE_ANGLE_DEG, flags  # noqa: E402
 
 
 def _title(experiment) -> str:
@@ -139,22 +140,22 @@ def depth_figure(experiment) -> plt.Figure:
             continue
         ks = sorted(part["k"].unique())
         for ax, column in zip(axes[:2], ("angle_std_deg", "test_accuracy")):
-            finished = part[~part["diverged"].fillna(False).astype(bool)]
+            finished = part[~flags(part, "diverged")]
             means = finished.groupby("k")[column].mean().reindex(ks)
             ax.plot(np.array(ks) + offset, means.values, "-", color=colour, label=f"{family}@k (mean)", lw=1.5)
-            collapsed = finished["collapsed"].fillna(False).astype(bool)
+            collapsed = flags(finished, "collapsed")
             ax.scatter(finished.loc[~collapsed, "k"] + offset, finished.loc[~collapsed, column], color=colour,
                        marker=marker, s=22, zorder=3)
             ax.scatter(finished.loc[collapsed, "k"] + offset, finished.loc[collapsed, column], facecolors="none",
                        edgecolors=colour, marker=marker, s=26, zorder=3)
-        diverged = part.groupby("k")["diverged"].apply(lambda s: s.fillna(False).astype(bool).mean()).reindex(ks)
-        collapsed = part.groupby("k")["collapsed"].apply(lambda s: s.fillna(False).astype(bool).mean()).reindex(ks)
+        diverged = flags(part, "diverged").groupby(part["k"]).mean().reindex(ks)
+        collapsed = flags(part, "collapsed").groupby(part["k"]).mean().reindex(ks)
         width = 0.35
         x = np.array(ks) + (offset * 2.2)
         axes[2].bar(x, diverged.values, width=width, color=colour, label=f"{family}: diverged")
         axes[2].bar(x, collapsed.values, width=width, bottom=diverged.values, color=colour, alpha=0.35,
                     label=f"{family}: collapsed")
-        failed = part[part["diverged"].fillna(False).astype(bool)]
+        failed = part[flags(part, "diverged")]
         angle = failed["angle_std_deg"].where(failed["angle_std_deg"].notna(), NO_COMPENSATION_STD + 3).clip(upper=NO_COMPENSATION_STD + 5)
         axes[0].scatter(failed["k"] + offset, angle, marker="x", color=colour, s=30, zorder=3)
         axes[1].scatter(failed["k"] + offset, failed["test_accuracy"], marker="x", color=colour, s=30, zorder=3)
@@ -162,8 +163,6 @@ def depth_figure(experiment) -> plt.Figure:
         ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.3", s=26, label="seed, collapsed")
         ax.scatter([], [], marker="x", color="0.3", s=30, label="seed, diverged")
     axes[0].axhline(NO_COMPENSATION_STD, color="0.4", ls="--", lw=0.9, label=f"no compensation ({NO_COMPENSATION_STD:.1f})")
-    from .stability import COLLAPSE_ANGLE_DEG
-
     axes[0].axhline(COLLAPSE_ANGLE_DEG, color="0.7", ls=":", lw=0.9, label=f"collapse line ({COLLAPSE_ANGLE_DEG:.1f})")
     axes[0].set_ylabel("angle_std_deg (0: one pose per class)")
     axes[0].set_ylim(0, NO_COMPENSATION_STD + 6)
@@ -174,8 +173,7 @@ def depth_figure(experiment) -> plt.Figure:
     axes[2].set_ylabel("share of seeds")
     axes[2].set_ylim(0, 1.05)
     unstable = points.drop_duplicates(["variant", "seed"]) if len(points) else points
-    n_unstable = int(unstable["diverged"].fillna(False).astype(bool).sum()
-                     + unstable["collapsed"].fillna(False).astype(bool).sum()) if len(unstable) else 0
+    n_unstable = int(flags(unstable, "diverged").sum() + flags(unstable, "collapsed").sum()) if len(unstable) else 0
     if n_unstable == 0:
         axes[2].text(0.5, 0.5, f"no seed diverged or collapsed\n(0 of {len(unstable)} runs)", transform=axes[2].transAxes,
                      ha="center", va="center", fontsize=9, color="0.3")

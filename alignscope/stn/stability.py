@@ -30,6 +30,14 @@ COLLAPSE_FRACTION = 0.9
 COLLAPSE_ANGLE_DEG = COLLAPSE_FRACTION * NO_COMPENSATION_STD
 
 
+def flags(results: pd.DataFrame, column: str) -> pd.Series:
+    """``results[column]`` (``diverged`` or ``collapsed``) as booleans: empty cells (no STN, or runs saved before
+    the column existed) count as False."""
+    if column not in results:
+        return pd.Series(False, index=results.index)
+    return results[column].fillna(False).astype(bool)
+
+
 def run_stability(variant: str, test_accuracy: float, angle_std_deg: float, diverged_at_step: int | None,
                   n_classes: int) -> dict:
     """``diverged`` (bool), ``collapsed`` (bool, or None without a learned STN) for one run; see the module docstring."""
@@ -46,7 +54,7 @@ def stability_summary(results: pd.DataFrame) -> pd.DataFrame:
     ``angle_std_deg_worst`` and ``test_accuracy_worst``. Runs saved before these columns existed count as stable."""
     rows = {}
     for variant, part in results.groupby("variant", sort=False):
-        diverged = part["diverged"].fillna(False).astype(bool) if "diverged" in part else pd.Series(False, part.index)
+        diverged = flags(part, "diverged")
         collapsed = part["collapsed"] if "collapsed" in part else pd.Series(None, part.index, dtype=object)
         has_stn = collapsed.notna().any()
         # the worst seed: a diverged one first, then the largest angle_std_deg, then the lowest accuracy
@@ -55,7 +63,7 @@ def stability_summary(results: pd.DataFrame) -> pd.DataFrame:
         worst = order.sort_values(["_diverged", "_angle", "_accuracy"], ascending=False).iloc[0]
         rows[variant] = {
             "diverged_fraction": float(diverged.mean()),
-            "collapsed_fraction": float(collapsed.fillna(False).astype(bool).mean()) if has_stn else math.nan,
+            "collapsed_fraction": float(flags(part, "collapsed").mean()) if has_stn else math.nan,
             "worst_seed": int(worst["seed"]),
             "angle_std_deg_worst": float(worst["angle_std_deg"]),
             "test_accuracy_worst": float(worst["test_accuracy"]),
